@@ -1,0 +1,59 @@
+"""Managing named adapters on a model: list, count, extract state, delete."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.attach import adapted_layers, freeze_base
+from lorakit.config import AdapterConfig
+from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.registry import get_registry
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    registry = getattr(model, "lorakit_registry", None)
+    return list(registry.configs) if registry is not None else []
+
+
+def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
+    registry = get_registry(model)
+    if name not in registry.configs:
+        raise AdapterNotFoundError(f"adapter {name!r} not attached; attached: {sorted(registry.configs)}")
+    return registry.configs[name]
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """{module_name: {param: tensor}} flattened as 'module.param' — only what adapter `name` trained."""
+    adapter_config(model, name)
+    state: dict[str, torch.Tensor] = {}
+    for module_name, layer in adapted_layers(model).items():
+        if name in layer.adapters:
+            for pname, param in layer.adapters[name].named_parameters():
+                state[f"{module_name}.{pname}"] = param.detach()
+    return state
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The trainable parameters of adapter `name` (what an optimiser should get)."""
+    adapter_config(model, name)
+    return [p for layer in adapted_layers(model).values() if name in layer.adapters
+            for p in layer.adapters[name].parameters()]
+
+
+def count_trainable(model: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in adapter_parameters(model, name))
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere and free its memory (and bases no other adapter uses)."""
+    registry = get_registry(model)
+    adapter_config(model, name)
+    if name in registry.merged:
+        raise MergeStateError(f"adapter {name!r} is merged; unmerge it before deleting")
+    for layer in adapted_layers(model).values():
+        if name in layer.adapters:
+            del layer.adapters[name]
+            layer.drop_unused_bases()
+    del registry.configs[name]
+    freeze_base(model)

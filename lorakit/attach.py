@@ -1,0 +1,192 @@
+"""`attach`: put a named adapter on the target layers of any torch model.
+
+Targets are found and every adapter is built before the model is touched, so a bad config (unknown
+module, rank too large, unsupported layer) raises and leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, VeraConfig
+from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
+                            UnsupportedLayerError)
+from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear
+from lorakit.methods.basis import Basis
+from lorakit.methods.lora import LoraAdapter
+from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
+from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_projections
+from lorakit.registry import AdapterRegistry, get_registry
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise AdapterConfigError(f"adapter name must be 1-128 letters, digits, '_' or '-', got {name!r}")
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (AdaptedLinear,) + ADAPTABLE_TYPES)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """The output projection (lm_head, tied to the embeddings) and classifier heads are never adapted."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out_emb is not None and module is out_emb:
+            heads.add(name)
+        if name.split(".")[-1] in {"lm_head", "classifier", "score"}:
+            heads.add(name)
+    return heads
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Full names of the modules `config` targets, in model order; errors name what exists."""
+    adaptable = [n for n, m in model.named_modules() if n and _is_adaptable(m)]
+    all_names = [n for n, _ in model.named_modules() if n]
+    targets = config.target_modules
+    heads = _output_head_names(model)
+    if targets == "all-linear":
+        chosen = [n for n in adaptable if n not in heads]
+    elif isinstance(targets, str):
+        try:
+            regex = re.compile(targets)
+        except re.error as exc:
+            raise AdapterConfigError(f"target_modules regex {targets!r} is invalid: {exc}") from None
+        chosen = [n for n in all_names if regex.fullmatch(n)]
+        if not chosen:
+            raise TargetNotFoundError(f"regex {targets!r} matches no module; adaptable layers look like: "
+                                      f"{_suffix_summary(adaptable)}")
+    else:
+        chosen = [n for n in all_names if any(_matches(n, t) for t in targets)]
+        missing = [t for t in targets if not any(_matches(n, t) for n in all_names)]
+        if missing:
+            raise TargetNotFoundError(f"target module(s) {missing} not found in {type(model).__name__}; "
+                                      f"adaptable layers: {_suffix_summary(adaptable)}")
+    chosen = [n for n in chosen if not any(_matches(n, e) for e in config.exclude_modules)]
+    modules = dict(model.named_modules())
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _is_adaptable(modules[n])]
+    if bad:
+        raise UnsupportedLayerError(f"cannot adapt {bad[:5]}: only nn.Linear and transformers' Conv1D are "
+                                    "supported")
+    if not chosen:
+        raise TargetNotFoundError(f"no module left to adapt after exclusions; adaptable: {_suffix_summary(adaptable)}")
+    return chosen
+
+
+def _suffix_summary(names: list[str]) -> str:
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    return ", ".join(suffixes) if suffixes else "none"
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or AdaptedLinear."""
+    if isinstance(module, AdaptedLinear):
+        return module.in_features, module.out_features
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return w.shape[1], w.shape[0]
+    return w.shape[0], w.shape[1]  # Conv1D: (in, out)
+
+
+def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
+    fan_in_fan_out = isinstance(module, AdaptedLinear) and module.fan_in_fan_out or (
+        not isinstance(module, (AdaptedLinear, nn.Linear)))
+    return module.weight.T if fan_in_fan_out else module.weight
+
+
+def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
+    if isinstance(config, (LoraConfig, LoraXSConfig)) and config.r > min(in_f, out_f):
+        raise AdapterConfigError(f"rank r={config.r} exceeds min(in, out)={min(in_f, out_f)} of module {name} "
+                                 f"({in_f}->{out_f})")
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Attach adapter `name` with `config` to `model` in place and return the model.
+
+    Base parameters are frozen; only adapter parameters require grad. Base state-dict keys are kept.
+    """
+    check_adapter_name(name)
+    if not isinstance(config, (LoraConfig, LoraXSConfig, VeraConfig)):
+        raise AdapterConfigError(f"unsupported config type {type(config).__name__}")
+    registry = get_registry(model, create=True)
+    if name in registry.configs:
+        raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or pick another name")
+    targets = find_targets(model, config)
+    modules = dict(model.named_modules())
+    for target in targets:
+        _check_rank(config, target, *_shape(modules[target]))
+
+    # Build everything first: nothing below touches the model until all of it succeeded.
+    built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
+    vera_shared = _vera_shared(model, config, registry) if isinstance(config, VeraConfig) else None
+    for target in targets:
+        module = modules[target]
+        in_f, out_f = _shape(module)
+        dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+        device = module.weight.device
+        new_basis = None
+        if isinstance(config, LoraConfig):
+            adapter: nn.Module = LoraAdapter(in_f, out_f, config, dtype)
+        elif isinstance(config, LoraXSConfig):
+            adapter = LoraXSAdapter(config, dtype)
+            have = module.basis("lora_xs") if isinstance(module, AdaptedLinear) else None
+            if have is None or have.rank < config.r:
+                new_basis = ("lora_xs", svd_basis(_weight_as_out_in(module), config.r))
+        else:
+            adapter = VeraAdapter(out_f, config, dtype)
+            key = vera_basis_key(config)
+            if not (isinstance(module, AdaptedLinear) and module.basis(key) is not None):
+                new_basis = (key, vera_basis(vera_shared, in_f, out_f, dtype))
+        built[target] = (adapter.to(device), (new_basis[0], new_basis[1].to(device)) if new_basis else None)
+
+    for target, (adapter, new_basis) in built.items():
+        layer = modules[target]
+        if not isinstance(layer, AdaptedLinear):
+            layer = AdaptedLinear(layer, target, registry)
+            _replace_module(model, target, layer)
+        if new_basis is not None:
+            layer.bases[new_basis[0]] = new_basis[1]
+        layer.adapters[name] = adapter
+    registry.configs[name] = config
+    freeze_base(model)
+    return model
+
+
+def _vera_shared(model: nn.Module, config: VeraConfig,
+                 registry: AdapterRegistry) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's shared projections at the model's largest layer sizes (so every layer slices them)."""
+    sizes = [_shape(m) for m in model.modules() if _is_adaptable(m)]
+    max_in = max(s[0] for s in sizes)
+    max_out = max(s[1] for s in sizes)
+    key = (config.projection_seed, config.r, max_in, max_out)
+    if key not in registry.vera_projections:
+        registry.vera_projections[key] = vera_projections(config.projection_seed, config.r, max_in, max_out)
+    return registry.vera_projections[key]
+
+
+def _replace_module(model: nn.Module, full_name: str, new: nn.Module) -> None:
+    parent_name, _, child = full_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """Full name -> AdaptedLinear for every adapted layer of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only adapter parameters train; everything else (base weights, biases, norms, embeddings) is frozen."""
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(".adapters." in f".{param_name}")

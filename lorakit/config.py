@@ -1,0 +1,133 @@
+"""Method settings: one frozen dataclass per adapter method, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Union
+
+from lorakit.errors import AdapterConfigError
+
+# "all-linear", a regex (matched against full module names), or a list of names/suffixes.
+Targets = Union[str, tuple[str, ...]]
+
+
+def _normalise_targets(value: object) -> Targets:
+    if isinstance(value, str):
+        if not value:
+            raise AdapterConfigError("target_modules is empty")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
+        return tuple(value)
+    raise AdapterConfigError(f"target_modules must be 'all-linear', a regex or a list of names, got {value!r}")
+
+
+def _check_rank(r: int) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterConfigError(f"rank r must be a positive integer, got {r!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA: ΔW = (α/r)·B·A, A random, B zero, both trained."""
+
+    method: ClassVar[str] = "lora"
+    r: int = 8  # rank of the update
+    lora_alpha: float = 16.0  # scaling numerator: scaling = α/r (α/√r with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
+    use_rslora: bool = False  # rank-stabilised scaling α/√r
+    target_modules: Targets = "all-linear"  # which layers get an adapter
+    exclude_modules: tuple[str, ...] = ()  # names/suffixes never adapted (the output head always is)
+
+    def __post_init__(self) -> None:
+        _check_rank(self.r)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class LoraXSConfig:
+    """LoRA-XS: ΔW = (α/r)·U_r·R·Σ_r·V_rᵀ; only the r×r matrix R is trained."""
+
+    method: ClassVar[str] = "lora_xs"
+    r: int = 16  # rank of the frozen SVD basis; R is r×r
+    lora_alpha: float = 16.0  # scaling = α/r
+    init_std: float = 1e-5  # R starts as N(0, init_std²): near zero, so training starts at the base
+    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
+    target_modules: Targets = "all-linear"
+    exclude_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_rank(self.r)
+        if not self.init_std >= 0.0:
+            raise AdapterConfigError(f"init_std must be >= 0, got {self.init_std!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+
+@dataclass(frozen=True)
+class VeraConfig:
+    """VeRA: ΔW = Λ_b·B·Λ_d·A with A, B random and shared by all layers; only d and b are trained."""
+
+    method: ClassVar[str] = "vera"
+    r: int = 256  # rank of the shared random projections
+    d_initial: float = 0.1  # initial value of every entry of d
+    projection_seed: int = 0  # seed of the shared A and B
+    vera_dropout: float = 0.0  # dropout on the adapter's input, training only
+    target_modules: Targets = "all-linear"
+    exclude_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_rank(self.r)
+        if not 0.0 <= self.vera_dropout < 1.0:
+            raise AdapterConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    @property
+    def scaling(self) -> float:
+        return 1.0
+
+
+AdapterConfig = Union[LoraConfig, LoraXSConfig, VeraConfig]
+CONFIG_CLASSES: dict[str, type] = {c.method: c for c in (LoraConfig, LoraXSConfig, VeraConfig)}
+
+
+def config_to_dict(config: AdapterConfig) -> dict:
+    """A JSON-ready dict of the config, with its method name."""
+    data = asdict(config)
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(data[key], tuple):
+            data[key] = list(data[key])
+    return {"method": config.method, **data}
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    """Inverse of config_to_dict; unknown fields are an error, not silently dropped."""
+    data = dict(data)
+    method = data.pop("method", None)
+    cls = CONFIG_CLASSES.get(method)
+    if cls is None:
+        raise AdapterConfigError(f"unknown adapter method {method!r}; known: {sorted(CONFIG_CLASSES)}")
+    known = set(cls.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise AdapterConfigError(f"unknown {method} config fields {sorted(unknown)}; known: {sorted(known)}")
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    return cls(**data)
+
+
+__all__ = ["LoraConfig", "LoraXSConfig", "VeraConfig", "AdapterConfig", "config_to_dict", "config_from_dict"]

@@ -1,0 +1,137 @@
+"""`AdaptedLinear`: a frozen linear base plus any number of named adapters, routed per call.
+
+It takes over the base layer's own `weight` and `bias` parameters (same objects, same state-dict
+keys), so base checkpoints load as they are and a merged model saves as a plain one. Adapters live in
+`adapters` (a ModuleDict), shared frozen projections in `bases` (non-persistent buffers).
+
+    forward(x) = base(x) + Σ_{a routed, not merged} Δ_a(x) − Σ_{m merged, not routed} Δ_m(x)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
+from lorakit.methods.basis import Basis
+from lorakit.registry import AS_STORED, AdapterRegistry
+from lorakit.routing import current_route
+
+try:  # GPT-2 style layers store the weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+ADAPTABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+
+class AdaptedLinear(nn.Module):
+    """A linear (or Conv1D) layer whose output adds the routed adapters' deltas."""
+
+    def __init__(self, base: nn.Module, module_name: str, registry: AdapterRegistry) -> None:
+        super().__init__()
+        self.fan_in_fan_out = isinstance(base, Conv1D) if isinstance(Conv1D, type) else False
+        self.weight = base.weight  # the base's own Parameter: same key, same storage
+        self.bias = base.bias
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.out_features, self.in_features = base.weight.shape
+        self.module_name = module_name
+        self.adapters = nn.ModuleDict()
+        self.bases = nn.ModuleDict()
+        object.__setattr__(self, "registry", registry)  # plain reference, not a submodule
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters={list(self.adapters)}, merged={self.merged_names()}")
+
+    # -- forward ---------------------------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.T if self.fan_in_fan_out else self.weight
+        return F.linear(x, weight, self.bias)
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[name]
+        basis = self.bases[adapter.basis_key] if adapter.basis_key else None
+        return adapter.delta(x, basis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if not self.adapters and not self.registry.merged:
+            return out
+        route = current_route(id(self.registry))
+        names = route.names if route is not None else self.registry.default_names()
+        if names is AS_STORED:
+            return out
+        if isinstance(names, tuple):
+            from lorakit.batched import add_per_row_deltas
+
+            if len(names) != x.shape[0]:
+                raise RoutingError(f"{self.module_name}: route has {len(names)} row names but the batch has "
+                                   f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
+            return add_per_row_deltas(self, x, out, names)
+        for merged in self.merged_names():
+            if merged != names:
+                out = out - self.delta(merged, x)
+        if names is not None and names in self.adapters and names not in self.registry.merged:
+            out = out + self.delta(names, x)
+        return out
+
+    # -- merging -----------------------------------------------------------------------------------
+    def merged_names(self) -> list[str]:
+        return [n for n in self.registry.merged if n in self.adapters]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """(out, in) in float32: the dense update of adapter `name`."""
+        adapter = self.adapters[name]
+        basis = self.bases[adapter.basis_key] if adapter.basis_key else None
+        return adapter.delta_weight(basis)
+
+    def check_mergeable(self, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        if not torch.isfinite(delta).all():
+            raise NonFiniteAdapterError(f"adapter {name!r} holds NaN/inf values in module {self.module_name}; "
+                                        "refusing to merge it")
+        return delta
+
+    @torch.no_grad()
+    def add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
+        """W ± ΔW in W's own layout; the caller keeps the merge record."""
+        delta = delta.T if self.fan_in_fan_out else delta
+        if self.weight.dtype == torch.float32:
+            self.weight.add_(delta, alpha=sign)
+        else:  # add in float32, round once
+            self.weight.copy_((self.weight.float() + sign * delta).to(self.weight.dtype))
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_names():
+            raise MergeStateError(f"adapter {name!r} is already merged into {self.module_name}")
+        self.add_to_weight(self.check_mergeable(name), +1.0)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_names():
+            raise MergeStateError(f"adapter {name!r} is not merged into {self.module_name}")
+        self.add_to_weight(self.delta_weight(name), -1.0)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def basis(self, key: str) -> Basis | None:
+        return self.bases[key] if key in self.bases else None
+
+    def drop_unused_bases(self) -> None:
+        used = {a.basis_key for a in self.adapters.values() if a.basis_key}
+        for key in [k for k in self.bases if k not in used]:
+            del self.bases[key]
+
+    def to_plain(self) -> nn.Module:
+        """A plain nn.Linear / Conv1D holding this layer's (possibly merged) weight and bias."""
+        if self.fan_in_fan_out:
+            plain = Conv1D(self.out_features, self.in_features)
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device="meta")
+        plain.weight = self.weight
+        if self.bias is not None or self.fan_in_fan_out:
+            plain.bias = self.bias
+        return plain

@@ -1,0 +1,65 @@
+"""Merging is exact bookkeeping: W += ΔW once, recorded; unmerge subtracts the same ΔW back.
+
+Every layer's ΔW is computed and checked finite before any weight changes, so a refused merge
+leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorakit.attach import adapted_layers, _replace_module
+from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.registry import REGISTRY_ATTR, get_registry
+
+
+def merge(model: nn.Module, name: str) -> None:
+    """Add adapter `name` into the base weights (idempotence is refused: merging twice is an error)."""
+    registry = get_registry(model)
+    if name not in registry.configs:
+        raise AdapterNotFoundError(f"adapter {name!r} not attached; attached: {sorted(registry.configs)}")
+    if name in registry.merged:
+        raise MergeStateError(f"adapter {name!r} is already merged")
+    layers = [layer for layer in adapted_layers(model).values() if name in layer.adapters]
+    deltas = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
+    for layer, delta in zip(layers, deltas):
+        layer.add_to_weight(delta, +1.0)
+    registry.merged.append(name)
+
+
+def unmerge(model: nn.Module, name: str) -> None:
+    """Subtract a merged adapter back out of the base weights."""
+    registry = get_registry(model)
+    if name not in registry.merged:
+        raise MergeStateError(f"adapter {name!r} is not merged; merged: {registry.merged}")
+    for layer in adapted_layers(model).values():
+        if name in layer.adapters:
+            layer.add_to_weight(layer.delta_weight(name), -1.0)
+    registry.merged.remove(name)
+
+
+def merged_names(model: nn.Module) -> list[str]:
+    return list(get_registry(model).merged)
+
+
+def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Merge `names` (default: the only adapter, or what is already merged) and return the model with
+    plain layers and standard state-dict keys. Other adapters are dropped."""
+    registry = get_registry(model)
+    if names is None:
+        if registry.merged:
+            names = []
+        elif len(registry.configs) == 1:
+            names = list(registry.configs)
+        else:
+            raise MergeStateError(f"several adapters attached ({sorted(registry.configs)}): say which to merge")
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in registry.merged:
+            merge(model, name)
+    for full_name, layer in adapted_layers(model).items():
+        _replace_module(model, full_name, layer.to_plain())
+    object.__delattr__(model, REGISTRY_ATTR) if REGISTRY_ATTR in model.__dict__ else None
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

@@ -1,0 +1,7 @@
+"""Adapter methods: each module holds one method's math (parameters, delta(x), delta_weight())."""
+
+from lorakit.methods.lora import LoraAdapter
+from lorakit.methods.lora_xs import LoraXSAdapter
+from lorakit.methods.vera import VeraAdapter
+
+__all__ = ["LoraAdapter", "LoraXSAdapter", "VeraAdapter"]

@@ -1,0 +1,44 @@
+"""LoRA (Hu et al., 2021): a trainable low-rank update beside a frozen weight.
+
+    x ──► W ──────────────► (+) ──► y        y = W x + (α/r)·B(A x)
+    └──► A (r×in) ─► B (out×r) ─┘           A random, B zero: training starts at the base model
+
+B·A is never formed in the forward pass; `delta_weight` forms it once, for merging.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorakit.config import LoraConfig
+
+
+class LoraAdapter(nn.Module):
+    """One layer's LoRA state: `lora_A` (r, in) and `lora_B` (out, r)."""
+
+    method = "lora"
+    basis_key: str | None = None  # LoRA needs no shared basis
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.r = config.r
+        self.scaling = config.scaling
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor, basis: None = None) -> torch.Tensor:
+        """(..., in) -> (..., out): (α/r)·B(A·dropout(x))."""
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self, basis: None = None) -> torch.Tensor:
+        """(out, in): the dense update, for merging only."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def num_trainable(self) -> int:
+        return self.lora_A.numel() + self.lora_B.numel()

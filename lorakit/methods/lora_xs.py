@@ -1,0 +1,68 @@
+"""LoRA-XS (Bałazy et al., 2024): train only an r×r matrix between frozen SVD factors of W.
+
+    W = U Σ Vᵀ  (W as stored, out×in)       A = Σ_r V_rᵀ (r×in, frozen)    B = U_r (out×r, frozen)
+    y = W x + (α/r)·B(R(A x))               R (r×r) is the only trained tensor, initialised near zero
+
+A and B belong to the base model: one `Basis` per layer serves every LoRA-XS adapter of rank ≤ r_max.
+Singular vectors are defined up to sign; `svd_basis` fixes it (largest-magnitude entry of each u_i
+positive) so a basis recomputed on another machine is the same, and a fingerprint checks that it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorakit.config import LoraXSConfig
+from lorakit.methods.basis import Basis, probe_vector
+
+
+def svd_basis(weight: torch.Tensor, r: int) -> Basis:
+    """The rank-r LoRA-XS basis of `weight` (out, in), with canonical signs and a fingerprint."""
+    w = weight.detach().to(torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    pivot = u.abs().argmax(dim=0)  # (r,)
+    signs = torch.sign(u[pivot, torch.arange(r)])
+    signs[signs == 0] = 1.0
+    u = u * signs  # (out, r)
+    vh = vh * signs[:, None]  # (r, in)
+    down = (s[:, None] * vh).to(weight.dtype)  # A = Σ_r V_rᵀ, (r, in)
+    up = u.to(weight.dtype).contiguous()  # B = U_r, (out, r)
+    fingerprint = torch.cat([s, probe_vector(u.shape[0], 1) @ u])  # singular values + signed projections
+    return Basis(down.contiguous(), up, fingerprint)
+
+
+def basis_fingerprint(basis: Basis, r: int) -> torch.Tensor:
+    """The part of the basis fingerprint that an adapter of rank r depends on: (2r,)."""
+    full = basis.fingerprint
+    k = basis.rank
+    return torch.cat([full[:r], full[k : k + r]])
+
+
+class LoraXSAdapter(nn.Module):
+    """One layer's LoRA-XS state: `lora_R` (r, r); A and B come from the layer's shared basis."""
+
+    method = "lora_xs"
+    basis_key = "lora_xs"
+
+    def __init__(self, config: LoraXSConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.r = config.r
+        self.scaling = config.scaling
+        self.lora_R = nn.Parameter(torch.randn(config.r, config.r, dtype=dtype) * config.init_std)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor, basis: Basis) -> torch.Tensor:
+        """(..., in) -> (..., out): (α/r)·B(R(A·dropout(x)))."""
+        down, up = basis.sliced(self.r)
+        h = F.linear(self.dropout(x), down)  # (..., r)
+        return F.linear(F.linear(h, self.lora_R), up) * self.scaling
+
+    def delta_weight(self, basis: Basis) -> torch.Tensor:
+        down, up = basis.sliced(self.r)
+        return (up.float() @ self.lora_R.float() @ down.float()) * self.scaling
+
+    def num_trainable(self) -> int:
+        return self.lora_R.numel()
