@@ -1,0 +1,57 @@
+"""Tiny random models (built in the test, no downloads) shared by the unit tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+
+
+def model_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def randomize_adapters(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
+    """Give every adapter tensor non-trivial values (fresh LoRA B / VeRA b are zero, so Δ would be 0)."""
+    import lorakit
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lorakit.adapted_layers(model).values():
+            for adapter in layer.adapters.values():
+                for p in adapter.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, 101, (4, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def arch(request) -> str:
+    return request.param

@@ -1,0 +1,102 @@
+"""Routing is per call: per thread, per async task, per model; never a global switch."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import AdapterNotFoundError, LoraConfig, RoutingError
+from tests.conftest import randomize_adapters, tiny_llama
+
+
+def _model_with(n: int):
+    model = tiny_llama()
+    for i in range(n):
+        lorakit.attach(model, LoraConfig(r=2, lora_alpha=4), f"a{i}")
+    randomize_adapters(model, std=0.1)
+    return model
+
+
+def test_eight_threads_each_with_its_own_adapter_get_single_threaded_outputs(ids):
+    model = _model_with(8)
+    expected = {}
+    for i in range(8):
+        with lorakit.use_adapter(model, f"a{i}"):
+            expected[i] = model(input_ids=ids).logits
+    assert len({round(float(v.detach().sum()), 3) for v in expected.values()}) == 8  # adapters really differ
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(8)}
+    barrier = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            with lorakit.use_adapter(model, f"a{i}"), torch.no_grad():
+                results[i].append(model(input_ids=ids).logits)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert len(results[i]) == 5
+        for out in results[i]:
+            assert (out - expected[i]).abs().max() < 1e-6, i
+
+
+def test_async_tasks_keep_their_own_routes(ids):
+    model = _model_with(3)
+    expected = {}
+    for i in range(3):
+        with lorakit.use_adapter(model, f"a{i}"):
+            expected[i] = model(input_ids=ids).logits
+
+    async def task(i: int) -> torch.Tensor:
+        with lorakit.use_adapter(model, f"a{i}"):
+            await asyncio.sleep(0.01 * (3 - i))  # interleave the tasks inside their blocks
+            return model(input_ids=ids).logits
+
+    async def main():
+        return await asyncio.gather(*(task(i) for i in range(3)))
+
+    for i, out in enumerate(asyncio.run(main())):
+        assert torch.allclose(out, expected[i], atol=1e-6)
+
+
+def test_nested_routes_restore_and_two_models_keep_separate_routes(ids):
+    m1, m2 = _model_with(2), _model_with(2)
+    with lorakit.use_adapter(m1, "a0"):
+        outer = m1(input_ids=ids).logits
+        with lorakit.use_adapter(m1, "a1"):
+            inner = m1(input_ids=ids).logits
+            with lorakit.use_adapter(m2, "a0"):
+                assert torch.equal(m1(input_ids=ids).logits, inner)  # m2's route leaves m1 alone
+        assert torch.equal(m1(input_ids=ids).logits, outer)
+    assert not torch.equal(outer, inner)
+    with pytest.raises(RoutingError, match="choose one"):
+        m1(input_ids=ids)  # several adapters, no route: ambiguous
+
+
+def test_single_adapter_applies_without_a_route(ids):
+    model = _model_with(1)
+    with lorakit.use_adapter(model, "a0"):
+        routed = model(input_ids=ids).logits
+    assert torch.equal(model(input_ids=ids).logits, routed)
+
+
+def test_bad_routes_are_clear_errors(ids):
+    model = _model_with(2)
+    with pytest.raises(AdapterNotFoundError, match="nope.*a0.*a1"):
+        with lorakit.use_adapter(model, "nope"):
+            pass
+    with pytest.raises(AdapterNotFoundError):
+        with lorakit.use_adapter(model, ["a0", "missing"]):
+            pass
+    with lorakit.use_adapter(model, ["a0", "a1"]):  # 2 names, 4 rows
+        with pytest.raises(RoutingError, match="2 row names but the batch has 4 rows"):
+            model(input_ids=ids)
+    with pytest.raises(lorakit.LorakitError, match="no lorakit adapters"):
+        with lorakit.use_adapter(tiny_llama(), "a0"):
+            pass
