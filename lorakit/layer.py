@@ -74,10 +74,16 @@ class AdaptedLinear(nn.Module):
             return add_per_row_deltas(self, x, out, names)
         for merged in self.merged_names():
             if merged != names:
-                out = out - self.delta(merged, x)
+                self.add_delta_(merged, out, x, -1.0)
         if names is not None and names in self.adapters and names not in self.registry.merged:
-            out = out + self.delta(names, x)
+            self.add_delta_(names, out, x, 1.0)
         return out
+
+    def add_delta_(self, name: str, out: torch.Tensor, x: torch.Tensor, sign: float) -> None:
+        """out ± Δ_name(x), in place (the base output is fresh, so autograd allows it)."""
+        adapter = self.adapters[name]
+        basis = self.bases[adapter.basis_key] if adapter.basis_key else None
+        adapter.add_delta_(out, x, basis, sign)
 
     # -- merging -----------------------------------------------------------------------------------
     def merged_names(self) -> list[str]:

@@ -36,6 +36,11 @@ class LoraAdapter(nn.Module):
         """(..., in) -> (..., out): (α/r)·B(A·dropout(x))."""
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: None = None, sign: float = 1.0) -> None:
+        """out += sign·Δ(x) in place: one fused addmm instead of matmul, scale and add passes."""
+        h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), self.lora_B.T, alpha=sign * self.scaling)
+
     def delta_weight(self, basis: None = None) -> torch.Tensor:
         """(out, in): the dense update, for merging only."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

@@ -60,6 +60,13 @@ class LoraXSAdapter(nn.Module):
         h = F.linear(self.dropout(x), down)  # (..., r)
         return F.linear(F.linear(h, self.lora_R), up) * self.scaling
 
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
+        """out += sign·Δ(x) in place; R is folded into B first (an out×r×r product, tiny)."""
+        down, up = basis.sliced(self.r)
+        h = F.linear(self.dropout(x), down)  # (..., r)
+        up_r = up @ self.lora_R  # (out, r)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_r.T, alpha=sign * self.scaling)
+
     def delta_weight(self, basis: Basis) -> torch.Tensor:
         down, up = basis.sliced(self.r)
         return (up.float() @ self.lora_R.float() @ down.float()) * self.scaling

@@ -62,6 +62,12 @@ class VeraAdapter(nn.Module):
         h = F.linear(self.dropout(x), basis.down) * self.vera_lambda_d  # (..., r)
         return F.linear(h, basis.up) * self.vera_lambda_b
 
+    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
+        """out += sign·Δ(x) in place; b is folded into B (out×r) and d into the r-wide activations."""
+        h = F.linear(self.dropout(x), basis.down) * self.vera_lambda_d  # (..., r)
+        up_b = basis.up * self.vera_lambda_b[:, None]  # (out, r)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_b.T, alpha=sign)
+
     def delta_weight(self, basis: Basis) -> torch.Tensor:
         up = basis.up.float() * self.vera_lambda_b.float()[:, None]  # (out, r)
         down = basis.down.float() * self.vera_lambda_d.float()[:, None]  # (r, in)
