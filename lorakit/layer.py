@@ -89,37 +89,47 @@ class AdaptedLinear(nn.Module):
     def merged_names(self) -> list[str]:
         return [n for n in self.registry.merged if n in self.adapters]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """(out, in) in float32: the dense update of adapter `name`."""
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW of adapter `name` as up (out, k) @ down (k, in)."""
         adapter = self.adapters[name]
         basis = self.bases[adapter.basis_key] if adapter.basis_key else None
-        return adapter.delta_weight(basis)
+        return adapter.factors(basis)
 
-    def check_mergeable(self, name: str) -> torch.Tensor:
-        delta = self.delta_weight(name)
-        if not torch.isfinite(delta).all():
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """(out, in) in float32: the dense update of adapter `name`."""
+        up, down = self.factors(name)
+        return up.float() @ down.float()
+
+    def check_mergeable(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = self.factors(name)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NonFiniteAdapterError(f"adapter {name!r} holds NaN/inf values in module {self.module_name}; "
                                         "refusing to merge it")
-        return delta
+        return up, down
 
     @torch.no_grad()
-    def add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
-        """W ± ΔW in W's own layout; the caller keeps the merge record."""
-        delta = delta.T if self.fan_in_fan_out else delta
+    def add_factors_(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
+        """W ± up·down in W's own layout, with one fused addmm (no dense ΔW temporary)."""
+        up, down = up.detach(), down.detach()
         if self.weight.dtype == torch.float32:
-            self.weight.add_(delta, alpha=sign)
-        else:  # add in float32, round once
+            if self.fan_in_fan_out:  # W is (in, out)
+                self.weight.addmm_(down.T, up.T, alpha=sign)
+            else:
+                self.weight.addmm_(up, down, alpha=sign)
+        else:  # low-precision W: add in float32, round once
+            delta = up.float() @ down.float()
+            delta = delta.T if self.fan_in_fan_out else delta
             self.weight.copy_((self.weight.float() + sign * delta).to(self.weight.dtype))
 
     def merge(self, name: str) -> None:
         if name in self.merged_names():
             raise MergeStateError(f"adapter {name!r} is already merged into {self.module_name}")
-        self.add_to_weight(self.check_mergeable(name), +1.0)
+        self.add_factors_(*self.check_mergeable(name), +1.0)
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged_names():
             raise MergeStateError(f"adapter {name!r} is not merged into {self.module_name}")
-        self.add_to_weight(self.delta_weight(name), -1.0)
+        self.add_factors_(*self.factors(name), -1.0)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def basis(self, key: str) -> Basis | None:

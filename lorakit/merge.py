@@ -6,6 +6,7 @@ leaves the model untouched.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lorakit.attach import adapted_layers, _replace_module
@@ -21,9 +22,9 @@ def merge(model: nn.Module, name: str) -> None:
     if name in registry.merged:
         raise MergeStateError(f"adapter {name!r} is already merged")
     layers = [layer for layer in adapted_layers(model).values() if name in layer.adapters]
-    deltas = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
-    for layer, delta in zip(layers, deltas):
-        layer.add_to_weight(delta, +1.0)
+    factors = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
+    for layer, (up, down) in zip(layers, factors):
+        layer.add_factors_(up, down, +1.0)
     registry.merged.append(name)
 
 
@@ -34,8 +35,36 @@ def unmerge(model: nn.Module, name: str) -> None:
         raise MergeStateError(f"adapter {name!r} is not merged; merged: {registry.merged}")
     for layer in adapted_layers(model).values():
         if name in layer.adapters:
-            layer.add_to_weight(layer.delta_weight(name), -1.0)
+            layer.add_factors_(*layer.factors(name), -1.0)
     registry.merged.remove(name)
+
+
+def swap_merged(model: nn.Module, old: str, new: str) -> None:
+    """Unmerge `old` and merge `new` in one pass over each weight: W += [up_new, −up_old]·[down_new; down_old].
+
+    The single-tenant fast path: one fused addmm per layer instead of two full passes over W.
+    """
+    registry = get_registry(model)
+    if old not in registry.merged:
+        raise MergeStateError(f"adapter {old!r} is not merged; merged: {registry.merged}")
+    if new not in registry.configs:
+        raise AdapterNotFoundError(f"adapter {new!r} not attached; attached: {sorted(registry.configs)}")
+    if new in registry.merged:
+        raise MergeStateError(f"adapter {new!r} is already merged")
+    plan = []
+    for layer in adapted_layers(model).values():
+        ups, downs = [], []
+        if new in layer.adapters:
+            up, down = layer.check_mergeable(new)  # every layer checked before any write
+            ups.append(up), downs.append(down)
+        if old in layer.adapters:
+            up, down = layer.factors(old)
+            ups.append(-up), downs.append(down)
+        if ups:
+            plan.append((layer, torch.cat(ups, 1), torch.cat(downs, 0)))
+    for layer, up, down in plan:
+        layer.add_factors_(up, down, +1.0)
+    registry.merged[registry.merged.index(old)] = new
 
 
 def merged_names(model: nn.Module) -> list[str]:

@@ -69,3 +69,22 @@ def test_delete_frees_adapter_and_unused_bases():
     assert "xs" not in layer.adapters and "lora_xs" not in layer.bases
     assert lorakit.adapter_names(model) == ["l"]
     assert not any(".adapters.xs." in k for k in model.state_dict())
+
+
+def test_swap_merged_equals_unmerge_then_merge(ids):
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(r=4), "a")
+    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.2, target_modules=["q_proj", "v_proj"]), "b")
+    randomize_adapters(model)
+    with lorakit.use_adapter(model, "b"):
+        expected_b = model_output(model, ids)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lorakit.merge(model, "a")
+    lorakit.swap_merged(model, "a", "b")
+    assert lorakit.merged_names(model) == ["b"]
+    assert (model_output(model, ids) - expected_b).abs().max() < 1e-5
+    lorakit.unmerge(model, "b")
+    state = model.state_dict()
+    assert max((state[k] - v).abs().max().item() for k, v in original.items()) < 1e-6
+    with pytest.raises(MergeStateError):
+        lorakit.swap_merged(model, "a", "b")  # nothing merged any more

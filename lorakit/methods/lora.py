@@ -41,9 +41,14 @@ class LoraAdapter(nn.Module):
         h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), self.lora_B.T, alpha=sign * self.scaling)
 
+    def factors(self, basis: None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = up @ down with up (out, r) and down (r, in): merging never needs a dense ΔW."""
+        return self.lora_B * self.scaling, self.lora_A
+
     def delta_weight(self, basis: None = None) -> torch.Tensor:
-        """(out, in): the dense update, for merging only."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """(out, in): the dense update."""
+        up, down = self.factors()
+        return up.float() @ down.float()
 
     def num_trainable(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()

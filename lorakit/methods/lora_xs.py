@@ -67,9 +67,14 @@ class LoraXSAdapter(nn.Module):
         up_r = up @ self.lora_R  # (out, r)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_r.T, alpha=sign * self.scaling)
 
-    def delta_weight(self, basis: Basis) -> torch.Tensor:
+    def factors(self, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = up @ down: up = (α/r)·B·R (out, r), down = A (r, in)."""
         down, up = basis.sliced(self.r)
-        return (up.float() @ self.lora_R.float() @ down.float()) * self.scaling
+        return (up @ self.lora_R) * self.scaling, down
+
+    def delta_weight(self, basis: Basis) -> torch.Tensor:
+        up, down = self.factors(basis)
+        return up.float() @ down.float()
 
     def num_trainable(self) -> int:
         return self.lora_R.numel()

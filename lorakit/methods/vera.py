@@ -68,10 +68,13 @@ class VeraAdapter(nn.Module):
         up_b = basis.up * self.vera_lambda_b[:, None]  # (out, r)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_b.T, alpha=sign)
 
+    def factors(self, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = up @ down: up = Λ_b·B (out, r), down = Λ_d·A (r, in)."""
+        return basis.up * self.vera_lambda_b[:, None], basis.down * self.vera_lambda_d[:, None]
+
     def delta_weight(self, basis: Basis) -> torch.Tensor:
-        up = basis.up.float() * self.vera_lambda_b.float()[:, None]  # (out, r)
-        down = basis.down.float() * self.vera_lambda_d.float()[:, None]  # (r, in)
-        return up @ down
+        up, down = self.factors(basis)
+        return up.float() @ down.float()
 
     def num_trainable(self) -> int:
         return self.vera_lambda_d.numel() + self.vera_lambda_b.numel()
