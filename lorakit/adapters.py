@@ -25,8 +25,15 @@ def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """{module_name: {param: tensor}} flattened as 'module.param' — only what adapter `name` trained."""
-    adapter_config(model, name)
+    config = adapter_config(model, name)
     state: dict[str, torch.Tensor] = {}
+    registry = get_registry(model)
+    if name in registry.packed:  # packed LoRA-XS: the trained R, unscaled
+        bank = registry.bank
+        for module_name, layer in adapted_layers(model).items():
+            if layer.has(name):
+                state[f"{module_name}.lora_R"] = bank.core(layer.bank_index, name)[: config.r, : config.r] / config.scaling
+        return state
     for module_name, layer in adapted_layers(model).items():
         if name in layer.adapters:
             for pname, param in layer.adapters[name].named_parameters():
@@ -42,7 +49,8 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 
 def count_trainable(model: nn.Module, name: str) -> int:
-    return sum(p.numel() for p in adapter_parameters(model, name))
+    """Numbers the adapter trains (for a packed adapter: the numbers it trained, r² per module)."""
+    return sum(t.numel() for t in adapter_state_dict(model, name).values())
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -51,9 +59,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapter_config(model, name)
     if name in registry.merged:
         raise MergeStateError(f"adapter {name!r} is merged; unmerge it before deleting")
+    if name in registry.packed:
+        registry.bank.remove(name)
+        registry.packed.discard(name)
     for layer in adapted_layers(model).values():
         if name in layer.adapters:
             del layer.adapters[name]
             layer.drop_unused_bases()
     del registry.configs[name]
+    registry.version += 1
     freeze_base(model)

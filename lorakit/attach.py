@@ -159,6 +159,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter
     registry.configs[name] = config
+    registry.version += 1
     freeze_base(model)
     return model
 

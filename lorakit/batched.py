@@ -33,13 +33,27 @@ def group_rows(names: tuple[str | None, ...]) -> dict[str | None, list[int]]:
 
 
 def add_per_row_deltas(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
-                       names: tuple[str | None, ...]) -> torch.Tensor:
-    """out[i] += Δ_{names[i]}(x[i]) − Σ_{merged m ≠ names[i]} Δ_m(x[i]), for every row i."""
+                       names: tuple[str | None, ...], cache: dict | None = None) -> torch.Tensor:
+    """out[i] += Δ_{names[i]}(x[i]) − Σ_{merged m ≠ names[i]} Δ_m(x[i]), for every row i.
+
+    `cache` (the route's) keeps what depends only on the names, so it is computed once per call.
+    """
+    cache = {} if cache is None else cache
     merged = layer.merged_names()
+    registry = layer.registry
     adding: dict[str, list[int]] = {}
-    for name, rows in group_rows(names).items():
-        if name is not None and name in layer.adapters and name not in merged:
+    packed_rows = False
+    if "groups" not in cache:
+        cache["groups"] = group_rows(names)
+    for name, rows in cache["groups"].items():
+        if name is None or name in merged:
+            continue
+        if name in layer.adapters:
             adding[name] = rows
+        elif name in registry.packed and layer.has(name):
+            packed_rows = True
+    if packed_rows:
+        out = _add_packed(layer, x, out, names, cache)
     by_kind: dict[str, dict[str, list[int]]] = {}
     for name, rows in adding.items():
         adapter = layer.adapters[name]
@@ -99,6 +113,23 @@ def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: to
         b = torch.stack([a.vera_lambda_b for a in adapters])[slot] * active[:, None]  # (B, out)
         delta = torch.matmul(h * d[:, None, :], basis.up.T) * b[:, None, :]
     return out + delta.reshape(out.shape)
+
+
+def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
+                names: tuple[str | None, ...], cache: dict) -> torch.Tensor:
+    """Rows routed to packed LoRA-XS adapters: one projection, one gather of (B, r, r) cores, one up."""
+    bank = layer.registry.bank
+    merged = tuple(layer.registry.merged)
+    key = ("slots", bank.version, merged, x.device)
+    if key not in cache:
+        cache[key] = bank.row_slots(tuple(None if n in merged else n for n in names), x.device)  # (B,)
+    slots = cache[key]
+    down, up = layer.bases["lora_xs"].sliced(bank.rank)
+    batch = x.shape[0]
+    h = torch.matmul(x.reshape(batch, -1, x.shape[-1]), down.T)  # (B, T, r)
+    cores = bank.cores[layer.bank_index].index_select(0, slots)  # (B, r, r); slot 0 is zero
+    h = torch.bmm(h, cores.transpose(1, 2))
+    return out + torch.matmul(h, up.T).reshape(out.shape)
 
 
 def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,

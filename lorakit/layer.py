@@ -41,6 +41,7 @@ class AdaptedLinear(nn.Module):
         self.module_name = module_name
         self.adapters = nn.ModuleDict()
         self.bases = nn.ModuleDict()
+        self.bank_index: int | None = None  # this layer's row in the packed bank, if any
         object.__setattr__(self, "registry", registry)  # plain reference, not a submodule
 
     def extra_repr(self) -> str:
@@ -52,7 +53,18 @@ class AdaptedLinear(nn.Module):
         weight = self.weight.T if self.fan_in_fan_out else self.weight
         return F.linear(x, weight, self.bias)
 
+    def has(self, name: str) -> bool:
+        """Whether adapter `name` touches this layer (as a module or as packed cores)."""
+        if name in self.adapters:
+            return True
+        bank = self.registry.bank
+        return bank is not None and self.bank_index is not None and self.bank_index in bank.targets.get(name, ())
+
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name not in self.adapters:
+            out = x.new_zeros(*x.shape[:-1], self.out_features)
+            self.add_delta_(name, out, x, 1.0)
+            return out
         adapter = self.adapters[name]
         basis = self.bases[adapter.basis_key] if adapter.basis_key else None
         return adapter.delta(x, basis)
@@ -71,26 +83,35 @@ class AdaptedLinear(nn.Module):
             if len(names) != x.shape[0]:
                 raise RoutingError(f"{self.module_name}: route has {len(names)} row names but the batch has "
                                    f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
-            return add_per_row_deltas(self, x, out, names)
+            return add_per_row_deltas(self, x, out, names, route.cache)
         for merged in self.merged_names():
             if merged != names:
                 self.add_delta_(merged, out, x, -1.0)
-        if names is not None and names in self.adapters and names not in self.registry.merged:
+        if names is not None and names not in self.registry.merged and self.has(names):
             self.add_delta_(names, out, x, 1.0)
         return out
 
     def add_delta_(self, name: str, out: torch.Tensor, x: torch.Tensor, sign: float) -> None:
         """out ± Δ_name(x), in place (the base output is fresh, so autograd allows it)."""
+        if name not in self.adapters:  # a packed LoRA-XS adapter
+            up, down = self.factors(name)
+            h = torch.nn.functional.linear(x, down)  # (..., r)
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, down.shape[0]), up.T, alpha=sign)
+            return
         adapter = self.adapters[name]
         basis = self.bases[adapter.basis_key] if adapter.basis_key else None
         adapter.add_delta_(out, x, basis, sign)
 
     # -- merging -----------------------------------------------------------------------------------
     def merged_names(self) -> list[str]:
-        return [n for n in self.registry.merged if n in self.adapters]
+        return [n for n in self.registry.merged if self.has(n)]
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW of adapter `name` as up (out, k) @ down (k, in)."""
+        if name not in self.adapters:  # packed: up = B·(α/r)R, down = A
+            bank = self.registry.bank
+            down, up = self.bases["lora_xs"].sliced(bank.rank)
+            return up @ bank.core(self.bank_index, name), down
         adapter = self.adapters[name]
         basis = self.bases[adapter.basis_key] if adapter.basis_key else None
         return adapter.factors(basis)
@@ -137,6 +158,8 @@ class AdaptedLinear(nn.Module):
 
     def drop_unused_bases(self) -> None:
         used = {a.basis_key for a in self.adapters.values() if a.basis_key}
+        if self.bank_index is not None:
+            used.add("lora_xs")  # packed adapters use it
         for key in [k for k in self.bases if k not in used]:
             del self.bases[key]
 

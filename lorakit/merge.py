@@ -21,7 +21,7 @@ def merge(model: nn.Module, name: str) -> None:
         raise AdapterNotFoundError(f"adapter {name!r} not attached; attached: {sorted(registry.configs)}")
     if name in registry.merged:
         raise MergeStateError(f"adapter {name!r} is already merged")
-    layers = [layer for layer in adapted_layers(model).values() if name in layer.adapters]
+    layers = [layer for layer in adapted_layers(model).values() if layer.has(name)]
     factors = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
     for layer, (up, down) in zip(layers, factors):
         layer.add_factors_(up, down, +1.0)
@@ -34,7 +34,7 @@ def unmerge(model: nn.Module, name: str) -> None:
     if name not in registry.merged:
         raise MergeStateError(f"adapter {name!r} is not merged; merged: {registry.merged}")
     for layer in adapted_layers(model).values():
-        if name in layer.adapters:
+        if layer.has(name):
             layer.add_factors_(*layer.factors(name), -1.0)
     registry.merged.remove(name)
 
@@ -54,10 +54,10 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
     plan = []
     for layer in adapted_layers(model).values():
         ups, downs = [], []
-        if new in layer.adapters:
+        if layer.has(new):
             up, down = layer.check_mergeable(new)  # every layer checked before any write
             ups.append(up), downs.append(down)
-        if old in layer.adapters:
+        if layer.has(old):
             up, down = layer.factors(old)
             ups.append(-up), downs.append(down)
         if ups:

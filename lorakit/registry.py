@@ -22,6 +22,9 @@ class AdapterRegistry:
         self.configs: dict[str, AdapterConfig] = {}
         self.merged: list[str] = []
         self.vera_projections: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.packed: set[str] = set()  # adapters held in the packed bank (lorakit.bank), not as modules
+        self.bank = None  # the model's CoreBank, once something is packed
+        self.version = 0  # bumped when adapters are added or removed
 
     def default_names(self) -> str | None | object:
         """What a call without a route runs: the weights as they stand if anything is merged, else the

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping, Union
 
@@ -33,6 +33,9 @@ class Route:
     """`names`: one adapter name for all rows, None for the base, or a tuple with one entry per row."""
 
     names: RowNames
+    # Work derived from the names (row groups, slot tensors), done once per call rather than once per
+    # layer. It lives and dies with this route, so it is never shared between calls.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def per_row(self) -> bool:

@@ -1,0 +1,206 @@
+"""A packed bank of inference-only LoRA-XS adapters: thousands resident, loaded in milliseconds.
+
+An attached adapter is a set of small nn.Modules (about 1 MB of Python objects per adapter on a
+135M model). For serving, a LoRA-XS adapter is just r² numbers per layer, so the bank keeps every
+packed adapter as a slice of one tensor:
+
+    cores: (L layers, capacity, r, r)   cores[l, slot] = (α/r)·R of one adapter at layer l, zero-padded
+    slot 0 is always zero: rows that use no packed adapter gather it and get exactly nothing added
+
+Per-row routing then gathers cores[l, slots] (B, r, r) with one index_select per layer. A packed
+adapter cannot be trained (attach a module adapter for that) but can be merged, routed and deleted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraXSConfig
+from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
+
+BANK_ATTR = "lorakit_bank"
+
+
+class CoreBank:
+    """The model-level store of packed LoRA-XS cores; layers index it by `layer.bank_index`."""
+
+    def __init__(self, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rank = rank
+        self.layer_names: list[str] = []
+        self.cores = torch.zeros(0, 1, rank, rank, dtype=dtype, device=device)  # (L, capacity, r, r)
+        self.slots: dict[str, int] = {}
+        self.targets: dict[str, frozenset[int]] = {}  # name -> layer indices the adapter touches
+        self.free: list[int] = []
+        self.version = 0  # bumped on every change; per-route slot tensors are cached against it
+
+    @property
+    def capacity(self) -> int:
+        return self.cores.shape[1]
+
+    def nbytes(self) -> int:
+        return self.cores.numel() * self.cores.element_size()
+
+    def _grow(self, layers: int, capacity: int, rank: int) -> None:
+        L, C, r, _ = self.cores.shape
+        if (layers, capacity, rank) == (L, C, r):
+            return
+        grown = self.cores.new_zeros(max(L, layers), max(C, capacity), max(r, rank), max(r, rank))
+        grown[:L, :C, :r, :r] = self.cores
+        self.cores = grown
+        self.rank = grown.shape[2]
+
+    def reserve(self, n_adapters: int) -> None:
+        """Make room for n more adapters up front (avoids regrowth copies when loading many)."""
+        self._grow(len(self.layer_names), len(self.slots) + 1 + n_adapters, self.rank)
+
+    def layer_index(self, module_name: str) -> int:
+        if module_name not in self.layer_names:
+            self.layer_names.append(module_name)
+            self._grow(len(self.layer_names), self.capacity, self.rank)
+        return self.layer_names.index(module_name)
+
+    def add(self, name: str, cores: dict[int, torch.Tensor]) -> int:
+        """Store one adapter's pre-scaled cores {layer_index: (r, r)}; returns its slot."""
+        if name in self.slots:
+            raise AdapterExistsError(f"adapter {name!r} is already in the bank")
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot = len(self.slots) + 1  # slot 0 stays zero
+            if slot >= self.capacity:
+                self._grow(len(self.layer_names), max(slot + 1, int(self.capacity * 1.5) + 1), self.rank)
+        r = max(c.shape[0] for c in cores.values())
+        if r > self.rank:
+            self._grow(len(self.layer_names), self.capacity, r)
+        with torch.no_grad():
+            self.cores[:, slot].zero_()
+            for layer, core in cores.items():
+                self.cores[layer, slot, : core.shape[0], : core.shape[1]] = core
+        self.slots[name] = slot
+        self.targets[name] = frozenset(cores)
+        self.version += 1
+        return slot
+
+    def remove(self, name: str) -> None:
+        slot = self.slots.pop(name)
+        self.targets.pop(name)
+        with torch.no_grad():
+            self.cores[:, slot].zero_()
+        self.free.append(slot)
+        self.version += 1
+
+    def core(self, layer_index: int, name: str) -> torch.Tensor:
+        return self.cores[layer_index, self.slots[name]]  # (r, r), scaled
+
+    def row_slots(self, names: tuple[str | None, ...], device: torch.device) -> torch.Tensor:
+        """(B,) slot of each row; rows without a packed adapter get the zero slot 0."""
+        return torch.tensor([self.slots.get(n, 0) if n is not None else 0 for n in names],
+                            dtype=torch.long, device=device)
+
+
+def get_bank(model: nn.Module) -> CoreBank | None:
+    return model.__dict__.get(BANK_ATTR)
+
+
+def _bank_for(model: nn.Module, rank: int, like: torch.Tensor) -> CoreBank:
+    bank = get_bank(model)
+    if bank is None:
+        bank = CoreBank(rank, like.dtype, like.device)
+        object.__setattr__(model, BANK_ATTR, bank)
+        from lorakit.registry import get_registry
+
+        get_registry(model, create=True).bank = bank
+    return bank
+
+
+def add_packed_lora_xs(model: nn.Module, name: str, config: LoraXSConfig,
+                       cores: dict[str, torch.Tensor]) -> None:
+    """Add a LoRA-XS adapter straight into the bank: {module_name: R (r, r)}, unscaled as trained.
+
+    Every target layer must already carry a LoRA-XS basis of rank ≥ r (attach one adapter of this
+    rank first, or `ensure_lora_xs_bases`). All checks run before anything is stored.
+    """
+    from lorakit.attach import adapted_layers, check_adapter_name
+    from lorakit.registry import get_registry
+
+    check_adapter_name(name)
+    registry = get_registry(model, create=True)
+    if name in registry.configs:
+        raise AdapterExistsError(f"adapter {name!r} is already attached")
+    layers = adapted_layers(model)
+    for module_name, core in cores.items():
+        layer = layers.get(module_name)
+        basis = layer.basis("lora_xs") if layer is not None else None
+        if basis is None:
+            raise AdapterMismatchError(f"module {module_name} has no LoRA-XS basis; call "
+                                       "lorakit.bank.ensure_lora_xs_bases(model, names, r) first")
+        if core.shape != (config.r, config.r):
+            raise AdapterMismatchError(f"module {module_name}: core shape {tuple(core.shape)}, expected "
+                                       f"({config.r}, {config.r})")
+        if basis.rank < config.r:
+            raise AdapterMismatchError(f"module {module_name}: basis rank {basis.rank} < adapter rank {config.r}")
+        if not torch.isfinite(core).all():
+            raise NonFiniteAdapterError(f"adapter {name!r} has NaN/inf values in module {module_name}")
+    if not cores:
+        raise AdapterConfigError(f"adapter {name!r} has no modules")
+    first = layers[next(iter(cores))]
+    bank = _bank_for(model, config.r, first.weight if first.weight.is_floating_point() else torch.zeros(()))
+    indexed = {}
+    for module_name, core in cores.items():
+        layer = layers[module_name]
+        layer.bank_index = bank.layer_index(module_name)
+        indexed[layer.bank_index] = core.to(bank.cores.dtype) * config.scaling
+    bank.add(name, indexed)
+    registry.configs[name] = config
+    registry.packed.add(name)
+    registry.version += 1
+
+
+def pack_adapter(model: nn.Module, name: str) -> None:
+    """Move an attached LoRA-XS module adapter into the bank (frees its modules; it stops training)."""
+    from lorakit.adapters import adapter_config
+    from lorakit.attach import adapted_layers, freeze_base
+    from lorakit.registry import get_registry
+
+    config = adapter_config(model, name)
+    registry = get_registry(model)
+    if not isinstance(config, LoraXSConfig) or name in registry.packed:
+        raise AdapterConfigError(f"only attached LoRA-XS module adapters can be packed; {name!r} is not one")
+    if name in registry.merged:
+        raise AdapterConfigError(f"adapter {name!r} is merged; unmerge it before packing")
+    layers = {n: l for n, l in adapted_layers(model).items() if name in l.adapters}
+    cores = {n: l.adapters[name].lora_R.detach().clone() for n, l in layers.items()}
+    bad = [n for n, c in cores.items() if not torch.isfinite(c).all()]
+    if bad:
+        raise NonFiniteAdapterError(f"adapter {name!r} has NaN/inf values in module {bad[0]}")
+    for layer in layers.values():  # bases stay: the bank uses them
+        del layer.adapters[name]
+    del registry.configs[name]
+    add_packed_lora_xs(model, name, config, cores)
+    freeze_base(model)
+
+
+def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int) -> None:
+    """Give each named layer a LoRA-XS basis of rank ≥ r (SVD once per layer; adapters then share it)."""
+    from lorakit.attach import _replace_module, _shape, _weight_as_out_in
+    from lorakit.layer import AdaptedLinear
+    from lorakit.methods.lora_xs import svd_basis
+    from lorakit.registry import get_registry
+
+    registry = get_registry(model, create=True)
+    modules = dict(model.named_modules())
+    for module_name in module_names:
+        module = modules.get(module_name)
+        if module is None:
+            raise AdapterMismatchError(f"module {module_name} does not exist in {type(model).__name__}")
+        if r > min(_shape(module)):
+            raise AdapterConfigError(f"rank r={r} exceeds min(in, out) of module {module_name}")
+        have = module.basis("lora_xs") if isinstance(module, AdaptedLinear) else None
+        if have is not None and have.rank >= r:
+            continue
+        basis = svd_basis(_weight_as_out_in(module), r).to(module.weight.device)
+        if not isinstance(module, AdaptedLinear):
+            module = AdaptedLinear(module, module_name, registry)
+            _replace_module(model, module_name, module)
+        module.bases["lora_xs"] = basis
