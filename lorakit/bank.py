@@ -28,6 +28,7 @@ class CoreBank:
     def __init__(self, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.rank = rank
         self.layer_names: list[str] = []
+        self._layer_index: dict[str, int] = {}
         self.cores = torch.zeros(0, 1, rank, rank, dtype=dtype, device=device)  # (L, capacity, r, r)
         self.slots: dict[str, int] = {}
         self.targets: dict[str, frozenset[int]] = {}  # name -> layer indices the adapter touches
@@ -55,13 +56,14 @@ class CoreBank:
         self._grow(len(self.layer_names), len(self.slots) + 1 + n_adapters, self.rank)
 
     def layer_index(self, module_name: str) -> int:
-        if module_name not in self.layer_names:
+        if module_name not in self._layer_index:
+            self._layer_index[module_name] = len(self.layer_names)
             self.layer_names.append(module_name)
             self._grow(len(self.layer_names), self.capacity, self.rank)
-        return self.layer_names.index(module_name)
+        return self._layer_index[module_name]
 
-    def add(self, name: str, cores: dict[int, torch.Tensor]) -> int:
-        """Store one adapter's pre-scaled cores {layer_index: (r, r)}; returns its slot."""
+    def add(self, name: str, layers: list[int], cores: torch.Tensor) -> int:
+        """Store one adapter's pre-scaled cores (n, r, r) at `layers`; returns its slot."""
         if name in self.slots:
             raise AdapterExistsError(f"adapter {name!r} is already in the bank")
         if self.free:
@@ -70,15 +72,14 @@ class CoreBank:
             slot = len(self.slots) + 1  # slot 0 stays zero
             if slot >= self.capacity:
                 self._grow(len(self.layer_names), max(slot + 1, int(self.capacity * 1.5) + 1), self.rank)
-        r = max(c.shape[0] for c in cores.values())
+        r = cores.shape[-1]
         if r > self.rank:
             self._grow(len(self.layer_names), self.capacity, r)
         with torch.no_grad():
             self.cores[:, slot].zero_()
-            for layer, core in cores.items():
-                self.cores[layer, slot, : core.shape[0], : core.shape[1]] = core
+            self.cores[torch.tensor(layers), slot, :r, :r] = cores.to(self.cores.dtype)
         self.slots[name] = slot
-        self.targets[name] = frozenset(cores)
+        self.targets[name] = frozenset(layers)
         self.version += 1
         return slot
 
@@ -121,14 +122,16 @@ def add_packed_lora_xs(model: nn.Module, name: str, config: LoraXSConfig,
     Every target layer must already carry a LoRA-XS basis of rank ≥ r (attach one adapter of this
     rank first, or `ensure_lora_xs_bases`). All checks run before anything is stored.
     """
-    from lorakit.attach import adapted_layers, check_adapter_name
+    from lorakit.attach import check_adapter_name
     from lorakit.registry import get_registry
 
     check_adapter_name(name)
     registry = get_registry(model, create=True)
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached")
-    layers = adapted_layers(model)
+    if not cores:
+        raise AdapterConfigError(f"adapter {name!r} has no modules")
+    layers = registry.layer_map(model)
     for module_name, core in cores.items():
         layer = layers.get(module_name)
         basis = layer.basis("lora_xs") if layer is not None else None
@@ -140,18 +143,19 @@ def add_packed_lora_xs(model: nn.Module, name: str, config: LoraXSConfig,
                                        f"({config.r}, {config.r})")
         if basis.rank < config.r:
             raise AdapterMismatchError(f"module {module_name}: basis rank {basis.rank} < adapter rank {config.r}")
-        if not torch.isfinite(core).all():
-            raise NonFiniteAdapterError(f"adapter {name!r} has NaN/inf values in module {module_name}")
-    if not cores:
-        raise AdapterConfigError(f"adapter {name!r} has no modules")
+    stacked = torch.stack(list(cores.values()))  # (n, r, r)
+    if not torch.isfinite(stacked).all():
+        bad = next(n for n, c in cores.items() if not torch.isfinite(c).all())
+        raise NonFiniteAdapterError(f"adapter {name!r} has NaN/inf values in module {bad}")
     first = layers[next(iter(cores))]
     bank = _bank_for(model, config.r, first.weight if first.weight.is_floating_point() else torch.zeros(()))
-    indexed = {}
-    for module_name, core in cores.items():
+    indices = []
+    for module_name in cores:
         layer = layers[module_name]
-        layer.bank_index = bank.layer_index(module_name)
-        indexed[layer.bank_index] = core.to(bank.cores.dtype) * config.scaling
-    bank.add(name, indexed)
+        if layer.bank_index is None:
+            layer.bank_index = bank.layer_index(module_name)
+        indices.append(layer.bank_index)
+    bank.add(name, indices, stacked * config.scaling)
     registry.configs[name] = config
     registry.packed.add(name)
     registry.version += 1
@@ -203,4 +207,5 @@ def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int) -> N
         if not isinstance(module, AdaptedLinear):
             module = AdaptedLinear(module, module_name, registry)
             _replace_module(model, module_name, module)
+            registry.version += 1
         module.bases["lora_xs"] = basis

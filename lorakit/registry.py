@@ -24,7 +24,16 @@ class AdapterRegistry:
         self.vera_projections: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.packed: set[str] = set()  # adapters held in the packed bank (lorakit.bank), not as modules
         self.bank = None  # the model's CoreBank, once something is packed
-        self.version = 0  # bumped when adapters are added or removed
+        self.version = 0  # bumped when adapters or adapted layers are added or removed
+        self._layer_map: tuple[int, dict] = (-1, {})
+
+    def layer_map(self, model: nn.Module) -> dict:
+        """Full name -> AdaptedLinear, cached until the next change (a model walk costs milliseconds)."""
+        if self._layer_map[0] != self.version:
+            from lorakit.attach import adapted_layers
+
+            self._layer_map = (self.version, adapted_layers(model))
+        return self._layer_map[1]
 
     def default_names(self) -> str | None | object:
         """What a call without a route runs: the weights as they stand if anything is merged, else the
