@@ -71,7 +71,7 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
-        if not self.adapters and not self.registry.merged:
+        if not self.adapters and self.bank_index is None and not self.registry.merged:
             return out
         route = current_route(id(self.registry))
         names = route.names if route is not None else self.registry.default_names()

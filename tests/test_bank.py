@@ -82,3 +82,21 @@ def test_add_packed_validates_before_storing():
     assert lorakit.adapter_names(model) == [] and get_bank(model) is None
     add_packed_lora_xs(model, "p", LoraXSConfig(r=4), good)
     assert lorakit.adapter_names(model) == ["p"]
+
+
+def test_a_model_with_only_packed_adapters(ids):
+    model = tiny_llama()
+    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "a")
+    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "b")
+    expected = _outputs(model, ["a", "b", None], ids)
+    pack_adapter(model, "a")
+    pack_adapter(model, "b")
+    assert all(not layer.adapters for layer in lorakit.adapted_layers(model).values())
+    got = _outputs(model, ["a", "b", None], ids)
+    assert (got["a"] - expected[None]).abs().max() > 1e-3  # the packed adapter really acts
+    for n in expected:
+        assert (got[n] - expected[n]).abs().max() < 1e-5, n
+    with lorakit.use_adapter(model, ["b", "a", None, "a"]):
+        mixed = model(input_ids=ids).logits
+    for i, n in enumerate(["b", "a", None, "a"]):
+        assert (mixed[i] - expected[n][i]).abs().max() < 1e-5
