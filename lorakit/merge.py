@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lorakit.attach import adapted_layers, _replace_module
+from lorakit.bank import BANK_ATTR
 from lorakit.errors import AdapterNotFoundError, MergeStateError
 from lorakit.registry import REGISTRY_ATTR, get_registry
 
@@ -88,7 +89,8 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
             merge(model, name)
     for full_name, layer in adapted_layers(model).items():
         _replace_module(model, full_name, layer.to_plain())
-    object.__delattr__(model, REGISTRY_ATTR) if REGISTRY_ATTR in model.__dict__ else None
+    for attr in (REGISTRY_ATTR, BANK_ATTR):  # the model is plain again
+        model.__dict__.pop(attr, None)
     for param in model.parameters():
         param.requires_grad_(False)
     return model

@@ -100,3 +100,13 @@ def test_a_model_with_only_packed_adapters(ids):
         mixed = model(input_ids=ids).logits
     for i, n in enumerate(["b", "a", None, "a"]):
         assert (mixed[i] - expected[n][i]).abs().max() < 1e-5
+
+
+def test_merge_and_unload_a_packed_adapter(ids):
+    model = tiny_llama()
+    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "a")
+    expected = model(input_ids=ids).logits
+    pack_adapter(model, "a")
+    plain = lorakit.merge_and_unload(model, "a")
+    assert get_bank(plain) is None and not lorakit.adapted_layers(plain)
+    assert (plain(input_ids=ids).logits - expected).abs().max() < 1e-5
