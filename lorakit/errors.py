@@ -29,6 +29,10 @@ class AdapterNotFoundError(LorakitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnsupportedAdapterError(AdapterConfigError):
+    """An adapter file uses a feature lorakit does not implement (DoRA, modules_to_save, embedding targets...)."""
+
+
 class AdapterExistsError(LorakitError, ValueError):
     """An adapter of this name is already attached."""
 

@@ -1,0 +1,37 @@
+"""What an adapter directory holds, read from the config and the safetensors header only (no weights)."""
+
+from __future__ import annotations
+
+import os
+from math import prod
+from pathlib import Path
+
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, read_config_only, tensor_shapes
+from lorakit.io.native import FINGERPRINT
+
+
+def read_adapter_info(path: str | os.PathLike) -> dict:
+    """Method, rank, modules, trained numbers, file sizes and base model of the adapter at `path`."""
+    path = Path(path)
+    config = read_config_only(path)
+    shapes = tensor_shapes(path / WEIGHTS_NAME)
+    file_bytes = {f: (path / f).stat().st_size for f in (CONFIG_NAME, WEIGHTS_NAME)}
+    file_bytes["total"] = sum(file_bytes.values())
+    if "lorakit_method" in config:
+        settings = config.get("config") or {}
+        trained = {k: v for k, v in shapes.items() if not k.endswith("." + FINGERPRINT)}
+        info = {"format": "lorakit", "method": config["lorakit_method"], "rank": settings.get("r"),
+                "alpha": settings.get("lora_alpha"), "modules": list(config.get("modules") or [])}
+    else:
+        trained = shapes
+        peft_type = str(config.get("peft_type", "unknown"))
+        modules = sorted(k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                         for k in shapes if k.endswith(".lora_A.weight"))
+        info = {"format": "peft", "method": "lora" if peft_type == "LORA" else peft_type.lower(),
+                "rank": config.get("r"), "alpha": config.get("lora_alpha"), "modules": modules}
+    dtypes = sorted({dtype for _, dtype in trained.values()})
+    info.update({"path": str(path), "num_modules": len(info["modules"]),
+                 "trainable_numbers": sum(prod(shape) for shape, _ in trained.values()),
+                 "file_bytes": file_bytes, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+                 "base_model": config.get("base_model_name_or_path"), "config": config})
+    return info

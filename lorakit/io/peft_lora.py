@@ -1,0 +1,256 @@
+"""LoRA adapters in Hugging Face PEFT's file format, both ways.
+
+    adapter_config.json         every field PEFT 0.21 writes: peft_type "LORA", r, lora_alpha, target_modules,
+                                use_rslora, fan_in_fan_out, rank_pattern, alpha_pattern, task_type ...
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
+                                base_model.model.<module path>.lora_B.weight  (out, r)
+
+PEFT wraps the user's model, hence the `base_model.model.` prefix; the module path is the path in the
+model the adapter was attached to, and the adapter's name is not part of any key. Per-module ranks and
+alphas (`rank_pattern` / `alpha_pattern`) are read and written; features that change the forward pass
+in ways lorakit does not implement (DoRA, biases, modules_to_save, embedding or conv targets...) are
+refused by name before the model is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.adapters import adapter_config
+from lorakit.attach import adapted_layers, attach
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
+from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, check_finite
+from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
+from lorakit.layer import AdaptedLinear
+
+PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file layout this module writes
+KEY_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+# Config fields whose non-default value changes the forward pass in a way lorakit does not implement.
+_UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "parameter targets (target_parameters)",
+    "layer_replication": "layer_replication",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
+}
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """Where the base model came from (a hub id or directory), as transformers records it."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _number(x: float) -> int | float:
+    """16.0 -> 16 (PEFT writes alphas as ints), anything else as it is."""
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
+
+
+def _target_list(model: nn.Module, modules: list[str]) -> list[str]:
+    """Leaf names (q_proj, ...) when they select exactly `modules` in PEFT's suffix matching, else full paths."""
+    suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    selected = {n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if selected == set(modules) else sorted(modules)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    # Only causal LMs: PEFT's classification wrappers expect the head's weights in the file.
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+
+
+def peft_config_dict(model: nn.Module, modules: list[str], r: int, lora_alpha: float, *, use_rslora: bool = False,
+                     lora_dropout: float = 0.0, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+                     task_type: str | None | bool = True) -> dict:
+    """The adapter_config.json PEFT writes for a plain LoRA adapter on `modules` of `model`."""
+    task = _task_type(model) if task_type is True else (task_type or None)
+    cls = type(model)
+    fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) or
+                         type(model.get_submodule(m)).__name__ == "Conv1D" for m in modules)
+    return {
+        "alora_invocation_tokens": None, "alpha_pattern": dict(alpha_pattern or {}), "arrow_config": None,
+        "auto_mapping": None if task else {"base_model_class": cls.__name__, "parent_library": cls.__module__},
+        "base_model_name_or_path": base_model_name(model), "bias": "none", "corda_config": None,
+        "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
+        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": True,
+        "kasa_config": None, "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
+        "loftq_config": {}, "lora_alpha": _number(lora_alpha), "lora_bias": False,
+        "lora_dropout": float(lora_dropout), "lora_ga_config": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
+        "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": int(r),
+        "rank_pattern": dict(rank_pattern or {}), "revision": None, "target_modules": _target_list(model, modules),
+        "target_parameters": None, "task_type": task, "trainable_token_indices": None, "use_bdlora": None,
+        "use_dora": False, "use_qalora": False, "use_rslora": bool(use_rslora), "velora_config": None,
+    }
+
+
+def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    config: dict) -> Path:
+    """Write `weights` (module -> (lora_A (r, in), lora_B (out, r))) and `config` as a PEFT adapter dir."""
+    tensors = {}
+    for module, (a, b) in weights.items():
+        tensors[f"{KEY_PREFIX}{module}{_A}"] = a
+        tensors[f"{KEY_PREFIX}{module}{_B}"] = b
+    return write_directory(path, {CONFIG_NAME: json_bytes(config),
+                                  WEIGHTS_NAME: tensors_bytes(tensors, {"format": "pt"})})
+
+
+def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True) -> Path:
+    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it)."""
+    config = adapter_config(model, name)
+    if not isinstance(config, LoraConfig):
+        raise AdapterConfigError(f"adapter {name!r} is {config.method}, not LoRA; use lorakit.io.save_adapter, or "
+                                 "export_to_peft for a PEFT copy")
+    weights, rank_pattern, alpha_pattern = {}, {}, {}
+    for module, layer in adapted_layers(model).items():
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        weights[module] = (adapter.lora_A, adapter.lora_B)
+        root = adapter.r**0.5 if config.use_rslora else adapter.r
+        if adapter.r != config.r:
+            rank_pattern[module] = adapter.r
+        if not math.isclose(adapter.scaling, config.lora_alpha / root, rel_tol=1e-9):
+            alpha_pattern[module] = _number(adapter.scaling * root)
+    peft_config = peft_config_dict(model, list(weights), config.r, config.lora_alpha, use_rslora=config.use_rslora,
+                                   lora_dropout=config.lora_dropout, rank_pattern=rank_pattern,
+                                   alpha_pattern=alpha_pattern, task_type=task_type)
+    return write_peft_lora(model, path, weights, peft_config)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rank/alpha pattern rule: the first key that matches the end of the module path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def check_supported(config: dict, where: Path) -> None:
+    """Refuse PEFT files that are not plain LoRA, naming the feature."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        if peft_type is None:
+            raise CorruptAdapterError(f"{where}: no 'peft_type' and no 'lorakit_method': not an adapter config")
+        raise UnsupportedAdapterError(f"{where}: peft_type {peft_type!r} is not supported; lorakit reads PEFT "
+                                      "LoRA adapters (peft_type 'LORA') and its own LoRA-XS / VeRA files")
+    used = [label for field, label in _UNSUPPORTED.items() if config.get(field)]
+    if config.get("bias", "none") not in ("none", None):
+        used.append(f"bias={config['bias']!r}")
+    if used:
+        raise UnsupportedAdapterError(f"{where}: this PEFT adapter uses {', '.join(used)}, which lorakit does not "
+                                      "support; only plain LoRA (optionally rsLoRA, rank/alpha patterns) loads")
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {"A": lora_A, "B": lora_B}; foreign keys are named (by feature where recognised)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    features, unexpected = set(), []
+    for key, tensor in tensors.items():
+        rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
+        if rest is not None and rest.endswith(_A):
+            pairs.setdefault(rest[: -len(_A)], {})["A"] = tensor
+        elif rest is not None and rest.endswith(_B):
+            pairs.setdefault(rest[: -len(_B)], {})["B"] = tensor
+        elif "lora_magnitude_vector" in key:
+            features.add("DoRA (lora_magnitude_vector)")
+        elif "lora_embedding_" in key:
+            features.add("embedding targets (lora_embedding_A/B)")
+        elif ".lora_B.bias" in key:
+            features.add("LoRA bias terms (lora_B.bias)")
+        else:
+            unexpected.append(key)
+    if features:
+        raise UnsupportedAdapterError(f"{where}: the file uses {', '.join(sorted(features))}, which lorakit does "
+                                      "not support")
+    if unexpected:
+        raise CorruptAdapterError(f"{where}: unexpected keys {sorted(unexpected)[:5]}: expected only "
+                                  f"'{KEY_PREFIX}<module>{_A}' and '...{_B}' (modules_to_save or a non-PEFT file?)")
+    missing = sorted(f"{KEY_PREFIX}{m}{_A if 'A' not in p else _B}" for m, p in pairs.items() if len(p) != 2)
+    if missing:
+        raise CorruptAdapterError(f"{where}: missing keys {missing[:5]} (every module needs lora_A and lora_B)")
+    if not pairs:
+        raise CorruptAdapterError(f"{where}: holds no LoRA tensors")
+    return pairs
+
+
+def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConfig, dict]:
+    """Check everything against the model and return (config, module -> (A, B, r, scaling))."""
+    cfg, where = files.config, files.path / WEIGHTS_NAME
+    check_supported(cfg, files.path / CONFIG_NAME)
+    try:
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        config = LoraConfig(r=r, lora_alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)),
+                            lora_dropout=float(cfg.get("lora_dropout") or 0.0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptAdapterError(f"{files.path / CONFIG_NAME}: bad or missing LoRA field: {exc}") from None
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    pairs = _split_keys(files.tensors, where)
+    if not strict:
+        present = {n for n, _ in model.named_modules()}
+        pairs = {m: p for m, p in pairs.items() if m in present}
+        if not pairs:
+            raise AdapterMismatchError(f"{where}: none of the adapter's modules exist in {type(model).__name__}")
+    shapes = target_shapes(model, list(pairs), where)
+    plan = {}
+    for module, pair in pairs.items():
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2:
+            raise UnsupportedAdapterError(f"{where}: module {module} has {a.dim()}-D LoRA weights (a conv layer "
+                                          "target?); lorakit supports linear layers only")
+        in_f, out_f = shapes[module]
+        r_mod = a.shape[0]
+        if tuple(a.shape) != (r_mod, in_f) or tuple(b.shape) != (out_f, r_mod):
+            raise AdapterMismatchError(f"{where}: module {module} expects lora_A ({r_mod}, {in_f}) and lora_B "
+                                       f"({out_f}, {r_mod}) for a {in_f}->{out_f} layer, the file has "
+                                       f"{tuple(a.shape)} and {tuple(b.shape)}")
+        want_r = _pattern_value(rank_pattern, module, config.r)
+        if r_mod != want_r:
+            raise CorruptAdapterError(f"{where}: module {module} has rank {r_mod} but the config says r={want_r}")
+        alpha_mod = float(_pattern_value(alpha_pattern, module, config.lora_alpha))
+        scaling = alpha_mod / (r_mod**0.5 if config.use_rslora else r_mod)
+        plan[module] = (a, b, r_mod, scaling)
+    check_finite({f"{KEY_PREFIX}{m}{_A}": p[0] for m, p in plan.items()} |
+                 {f"{KEY_PREFIX}{m}{_B}": p[1] for m, p in plan.items()}, where)
+    return config, plan
+
+
+def load_lora(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool = True) -> str:
+    """Attach PEFT LoRA adapter `files` as `name`; the model is untouched unless all checks pass."""
+    check_free_name(model, name)
+    config, plan = _plan(model, files, strict)
+    peft_targets = files.config.get("target_modules")
+    if isinstance(peft_targets, list):
+        peft_targets = sorted(peft_targets)
+    config = config_for_modules(model, config, list(plan), [t for t in (peft_targets, "all-linear") if t])
+    with restore_on_error(model, name, plan), torch.no_grad():
+        attach(model, config, name)
+        for module, (a, b, r_mod, scaling) in plan.items():
+            layer: AdaptedLinear = model.get_submodule(module)
+            adapter = layer.adapters[name]
+            if adapter.r != r_mod:  # rank_pattern: this module's rank differs from the config's r
+                dtype, device = adapter.lora_A.dtype, adapter.lora_A.device
+                adapter.lora_A = nn.Parameter(torch.empty(a.shape, dtype=dtype, device=device))
+                adapter.lora_B = nn.Parameter(torch.empty(b.shape, dtype=dtype, device=device))
+                adapter.r = r_mod
+            adapter.scaling = scaling
+            adapter.lora_A.copy_(a)
+            adapter.lora_B.copy_(b)
+    return name
