@@ -61,7 +61,7 @@ def add_per_row_deltas(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tenso
         by_kind.setdefault(kind, {})[name] = rows
     for kind, groups in by_kind.items():
         if kind == "lora":
-            out = _add_lora(layer, x, out, groups)
+            out = _add_lora(layer, x, out, groups, cache)
         else:
             out = _add_shared_basis(layer, kind, x, out, groups)
     for m in merged:  # rows not routed to a merged adapter must not see it
@@ -133,19 +133,37 @@ def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
 
 
 def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
-              groups: dict[str, list[int]]) -> torch.Tensor:
+              groups: dict[str, list[int]], cache: dict) -> torch.Tensor:
     if len(groups) <= GROUP_LOOP_MAX:
         for name, rows in groups.items():
             out = _index_add(out, rows, lambda xs, n=name: layer.delta(n, xs), x)
         return out
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
-    slot, active = _row_index(groups, batch, x.device)
     adapters = [layer.adapters[n] for n in groups]
+    a_rows, b_rows = _gathered_lora(layer, adapters, groups, batch, x.device, cache)
+    h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
+    return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
+
+
+def _gathered_lora(layer: "AdaptedLinear", adapters: list, groups: dict[str, list[int]], batch: int,
+                   device: torch.device, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's A (B, r, in) and scaled B (B, out, r), lower ranks zero-padded (exact).
+
+    In inference the gathered tensors are kept in the route's cache, so decoding step after step
+    under one route gathers once; parameter version counters guard against in-place edits.
+    """
+    versions = tuple(a.lora_A._version + a.lora_B._version for a in adapters)
+    key = ("lora_rows", id(layer), layer.registry.version)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == versions and not torch.is_grad_enabled():
+        return hit[1], hit[2]
+    slot, active = _row_index(groups, batch, device)
     r_max = max(a.r for a in adapters)
-    pad = torch.nn.functional.pad  # lower ranks padded with zeros: exact
+    pad = torch.nn.functional.pad
     a_rows = torch.stack([pad(a.lora_A, (0, 0, 0, r_max - a.r)) for a in adapters])[slot]  # (B, r, in)
     b_rows = torch.stack([pad(a.lora_B * a.scaling, (0, r_max - a.r)) for a in adapters])[slot]  # (B, out, r)
     b_rows = b_rows * active[:, None, None]
-    h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
-    return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
+    if not torch.is_grad_enabled():
+        cache[key] = (versions, a_rows, b_rows)
+    return a_rows, b_rows

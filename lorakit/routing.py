@@ -75,6 +75,24 @@ def route_for(registry: "AdapterRegistry", names: RowNames) -> Iterator[Route]:
         _ROUTES.reset(token)
 
 
+@contextmanager
+def use_route(model: "nn.Module", route: Route) -> Iterator[Route]:
+    """Re-enter an existing route: a serving loop that decodes step after step for the same rows
+    keeps one Route, so per-route work (gathered adapter weights, row groups) is done once."""
+    from lorakit.registry import get_registry
+
+    registry = get_registry(model)
+    with route_for(registry, route.names):  # validates the names against the model
+        pass
+    routes = dict(_ROUTES.get())
+    routes[id(registry)] = route
+    token = _ROUTES.set(MappingProxyType(routes))
+    try:
+        yield route
+    finally:
+        _ROUTES.reset(token)
+
+
 def use_adapter(model: "nn.Module", names: str | None | Sequence[str | None]):
     """Context manager: run `model` with adapter `names` (one name, or one per batch row)."""
     from lorakit.registry import get_registry

@@ -100,3 +100,21 @@ def test_bad_routes_are_clear_errors(ids):
     with pytest.raises(lorakit.LorakitError, match="no lorakit adapters"):
         with lorakit.use_adapter(tiny_llama(), "a0"):
             pass
+
+
+def test_a_reused_route_sees_in_place_weight_changes(ids):
+    """Per-route caches (gathered LoRA weights for decoding) never serve stale adapter weights."""
+    from lorakit.routing import Route
+
+    model = _model_with(6)
+    route = Route(tuple(f"a{i}" for i in range(4)))
+    with torch.no_grad():
+        with lorakit.use_route(model, route):
+            first = model(input_ids=ids).logits
+            assert torch.equal(model(input_ids=ids).logits, first)  # served from the cache
+            layer = model.model.layers[0].self_attn.q_proj
+            layer.adapters["a2"].lora_B.add_(0.5)
+            changed = model(input_ids=ids).logits
+        with lorakit.use_adapter(model, list(route.names)):
+            assert torch.equal(model(input_ids=ids).logits, changed)
+    assert not torch.allclose(first[2], changed[2]) and torch.allclose(first[0], changed[0])
