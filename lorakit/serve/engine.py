@@ -1,0 +1,499 @@
+"""Continuous batching over one model: requests join and leave the running batch between decode steps.
+
+Every row carries its own adapter (routed per row by `lorakit.use_adapter(model, names)`), so one
+decode step serves any mix of adapters. The batch keeps one left-padded KV cache:
+
+    keys[l]: (B, H, W, D)      row i's real entries are the last len_i columns; mask[i] marks them
+    mask:    (B, W)            1 = real token, 0 = left padding (never attended to)
+    pos:     [B]               each row's next position id (its own token count, padding excluded)
+
+    join:   prefill the prompt alone (batch of one, its adapter) → first token; left-pad its cache to W
+            (or the batch's to the newcomer's length) and stack it in
+    step:   forward the B last tokens with the stacked cache and mask → B next tokens
+    leave:  drop the row, then drop leading columns that are padding for every remaining row
+
+A request alone therefore runs exactly the computation `model.generate` does (prefill alone, then
+one token per step), and in a batch only the padding differs, which the mask removes.
+All model work runs on the engine's thread; other threads hand it work with `call_soon` (adapter
+attach/detach happens between steps, never during one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+log = logging.getLogger("lorakit.serve")
+
+
+class EngineError(LorakitError):
+    """The engine refused or failed a request (closed engine, bad parameters, model error)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes; temperature 0 is greedy."""
+
+    max_tokens: int = 16  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy (argmax); else logits / temperature before sampling
+    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens whose probability reaches top_p
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not returned
+    seed: int | None = None  # seeds this request's own torch.Generator (None: a random seed)
+    ignore_eos: bool = False  # keep going past the end-of-sequence token
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class Delta:
+    """New output of a request: tokens and the text they complete (text may lag tokens at stop-string
+    prefixes and partial UTF-8 characters)."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    """The request left the batch. reason: "stop" (eos or a stop string), "length", "cancelled", "error"."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole completion
+    token_ids: list[int]
+    error: str | None = None
+
+
+class Stream:
+    """A request's events (Delta..., then one Finished), readable from a thread or from asyncio."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+        self.cancelled = threading.Event()
+
+    def put(self, event: Delta | Finished) -> None:  # called on the engine thread
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        else:
+            self._queue.put(event)
+
+    def cancel(self) -> None:
+        """Leave the batch before the next step (e.g. the client disconnected)."""
+        self.cancelled.set()
+
+    def __iter__(self):
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    async def __aiter__(self):
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def result(self) -> Finished:
+        """Block until the request finishes (thread use only)."""
+        for event in self:
+            if isinstance(event, Finished):
+                return event
+        raise EngineError("stream ended without a result")  # pragma: no cover
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    stream: Stream
+    on_finish: Callable[[], None] | None = None
+    id: int = 0
+    generator: torch.Generator | None = None
+    out_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0  # characters of the completion already sent
+    text: str = ""
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics (written on the engine thread, read anywhere)."""
+
+    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    steps: int = 0
+    max_running: int = 0  # the largest batch a step has run
+    step_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds from submit to finish, last 1000
+    first_token_latencies: list[float] = field(default_factory=list)  # submit to first token, last 1000
+
+
+class _Batch:
+    """The running rows and their stacked, left-padded KV cache."""
+
+    def __init__(self) -> None:
+        self.rows: list[Request] = []
+        self.keys: list[torch.Tensor] = []  # per layer (B, H, W, D)
+        self.values: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None  # (B, W)
+        self.pos: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, request: Request, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        n = keys[0].shape[2]
+        if not self.rows:
+            self.rows, self.keys, self.values = [request], keys, values
+            self.mask = torch.ones(1, n, dtype=torch.long)
+            self.pos = [n]
+            return
+        width = self.mask.shape[1]
+        if n > width:  # widen the batch on the left
+            self.keys = [_left_pad(k, n - width) for k in self.keys]
+            self.values = [_left_pad(v, n - width) for v in self.values]
+            self.mask = torch.nn.functional.pad(self.mask, (n - width, 0))
+            width = n
+        self.keys = [torch.cat([k, _left_pad(new, width - n)]) for k, new in zip(self.keys, keys)]
+        self.values = [torch.cat([v, _left_pad(new, width - n)]) for v, new in zip(self.values, values)]
+        row_mask = torch.zeros(1, width, dtype=torch.long)
+        row_mask[:, width - n:] = 1
+        self.mask = torch.cat([self.mask, row_mask])
+        self.rows.append(request)
+        self.pos.append(n)
+
+    def keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.pos = [self.pos[i] for i in keep]
+        if not keep:
+            self.keys, self.values, self.mask = [], [], None
+            return
+        idx = torch.tensor(keep)
+        mask = self.mask.index_select(0, idx)
+        start = int((mask.sum(0) > 0).long().argmax())  # first column some row still uses
+        self.mask = mask[:, start:]
+        self.keys = [k.index_select(0, idx)[:, :, start:] for k in self.keys]
+        self.values = [v.index_select(0, idx)[:, :, start:] for v in self.values]
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, T, D) → (B, H, n + T, D) with zeros in front."""
+    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+
+
+def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers):
+        raise EngineError(f"unsupported KV cache {type(cache).__name__}: the engine needs a plain DynamicCache "
+                          "(no sliding-window layers)")
+    return [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+class Engine:
+    """Continuous batching for one causal LM with per-row adapters, on a background thread.
+
+        engine = Engine(model, tokenizer, max_batch=16).start()
+        stream = engine.submit(prompt_ids, adapter="pirate", params=SamplingParams(max_tokens=32))
+        for event in stream: ...             # or: async for event in await engine.submit_async(...)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch: int = 16,
+                 max_context: int | None = None, eos_token_ids: Sequence[int] | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        config = getattr(model, "config", None)
+        self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
+        if eos_token_ids is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            if eos is None and tokenizer is not None:
+                eos = tokenizer.eos_token_id
+            eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._batch = _Batch()
+        self._pending: list[Request] = []
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- public API ------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending) + self._inbox.qsize()
+
+    def submit(self, prompt_ids: Sequence[int], adapter: str | None = None,
+               params: SamplingParams | None = None, *, on_finish: Callable[[], None] | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        """Queue a request; it joins the running batch before the next decode step."""
+        if self._closed:
+            raise EngineError("the engine is closed")
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise EngineError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                              f"context length {self.max_context}")
+        stream = Stream(loop)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        request = Request(prompt, adapter, params, stream, on_finish, next(self._ids),
+                          torch.Generator().manual_seed(seed))
+        self._inbox.put(request)
+        self._wake.set()
+        return stream
+
+    async def submit_async(self, prompt_ids: Sequence[int], adapter: str | None = None,
+                           params: SamplingParams | None = None, **kwargs) -> Stream:
+        return self.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop(), **kwargs)
+
+    def call_soon(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between two steps (never during one); returns its Future."""
+        future: Future = Future()
+        if self._thread is None or not self._thread.is_alive():  # no loop running: nothing can race
+            _run_into(fn, future)
+            return future
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed:
+            self._run_calls()
+            self._admit()
+            if not self._batch:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a model error fails the rows of this step, never the server
+                log.exception("decode step failed")
+                for request in self._batch.rows:
+                    self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                self._batch = _Batch()
+        self._run_calls()
+        for request in self._batch.rows + self._pending:
+            self._finish(request, "cancelled")
+        while not self._inbox.empty():
+            self._finish(self._inbox.get(), "cancelled")
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            _run_into(fn, future)
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self._pending.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        while self._pending and len(self._batch) < self.max_batch:
+            request = self._pending.pop(0)
+            if request.stream.cancelled.is_set():
+                self._finish(request, "cancelled")
+                continue
+            self._run_calls()  # an adapter load queued meanwhile goes first
+            try:
+                self._prefill(request)
+            except Exception as exc:
+                log.warning("prefill failed for request %d: %s", request.id, exc)
+                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+
+    @torch.no_grad()
+    def _prefill(self, request: Request) -> None:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([request.prompt_ids])  # (1, T)
+        cache = DynamicCache()
+        with self._route([request.adapter]):
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             use_cache=True)
+        keys, values = _cache_tensors(out.past_key_values)
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        token = self._sample(request, out.logits[0, -1])
+        if self._emit(request, token):
+            self._batch.add(request, keys, values)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        from transformers import DynamicCache
+
+        batch = self._batch
+        start = time.perf_counter()
+        ids = torch.tensor([[r.out_ids[-1]] for r in batch.rows])  # (B, 1)
+        positions = torch.tensor(batch.pos).unsqueeze(1)  # (B, 1)
+        mask = torch.cat([batch.mask, torch.ones(len(batch), 1, dtype=torch.long)], dim=1)  # (B, W + 1)
+        cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
+        with self._route([r.adapter for r in batch.rows]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True)
+        batch.keys, batch.values = _cache_tensors(out.past_key_values)
+        batch.mask = mask
+        batch.pos = [p + 1 for p in batch.pos]
+        logits = out.logits[:, -1]  # (B, V)
+        keep = []
+        for i, request in enumerate(batch.rows):
+            if request.stream.cancelled.is_set():
+                self._finish(request, "cancelled")
+                continue
+            if self._emit(request, self._sample(request, logits[i])):
+                keep.append(i)
+        batch.keep(keep)
+        self.stats.steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(batch))
+        self.stats.step_seconds += time.perf_counter() - start
+
+    def _route(self, names: list[str | None]):
+        if getattr(self.model, "lorakit_registry", None) is None:
+            if any(n is not None for n in names):
+                raise EngineError(f"adapter {next(n for n in names if n)!r} requested but the model has none")
+            return contextlib.nullcontext()
+        from lorakit.routing import use_adapter
+
+        return use_adapter(self.model, names)
+
+    # -- tokens → text -------------------------------------------------------------------------------
+    def _sample(self, request: Request, logits: torch.Tensor) -> int:
+        params = request.params
+        if params.temperature == 0.0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
+            sorted_probs[before >= params.top_p] = 0.0  # the top token always survives (before = 0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Record one new token and stream what it completes; False when the request is finished."""
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        params = request.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            self._finish(request, "stop")
+            return False
+        request.out_ids.append(token)
+        self.stats.completion_tokens += 1
+        text = self._decode(request.out_ids)
+        request.text = text
+        for stop in params.stop:
+            at = text.find(stop)
+            if at >= 0:
+                request.text = text[:at]
+                self._finish(request, "stop")
+                return False
+        if len(request.out_ids) >= params.max_tokens:
+            self._finish(request, "length")
+            return False
+        self._send(request, text, token)
+        return True
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _send(self, request: Request, text: str, token: int) -> None:
+        """Stream the new token and the text that is safe to show: not an incomplete UTF-8 character,
+        not a tail that may turn out to begin a stop string."""
+        safe = len(text.rstrip("\ufffd"))
+        for stop in request.params.stop:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        chunk = text[request.sent_chars:safe] if safe > request.sent_chars else ""
+        request.sent_chars = max(request.sent_chars, safe)
+        request.stream.put(Delta(chunk, [token]))
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        if reason in ("stop", "length") and request.sent_chars < len(request.text):  # what was held back
+            request.stream.put(Delta(request.text[request.sent_chars:], []))
+            request.sent_chars = len(request.text)
+        now = time.perf_counter()
+        stats = self.stats
+        stats.requests_finished[reason] = stats.requests_finished.get(reason, 0) + 1
+        stats.latencies = (stats.latencies + [now - request.submitted])[-1000:]
+        if request.first_token_at is not None:
+            stats.first_token_latencies = (stats.first_token_latencies +
+                                           [request.first_token_at - request.submitted])[-1000:]
+        request.stream.put(Finished(reason, len(request.prompt_ids), len(request.out_ids), request.text,
+                                    list(request.out_ids), error))
+        if request.on_finish is not None:
+            try:
+                request.on_finish()
+            except Exception:  # pragma: no cover - a callback bug must not stop the engine
+                log.exception("on_finish callback failed")
+            request.on_finish = None
+
+
+def _run_into(fn: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to the caller
+        future.set_exception(exc)

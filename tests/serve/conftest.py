@@ -1,0 +1,49 @@
+"""Fixtures for the serving tests: a tiny random Llama that speaks SmolLM2's tokenizer, with adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit import LoraConfig, LoraXSConfig
+from tests.conftest import randomize_adapters
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lorakit.models import ensure_cache
+
+    return AutoTokenizer.from_pretrained(ensure_cache("smollm2-135m"))
+
+
+def tiny_chat_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random Llama over the real tokenizer's vocabulary (so text round-trips)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def with_adapters(model: torch.nn.Module, names: list[str], seed: int = 1) -> torch.nn.Module:
+    """Attach alternating LoRA-XS / LoRA adapters with random non-trivial weights."""
+    for i, name in enumerate(names):
+        lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3) if i % 2 == 0 else LoraConfig(r=4), name)
+    randomize_adapters(model, std=0.3, seed=seed)
+    return model
+
+
+def greedy_alone(model: torch.nn.Module, prompt: list[int], adapter: str | None, max_new_tokens: int,
+                 eos: int | None = 2) -> list[int]:
+    """What `model.generate` (greedy, the adapter alone) produces, cut at the first eos."""
+    ids = torch.tensor([prompt])
+    route = lorakit.use_adapter(model, adapter) if adapter else lorakit.disable_adapters(model)
+    with route, torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, eos_token_id=eos)
+    new = out[0, len(prompt):].tolist()
+    return new[: new.index(eos)] if eos is not None and eos in new else new

@@ -1,0 +1,160 @@
+"""Engine invariants: a request's greedy output is its adapter's alone, whatever else shares the batch."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lorakit.serve.engine import Delta, Engine, EngineError, Finished, SamplingParams
+from tests.conftest import tiny_llama
+from tests.serve.conftest import greedy_alone, with_adapters
+
+NAMES = ["a0", "a1", "a2", "a3"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return with_adapters(tiny_llama(), NAMES)
+
+
+def _requests(n: int, seed: int = 3) -> list[tuple[list[int], str | None]]:
+    gen = torch.Generator().manual_seed(seed)
+    choices = [None] + NAMES
+    out = []
+    for k in range(n):
+        length = int(torch.randint(1, 14, (1,), generator=gen))
+        out.append((torch.randint(3, 101, (length,), generator=gen).tolist(), choices[k % len(choices)]))
+    return out
+
+
+def test_mixed_adapters_in_one_running_batch_match_each_alone(model):
+    requests = _requests(15)
+    expected = [greedy_alone(model, p, a, 12) for p, a in requests]
+    engine = Engine(model, max_batch=6).start()
+    try:
+        streams = []
+        for k, (prompt, adapter) in enumerate(requests):  # staggered: rows join while others decode
+            streams.append(engine.submit(prompt, adapter, SamplingParams(max_tokens=12)))
+            time.sleep(0.003 * (k % 4))
+        results = [s.result() for s in streams]
+    finally:
+        engine.close()
+    for (prompt, adapter), want, got in zip(requests, expected, results):
+        assert got.token_ids == want, (prompt, adapter)
+        assert got.reason == ("length" if len(want) == 12 else "stop")
+    assert engine.stats.max_running > 1  # requests really shared decode steps
+    assert len({tuple(r.token_ids) for r in results}) > 1
+
+
+def test_rows_join_and_leave_mid_flight(model):
+    """Long and short requests interleave: short ones leave, new ones join, the long ones are unharmed."""
+    long = [(p, a) for p, a in _requests(3, seed=5)]
+    short = [(p, a) for p, a in _requests(8, seed=6)]
+    engine = Engine(model, max_batch=8).start()
+    try:
+        long_streams = [engine.submit(p, a, SamplingParams(max_tokens=40, ignore_eos=True)) for p, a in long]
+        short_results = []
+        for p, a in short:
+            short_results.append(engine.submit(p, a, SamplingParams(max_tokens=3)).result())
+        long_results = [s.result() for s in long_streams]
+    finally:
+        engine.close()
+    for (p, a), got in zip(long, long_results):
+        assert got.token_ids == greedy_alone(model, p, a, 40, eos=None)
+    for (p, a), got in zip(short, short_results):
+        assert got.token_ids == greedy_alone(model, p, a, 3)
+    assert engine.stats.max_running >= 4
+
+
+def test_cancelled_row_leaves_and_others_continue(model):
+    engine = Engine(model, max_batch=4).start()
+    try:
+        (p1, a1), (p2, a2) = _requests(2, seed=9)
+        doomed = engine.submit(p1, a1, SamplingParams(max_tokens=50, ignore_eos=True))
+        other = engine.submit(p2, a2, SamplingParams(max_tokens=30, ignore_eos=True))
+        first = next(iter(doomed))
+        assert isinstance(first, Delta)
+        doomed.cancel()
+        events = list(doomed)
+        assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled"
+        assert events[-1].completion_tokens < 50
+        assert other.result().token_ids == greedy_alone(model, p2, a2, 30, eos=None)
+    finally:
+        engine.close()
+    assert engine.running == 0
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(model):
+    engine = Engine(model, max_batch=8).start()
+    try:
+        prompt = [5, 6, 7]
+        params = SamplingParams(max_tokens=15, temperature=1.5, top_p=0.9, seed=123, ignore_eos=True)
+        alone = engine.submit(prompt, "a1", params).result().token_ids
+        crowd = [engine.submit([9, 9, k], "a2", SamplingParams(max_tokens=15, temperature=1.0, seed=k))
+                 for k in range(5)]
+        again = engine.submit(prompt, "a1", params)
+        assert again.result().token_ids == alone
+        [s.result() for s in crowd]
+        other_seed = engine.submit(prompt, "a1", SamplingParams(max_tokens=15, temperature=1.5, seed=7,
+                                                                ignore_eos=True)).result().token_ids
+        assert other_seed != alone
+    finally:
+        engine.close()
+
+
+def test_tiny_top_p_is_greedy(model):
+    engine = Engine(model).start()
+    try:
+        sampled = engine.submit([4, 5], "a0", SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6,
+                                                             seed=1)).result()
+    finally:
+        engine.close()
+    assert sampled.token_ids == greedy_alone(model, [4, 5], "a0", 8)
+
+
+def test_stop_strings_and_streamed_text(tokenizer):
+    from tests.serve.conftest import tiny_chat_llama
+
+    model = with_adapters(tiny_chat_llama(len(tokenizer)), ["x"])
+    engine = Engine(model, tokenizer).start()
+    try:
+        prompt = tokenizer("Once upon a time").input_ids
+        full = engine.submit(prompt, "x", SamplingParams(max_tokens=20, ignore_eos=True)).result()
+        assert full.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+        stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+        assert stop.strip()
+        stream = engine.submit(prompt, "x", SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True))
+        events = list(stream)
+        streamed = "".join(e.text for e in events if isinstance(e, Delta))
+        done = events[-1]
+        assert done.reason == "stop"
+        assert done.text == full.text[: full.text.find(stop)] == streamed
+        assert stop not in streamed
+    finally:
+        engine.close()
+
+
+def test_bad_requests_are_refused(model):
+    engine = Engine(model, max_context=32)
+    with pytest.raises(EngineError, match="context"):
+        engine.submit(list(range(3, 30)), None, SamplingParams(max_tokens=10))
+    with pytest.raises(EngineError, match="empty"):
+        engine.submit([], None)
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
+                dict(temperature=float("nan")), dict(stop=("",))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_unknown_adapter_fails_only_that_request(model):
+    engine = Engine(model).start()
+    try:
+        bad = engine.submit([3, 4], "nope", SamplingParams(max_tokens=4))
+        good = engine.submit([3, 4], "a0", SamplingParams(max_tokens=4))
+        result = bad.result()
+        assert result.reason == "error" and "nope" in result.error
+        assert good.result().token_ids == greedy_alone(model, [3, 4], "a0", 4)
+    finally:
+        engine.close()
