@@ -1,0 +1,228 @@
+"""Which adapters a server holds: read from a directory on first use, evicted least-recently-used under
+a byte budget, never removed while a running request uses them.
+
+    <adapter dir>/<name>/adapter_config.json + adapter_model.safetensors   (as lorakit.io.save_adapter writes)
+
+Files are read and checked on the caller's thread; only the attach (or detach) runs on the engine's
+thread between two decode steps, so a load never stalls the batch for more than the attach itself,
+and a load that fails leaves the model, and every other request, as they were.
+LoRA-XS adapters go into the packed bank (r² numbers per layer each); LoRA and VeRA attach as modules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.errors import AdapterNotFoundError, LorakitError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class InvalidAdapterNameError(LorakitError, ValueError):
+    """The name could leave the adapter directory (`../x`, `/etc`, a symlink out) or is not a plain name."""
+
+
+class AdapterLoadError(LorakitError, RuntimeError):
+    """The adapter exists but could not be loaded (corrupt files, another base model, too large)."""
+
+
+@dataclass
+class _Entry:
+    nbytes: int  # bytes of the adapter's tensors
+    refs: int = 0  # running or queued requests that use it
+    unload_requested: bool = False  # remove once refs drops to 0
+
+
+@dataclass
+class RegistryStats:
+    loads: int = 0
+    load_failures: int = 0
+    evictions: int = 0
+    unloads: int = 0
+
+
+class ServingRegistry:
+    """Adapters resident on one served model, bounded by `budget_bytes` (None: unbounded)."""
+
+    def __init__(self, model: nn.Module, directory: str | os.PathLike | None, *, engine=None,
+                 budget_bytes: int | None = None, packed: bool = True) -> None:
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive or None, got {budget_bytes!r}")
+        self.model = model
+        self.directory = Path(directory).resolve() if directory is not None else None
+        self.engine = engine
+        self.budget_bytes = budget_bytes
+        self.packed = packed
+        self.stats = RegistryStats()
+        self._lock = threading.Lock()
+        self._resident: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._loading: dict[str, Future] = {}
+
+    # -- what exists -------------------------------------------------------------------------------
+    def path_for(self, name: str) -> Path:
+        """The adapter directory of `name`, refusing anything that is not a plain entry of the directory."""
+        if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+            raise InvalidAdapterNameError(f"invalid adapter name {name!r}: use letters, digits, '_', '-', '.'")
+        if self.directory is None:
+            raise AdapterNotFoundError(f"adapter {name!r} not found: the server has no adapter directory")
+        path = self.directory / name
+        resolved = path.resolve()
+        if resolved.parent != self.directory:
+            raise InvalidAdapterNameError(f"adapter {name!r} resolves outside the adapter directory")
+        if not (resolved / "adapter_config.json").is_file():
+            raise AdapterNotFoundError(f"adapter {name!r} not found; available: {self.available() or 'none'}")
+        return resolved
+
+    def available(self) -> list[str]:
+        """Adapter names in the directory (plain subdirectories holding an adapter_config.json)."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        names = []
+        for entry in sorted(os.listdir(self.directory)):
+            path = self.directory / entry
+            if NAME_RE.match(entry) and path.resolve().parent == self.directory \
+                    and (path / "adapter_config.json").is_file():
+                names.append(entry)
+        return names
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._resident)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._resident.values())
+
+    def in_use(self, name: str) -> int:
+        with self._lock:
+            entry = self._resident.get(name)
+            return entry.refs if entry else 0
+
+    # -- use -----------------------------------------------------------------------------------------
+    def acquire(self, name: str) -> None:
+        """Make `name` resident (loading it if needed) and pin it until `release(name)`."""
+        for _ in range(8):  # a freshly loaded adapter may be evicted before we pin it: try again
+            with self._lock:
+                entry = self._resident.get(name)
+                if entry is not None:
+                    entry.refs += 1
+                    entry.unload_requested = False
+                    self._resident.move_to_end(name)
+                    return
+                future = self._loading.get(name)
+                owner = future is None
+                if owner:
+                    future = self._loading[name] = Future()
+            if owner:
+                self._load(name, future, pin=True)
+                return
+            future.result()  # another thread is loading it; re-raises its error
+        raise AdapterLoadError(f"adapter {name!r} was evicted repeatedly while loading: the budget is too small")
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._resident.get(name)
+            if entry is None:
+                return
+            entry.refs = max(0, entry.refs - 1)
+            if entry.refs == 0 and entry.unload_requested:
+                self._remove_locked(name)
+                self.stats.unloads += 1
+
+    def load(self, name: str) -> int:
+        """Load without pinning (the API's POST /v1/adapters); returns the adapter's bytes."""
+        self.acquire(name)
+        self.release(name)
+        with self._lock:
+            entry = self._resident.get(name)
+            return entry.nbytes if entry else 0
+
+    def unload(self, name: str) -> bool:
+        """Unload `name`: now if idle (True), else once its running requests finish (False)."""
+        with self._lock:
+            entry = self._resident.get(name)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {list(self._resident) or 'none'}")
+            if entry.refs:
+                entry.unload_requested = True
+                return False
+            self._remove_locked(name)
+            self.stats.unloads += 1
+            return True
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _load(self, name: str, future: Future, pin: bool) -> None:
+        from lorakit.io.files import read_adapter_dir
+
+        try:
+            path = self.path_for(name)
+            files = read_adapter_dir(path)  # on this thread: the batch keeps decoding meanwhile
+            nbytes = sum(t.numel() * t.element_size() for t in files.tensors.values())
+            if self.budget_bytes is not None and nbytes > self.budget_bytes:
+                raise AdapterLoadError(f"adapter {name!r} needs {nbytes} bytes, more than the whole budget "
+                                       f"({self.budget_bytes} bytes)")
+            with self._lock:
+                self._evict_locked(nbytes)
+            self._on_engine(lambda: self._attach(files, name)).result()
+            with self._lock:
+                self._resident[name] = _Entry(nbytes, refs=1 if pin else 0)
+                self.stats.loads += 1
+                self._loading.pop(name, None)
+            future.set_result(None)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(name, None)
+                if not isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError)):
+                    self.stats.load_failures += 1
+            future.set_exception(exc)
+            if isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError, AdapterLoadError)):
+                raise
+            raise AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+
+    def _attach(self, files, name: str) -> None:
+        from lorakit.io.native import load_native
+        from lorakit.io.peft_lora import load_lora
+
+        if "lorakit_method" in files.config:
+            packed = self.packed and files.config["lorakit_method"] == "lora_xs"
+            load_native(self.model, files, name, packed=packed)
+        else:
+            load_lora(self.model, files, name)
+
+    def _evict_locked(self, incoming: int) -> None:
+        if self.budget_bytes is None:
+            return
+        used = sum(e.nbytes for e in self._resident.values())
+        for victim in [n for n, e in self._resident.items() if e.refs == 0]:  # least recently used first
+            if used + incoming <= self.budget_bytes:
+                break
+            used -= self._resident[victim].nbytes
+            self._remove_locked(victim)
+            self.stats.evictions += 1
+        # Still over budget only when everything resident is in use: it shrinks back as requests finish.
+
+    def _remove_locked(self, name: str) -> None:
+        """Forget `name` and queue its detach; queued under the lock, so a later re-load's attach
+        always runs after it on the engine thread."""
+        del self._resident[name]
+        from lorakit.adapters import delete_adapter
+
+        self._on_engine(lambda: delete_adapter(self.model, name))
+
+    def _on_engine(self, fn) -> Future:
+        if self.engine is not None:
+            return self.engine.call_soon(fn)
+        future: Future = Future()
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future

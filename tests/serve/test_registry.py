@@ -1,0 +1,144 @@
+"""The serving registry: load on first use, LRU eviction under a byte budget, pins, path safety."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from lorakit.errors import AdapterNotFoundError
+from lorakit.io import save_adapter
+from lorakit.serve.engine import Engine, SamplingParams
+from lorakit.serve.registry import AdapterLoadError, InvalidAdapterNameError, ServingRegistry
+from tests.conftest import tiny_llama
+from tests.serve.conftest import greedy_alone, with_adapters
+
+NAMES = ["xs0", "lora1", "xs2", "lora3"]
+
+
+@pytest.fixture(scope="module")
+def source():
+    """The model the adapters were trained on (attached directly): the reference for every output."""
+    return with_adapters(tiny_llama(), NAMES)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(source, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for name in NAMES:
+        save_adapter(source, name, root / name)
+    return root
+
+
+def test_loads_on_first_use_and_matches_the_directly_attached_adapter(source, adapter_dir):
+    model = tiny_llama()
+    registry = ServingRegistry(model, adapter_dir)
+    assert registry.available() == sorted(NAMES)
+    assert registry.resident() == []
+    engine = Engine(model).start()
+    registry.engine = engine
+    try:
+        for name in NAMES:
+            registry.acquire(name)
+            got = engine.submit([5, 6, 7], name, SamplingParams(max_tokens=8)).result().token_ids
+            registry.release(name)
+            assert got == greedy_alone(source, [5, 6, 7], name, 8), name
+    finally:
+        engine.close()
+    assert sorted(registry.resident()) == sorted(NAMES)
+    assert registry.stats.loads == 4
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", ".hidden", "", "x" * 200, "a\\b"])
+def test_names_that_could_leave_the_directory_are_refused(adapter_dir, name):
+    registry = ServingRegistry(tiny_llama(), adapter_dir)
+    with pytest.raises(InvalidAdapterNameError):
+        registry.acquire(name)
+
+
+def test_symlink_out_of_the_directory_is_refused(adapter_dir, tmp_path):
+    outside = tmp_path / "outside"
+    os.symlink(adapter_dir / "xs0", outside)  # a real adapter, but outside the served directory
+    served = tmp_path / "served"
+    served.mkdir()
+    os.symlink(outside, served / "sneaky")
+    registry = ServingRegistry(tiny_llama(), served)
+    with pytest.raises(InvalidAdapterNameError):
+        registry.acquire("sneaky")
+    assert registry.available() == []
+
+
+def test_unknown_adapter_lists_what_exists(adapter_dir):
+    registry = ServingRegistry(tiny_llama(), adapter_dir)
+    with pytest.raises(AdapterNotFoundError, match="xs0"):
+        registry.acquire("nope")
+
+
+def test_lru_eviction_under_the_byte_budget_spares_pinned_adapters(adapter_dir):
+    model = tiny_llama()
+    probe = ServingRegistry(model, adapter_dir)
+    sizes = {n: probe.load(n) for n in NAMES}
+    for n in NAMES:
+        probe.unload(n)
+    registry = ServingRegistry(model, adapter_dir, budget_bytes=sizes["lora1"] + sizes["lora3"])
+    registry.acquire("lora1")  # pinned: a running request uses it
+    registry.load("xs0")
+    registry.load("lora3")  # over budget: evicts xs0 (least recent unpinned), never lora1
+    assert registry.resident() == ["lora1", "lora3"]
+    assert registry.stats.evictions == 1
+    assert "xs0" not in model.lorakit_registry.configs  # really detached
+    registry.release("lora1")
+    registry.load("xs0")  # now lora1 is the least recently used
+    assert "lora1" not in registry.resident() and registry.resident_bytes() <= registry.budget_bytes
+
+
+def test_adapter_larger_than_the_budget_is_refused(adapter_dir):
+    registry = ServingRegistry(tiny_llama(), adapter_dir, budget_bytes=10)
+    with pytest.raises(AdapterLoadError, match="budget"):
+        registry.load("lora1")
+
+
+def test_unload_waits_for_running_requests(adapter_dir):
+    model = tiny_llama()
+    registry = ServingRegistry(model, adapter_dir)
+    registry.acquire("xs2")
+    assert registry.unload("xs2") is False  # deferred
+    assert "xs2" in model.lorakit_registry.configs
+    registry.release("xs2")
+    assert registry.resident() == [] and "xs2" not in model.lorakit_registry.configs
+    with pytest.raises(AdapterNotFoundError):
+        registry.unload("xs2")
+
+
+def test_a_corrupt_adapter_fails_alone(source, adapter_dir, tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    save_adapter(source, "xs0", root / "good")
+    (root / "bad").mkdir()
+    (root / "bad" / "adapter_config.json").write_text((adapter_dir / "xs0" / "adapter_config.json").read_text())
+    (root / "bad" / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    model = tiny_llama()
+    registry = ServingRegistry(model, root)
+    with pytest.raises(AdapterLoadError, match="bad"):
+        registry.load("bad")
+    assert registry.stats.load_failures == 1
+    registry.load("good")
+    assert registry.resident() == ["good"]
+
+
+def test_concurrent_first_use_loads_once(adapter_dir):
+    registry = ServingRegistry(tiny_llama(), adapter_dir)
+    errors = []
+
+    def use():
+        try:
+            registry.acquire("lora3")
+            registry.release("lora3")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and registry.stats.loads == 1
