@@ -158,6 +158,9 @@ class EngineStats:
     max_running: int = 0  # the largest batch a step has run
     step_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # seconds from submit to finish, last 1000
+    latency_sum: float = 0.0  # over every finished request
+    first_token_sum: float = 0.0
+    first_token_count: int = 0
     first_token_latencies: list[float] = field(default_factory=list)  # submit to first token, last 1000
 
 
@@ -477,7 +480,10 @@ class Engine:
         stats = self.stats
         stats.requests_finished[reason] = stats.requests_finished.get(reason, 0) + 1
         stats.latencies = (stats.latencies + [now - request.submitted])[-1000:]
+        stats.latency_sum += now - request.submitted
         if request.first_token_at is not None:
+            stats.first_token_sum += request.first_token_at - request.submitted
+            stats.first_token_count += 1
             stats.first_token_latencies = (stats.first_token_latencies +
                                            [request.first_token_at - request.submitted])[-1000:]
         request.stream.put(Finished(reason, len(request.prompt_ids), len(request.out_ids), request.text,

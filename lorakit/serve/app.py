@@ -1,0 +1,514 @@
+"""The HTTP API: OpenAI-shaped completions and chat completions (streamed as server-sent events), the
+adapter named in `model`, adapter load/unload, health, Prometheus metrics and the chat page.
+
+    GET  /                      the character-chat page (lorakit.serve.page)
+    GET  /health                {"status": "ok", ...}
+    GET  /metrics               Prometheus text
+    GET  /v1/models             the base model and every adapter in the directory
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"}
+    POST /v1/chat/completions   {"model", "messages", ...the same}
+    GET  /v1/adapters           available and resident adapters
+    POST /v1/adapters           {"name"}: load now
+    DELETE /v1/adapters/{name}  unload (deferred until its running requests finish)
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the `openai` client
+raises its usual exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorakit.errors import AdapterNotFoundError
+from lorakit.serve.engine import Delta, Engine, EngineError, Finished, SamplingParams
+from lorakit.serve.registry import AdapterLoadError, InvalidAdapterNameError, ServingRegistry
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and names of one server."""
+
+    base_name: str = "base"  # the `model` id that means "no adapter"
+    api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer <key>"
+    max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64  # when a request gives none (capped by what the context leaves)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_waiting: int = 256  # requests queued beyond the running batch; more get 503
+    title: str = "lorakit"  # shown on the page
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_waiting"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServeConfig.{name} must be a positive integer, got {value!r}")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+# -- request bodies ----------------------------------------------------------------------------------
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    logprobs: Any = None
+
+
+class CompletionBody(_Sampling):
+    prompt: Union[str, list[str]] = Field(...)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+
+
+class AdapterBody(BaseModel):
+    name: str = Field(min_length=1, max_length=256)
+
+
+# -- the server ----------------------------------------------------------------------------------------
+
+class Server:
+    """Engine + registry + tokenizer behind the routes; one per served model."""
+
+    def __init__(self, engine: Engine, registry: ServingRegistry, tokenizer: Any, config: ServeConfig) -> None:
+        self.engine, self.registry, self.tokenizer, self.config = engine, registry, tokenizer, config
+        self.started = int(time.time())
+        self.http_requests: dict[tuple[str, int], int] = {}
+
+    # -- building requests -------------------------------------------------------------------------
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.config.base_name:
+            return None
+        try:
+            self.registry.path_for(model)
+        except InvalidAdapterNameError as exc:
+            raise ApiError(404, f"model {model!r} not found ({exc}); available: {self.model_ids()}",
+                           code="model_not_found", param="model") from exc
+        except AdapterNotFoundError as exc:
+            raise ApiError(404, f"model {model!r} not found; available: {self.model_ids()}",
+                           code="model_not_found", param="model") from exc
+        return model
+
+    def model_ids(self) -> list[str]:
+        return [self.config.base_name] + self.registry.available()
+
+    def params(self, body: _Sampling, prompt_len: int) -> SamplingParams:
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        context = self.engine.max_context
+        if prompt_len >= context:
+            raise ApiError(400, f"the prompt is {prompt_len} tokens; this model's context is {context} tokens",
+                           code="context_length_exceeded", param="messages" if isinstance(body, ChatBody) else "prompt")
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > self.config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens={asked} is above this server's limit {self.config.max_tokens_limit}",
+                           param="max_tokens")
+        if asked is not None and prompt_len + asked > context:
+            raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked}) exceeds the context length "
+                           f"{context}", code="context_length_exceeded", param="max_tokens")
+        max_tokens = asked or min(self.config.default_max_tokens, context - prompt_len)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
+            raise ApiError(400, "stop takes at most 4 non-empty strings of up to 256 characters", param="stop")
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  stop=tuple(stop), seed=body.seed)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+
+    def encode_prompt(self, prompt: str | list[str]) -> list[int]:
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt must be one string (batches of prompts are not supported)", param="prompt")
+            prompt = prompt[0]
+        if len(prompt) > self.config.max_body_bytes:
+            raise ApiError(413, "prompt too long", param="prompt")
+        ids = self.tokenizer(prompt).input_ids
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        return ids
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        turns = []
+        for m in messages:
+            content = m.content
+            if isinstance(content, list):  # OpenAI content parts: keep the text ones
+                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            turns.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    async def start(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams):
+        """Pin the adapter (loading it without blocking the event loop) and queue the request."""
+        from starlette.concurrency import run_in_threadpool
+
+        if self.engine.waiting >= self.config.max_waiting:
+            raise ApiError(503, "the server is busy; retry later", type_="server_error", code="overloaded")
+        if adapter is not None:
+            try:
+                await run_in_threadpool(self.registry.acquire, adapter)
+            except AdapterNotFoundError as exc:
+                raise ApiError(404, f"{exc}", code="model_not_found", param="model") from exc
+            except AdapterLoadError as exc:
+                raise ApiError(500, f"{exc}", type_="server_error", code="adapter_load_failed") from exc
+        release = (lambda: self.registry.release(adapter)) if adapter is not None else None
+        try:
+            return await self.engine.submit_async(prompt_ids, adapter, params, on_finish=release)
+        except EngineError as exc:
+            if release:
+                release()
+            raise ApiError(400, str(exc)) from exc
+
+
+def _error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                    param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for bodies over `limit` bytes, whether announced by content-length or not."""
+
+    class TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyLimit.TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyLimit.TooLarge:
+            if not started:
+                await _error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
+
+
+def create_app(server: Server):
+    """The FastAPI app over `server`; the engine thread starts with the app and stops with it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from lorakit.serve.page import render_page
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.close()
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    config = server.config
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error_response(400, "the request body is not valid JSON", code="invalid_json")
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error_response(422, f"invalid request: {where}: {first.get('msg', 'invalid')}", param=where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, str(exc.detail))
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if config.api_key and (path.startswith("/v1/") or path == "/metrics"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                return _error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                       code="invalid_api_key")
+        response = await call_next(request)
+        route = request.scope.get("route")
+        key = (getattr(route, "path", "unmatched"), response.status_code)
+        server.http_requests[key] = server.http_requests.get(key, 0) + 1
+        return response
+
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return render_page(config.title, config.base_name, bool(config.api_key))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": server.engine.running, "waiting": server.engine.waiting,
+                "adapters_resident": len(server.registry.resident())}
+
+    @app.get("/v1/models")
+    async def models():
+        resident = set(server.registry.resident())
+        data = [{"id": m, "object": "model", "created": server.started, "owned_by": "lorakit",
+                 "root": config.base_name, "parent": None if m == config.base_name else config.base_name,
+                 "resident": m == config.base_name or m in resident} for m in server.model_ids()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/adapters")
+    async def adapters():
+        return {"available": server.registry.available(), "resident": server.registry.resident(),
+                "resident_bytes": server.registry.resident_bytes(), "budget_bytes": server.registry.budget_bytes}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterBody):
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            nbytes = await run_in_threadpool(server.registry.load, body.name)
+        except (AdapterNotFoundError, InvalidAdapterNameError) as exc:
+            raise ApiError(404, f"{exc}", code="adapter_not_found", param="name") from exc
+        except AdapterLoadError as exc:
+            raise ApiError(500, f"{exc}", type_="server_error", code="adapter_load_failed") from exc
+        return {"name": body.name, "bytes": nbytes, "resident": server.registry.resident()}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        try:
+            now = server.registry.unload(name)
+        except AdapterNotFoundError as exc:
+            raise ApiError(404, f"{exc}", code="adapter_not_found", param="name") from exc
+        return {"name": name, "unloaded": True if now else "after running requests finish"}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        adapter = server.adapter_for(body.model)
+        prompt_ids = server.encode_prompt(body.prompt)
+        params = server.params(body, len(prompt_ids))
+        stream = await server.start(prompt_ids, adapter, params)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str, finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return _sse(stream, request, lambda d: chunk(d.text, None), lambda f: chunk("", _reason(f)))
+        done = await _wait(stream, request)
+        out = chunk(done.text, _reason(done))
+        out["usage"] = _usage(done)
+        return out
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        adapter = server.adapter_for(body.model)
+        prompt_ids = server.encode_chat(body.messages)
+        params = server.params(body, len(prompt_ids))
+        stream = await server.start(prompt_ids, adapter, params)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict, finish: str | None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return _sse(stream, request, lambda d: chunk({"content": d.text}, None),
+                        lambda f: chunk({}, _reason(f)), first=chunk({"role": "assistant", "content": ""}, None))
+        done = await _wait(stream, request)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                             "logprobs": None, "finish_reason": _reason(done)}],
+                "usage": _usage(done)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render_metrics(server), media_type="text/plain; version=0.0.4")
+
+    def _sse(stream, request: Request, on_delta, on_finish, first: dict | None = None):
+        async def events() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                async for event in stream:
+                    if isinstance(event, Delta):
+                        if event.text:
+                            yield f"data: {json.dumps(on_delta(event))}\n\n"
+                    else:
+                        if event.reason in ("error", "cancelled"):
+                            err = {"error": {"message": event.error or event.reason, "type": "server_error",
+                                             "param": None, "code": event.reason}}
+                            yield f"data: {json.dumps(err)}\n\n"
+                            return
+                        yield f"data: {json.dumps(on_finish(event))}\n\n"
+                        yield "data: [DONE]\n\n"
+            finally:  # the client went away (or we are done): its row leaves the batch
+                stream.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+async def _wait(stream, request) -> Finished:
+    """The request's result; cancels its row if the client disconnects first."""
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in stream:
+            if isinstance(event, Finished):
+                if event.reason == "error":
+                    raise ApiError(500, event.error or "generation failed", type_="server_error")
+                return event
+    finally:
+        watcher.cancel()
+    raise ApiError(500, "generation ended without a result", type_="server_error")  # pragma: no cover
+
+
+def _reason(done: Finished) -> str:
+    return "length" if done.reason == "length" else "stop"
+
+
+def _usage(done: Finished) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def render_metrics(server: Server) -> str:
+    """Prometheus text exposition of the server's counters and gauges."""
+    engine, registry = server.engine.stats, server.registry
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    metric("lorakit_http_requests_total", "counter", "HTTP requests by route and status",
+           [(f'{{route="{route}",status="{status}"}}', n) for (route, status), n in sorted(server.http_requests.items())])
+    metric("lorakit_requests_finished_total", "counter", "Generation requests that left the batch, by reason",
+           [(f'{{reason="{r}"}}', n) for r, n in sorted(engine.requests_finished.items())])
+    metric("lorakit_prompt_tokens_total", "counter", "Prompt tokens prefilled", [("", engine.prompt_tokens)])
+    metric("lorakit_completion_tokens_total", "counter", "Tokens generated", [("", engine.completion_tokens)])
+    lat = sorted(engine.latencies)
+    finished = sum(engine.requests_finished.values())
+    quantiles = [(f'{{quantile="{q}"}}', lat[min(len(lat) - 1, int(q * len(lat)))]) for q in (0.5, 0.9, 0.99)] if lat else []
+    metric("lorakit_request_latency_seconds", "summary", "Seconds from submission to the last token (quantiles over "
+           "the last 1000 requests)", quantiles + [("_sum", engine.latency_sum), ("_count", finished)])
+    metric("lorakit_time_to_first_token_seconds", "summary", "Seconds from submission to the first token",
+           [("_sum", engine.first_token_sum), ("_count", engine.first_token_count)])
+    metric("lorakit_decode_steps_total", "counter", "Batched decode steps", [("", engine.steps)])
+    metric("lorakit_decode_step_seconds_total", "counter", "Seconds spent in decode steps", [("", engine.step_seconds)])
+    metric("lorakit_running_requests", "gauge", "Rows in the running batch", [("", server.engine.running)])
+    metric("lorakit_waiting_requests", "gauge", "Requests waiting to join the batch", [("", server.engine.waiting)])
+    metric("lorakit_adapters_resident", "gauge", "Adapters loaded on the model", [("", len(registry.resident()))])
+    metric("lorakit_adapter_bytes_resident", "gauge", "Bytes of resident adapters", [("", registry.resident_bytes())])
+    if registry.budget_bytes is not None:
+        metric("lorakit_adapter_budget_bytes", "gauge", "Adapter memory budget", [("", registry.budget_bytes)])
+    stats = registry.stats
+    metric("lorakit_adapter_loads_total", "counter", "Adapter loads", [("", stats.loads)])
+    metric("lorakit_adapter_load_failures_total", "counter", "Adapter loads that failed", [("", stats.load_failures)])
+    metric("lorakit_adapter_evictions_total", "counter", "Adapters evicted to stay under the budget",
+           [("", stats.evictions)])
+    metric("lorakit_adapter_unloads_total", "counter", "Adapters unloaded on request", [("", stats.unloads)])
+    return "\n".join(lines) + "\n"  # summaries' "_sum"/"_count" samples come out as name_sum, name_count
+
+
+def make_server(model: Any, tokenizer: Any, adapter_dir: Any = None, *, config: ServeConfig | None = None,
+                budget_bytes: int | None = None, max_batch: int = 16, max_context: int | None = None) -> Server:
+    """Engine + registry + config for one model (the engine thread starts with the app)."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context)
+    registry = ServingRegistry(model, adapter_dir, engine=engine, budget_bytes=budget_bytes)
+    return Server(engine, registry, tokenizer, config or ServeConfig())
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on a thread (tests, the demo): `with BackgroundServer(app) as url: ...`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
