@@ -143,6 +143,7 @@ async function send(text) {
         if (event.error) throw new Error(event.error.message);
         const piece = event.choices[0].delta.content || "";
         reply += piece; out.textContent = reply;
+        out.parentElement.dataset.chunks = String(Number(out.parentElement.dataset.chunks || 0) + 1);
         $("log").scrollTop = $("log").scrollHeight;
       }
     }

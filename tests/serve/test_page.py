@@ -1,0 +1,60 @@
+"""The chat page in headless Chromium: pick a character, send a message, watch the reply stream in, switch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from lorakit.io import save_adapter
+from lorakit.serve.app import BackgroundServer, ServeConfig, create_app, make_server
+from tests.serve.conftest import greedy_alone, tiny_chat_llama, with_adapters
+
+CHROMIUM = os.environ.get("LORAKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium binary for Playwright")
+
+
+def test_choose_character_chat_stream_and_switch(tokenizer, tmp_path):
+    names = ["pirate", "robot"]
+    source = with_adapters(tiny_chat_llama(len(tokenizer)), names)
+    for name in names:
+        save_adapter(source, name, tmp_path / name)
+    server = make_server(tiny_chat_llama(len(tokenizer)), tokenizer, tmp_path,
+                         config=ServeConfig(base_name="tiny", title="Test chat"))
+
+    def reply(messages, adapter):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer.decode(greedy_alone(source, ids, adapter, 96), skip_special_tokens=True)
+
+    with BackgroundServer(create_app(server)) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector(".character[data-id='robot']")
+            assert page.locator(".character").all_inner_texts() == ["pirate", "robot", "tiny (no adapter)"]
+            page.click(".character[data-id='robot']")
+            assert page.get_attribute(".character[data-id='robot']", "aria-selected") == "true"
+            page.fill("#input", "Hello!")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60000)
+            first = page.locator(".msg.assistant .body").nth(0).text_content()
+            history = [{"role": "user", "content": "Hello!"}]
+            assert first.strip() and first == reply(history, "robot")
+            assert int(page.get_attribute(".msg.assistant >> nth=0", "data-chunks")) > 1  # it streamed in pieces
+            # switch character mid-conversation: the pirate answers, given the whole history
+            page.click(".character[data-id='pirate']")
+            page.fill("#input", "Who are you?")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant[data-done='true'] >> nth=1", timeout=60000)
+            second = page.locator(".msg.assistant").nth(1)
+            assert second.get_attribute("data-character") == "pirate"
+            assert page.locator(".msg.assistant .who").all_inner_texts() == ["robot", "pirate"]
+            history += [{"role": "assistant", "content": first}, {"role": "user", "content": "Who are you?"}]
+            assert second.locator(".body").text_content() == reply(history, "pirate")
+            assert server.engine.stats.requests_finished  # both went through the engine
+        finally:
+            browser.close()
