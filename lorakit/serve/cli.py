@@ -1,0 +1,77 @@
+"""`lorakit serve`: an OpenAI-compatible server for one base model and a directory of adapters.
+
+    lorakit serve --base smollm2-135m --adapters ./adapters --port 8000 --budget-mb 64
+
+Each subdirectory of --adapters is an adapter (as lorakit.io.save_adapter writes it) served under its
+directory name; the base itself is served under --base-name (default: the --base name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="lorakit serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m", help="embedded model name or HF model directory")
+    parser.add_argument("--adapters", default=None, help="directory of adapter subdirectories")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for resident adapters (MB)")
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows decoded together at most")
+    parser.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
+    parser.add_argument("--base-name", default=None, help="the model id of the base (no adapter)")
+    parser.add_argument("--preload", action="store_true", help="load every adapter at start-up")
+    parser.add_argument("--title", default="lorakit", help="title of the chat page")
+    return parser
+
+
+def base_model_id(base: str) -> str:
+    path = Path(base).expanduser()
+    return path.resolve().name if path.is_dir() else base
+
+
+def build_app(args: argparse.Namespace):
+    """Load the base and build the app (separate from running it, for tests and the demo)."""
+    from lorakit.models import load_base
+    from lorakit.serve.app import ServeConfig, create_app, make_server
+
+    if args.adapters is not None and not Path(args.adapters).is_dir():
+        raise SystemExit(f"lorakit serve: --adapters {args.adapters} is not a directory")
+    if args.max_batch < 1:
+        raise SystemExit(f"lorakit serve: --max-batch must be >= 1, got {args.max_batch}")
+    model, tokenizer = load_base(args.base)
+    budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
+    config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
+                         max_tokens_limit=args.max_tokens_limit, title=args.title)
+    server = make_server(model, tokenizer, args.adapters, config=config, budget_bytes=budget,
+                         max_batch=args.max_batch)
+    if args.preload:
+        for name in server.registry.available():
+            try:
+                server.registry.load(name)
+            except Exception as exc:  # a bad adapter must not keep the others from being served
+                print(f"lorakit serve: could not load {name}: {exc}", file=sys.stderr)
+    return create_app(server), server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    app, server = build_app(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"lorakit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"lorakit serve: {server.config.base_name} + adapters {server.registry.available()} on "
+          f"http://{args.host}:{args.port}  (chat page at /, OpenAI API at /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

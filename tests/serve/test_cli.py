@@ -1,0 +1,38 @@
+"""`lorakit serve` wiring: arguments → a working app over a local model directory."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from lorakit.io import save_adapter
+from lorakit.serve.app import BackgroundServer
+from lorakit.serve.cli import build_app, build_parser
+from tests.serve.conftest import tiny_chat_llama, with_adapters
+
+
+def test_serve_arguments_build_a_working_server(tokenizer, tmp_path):
+    base = tmp_path / "tiny-base"
+    model = tiny_chat_llama(len(tokenizer))
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    with_adapters(model, ["pirate"])
+    save_adapter(model, "pirate", tmp_path / "adapters" / "pirate")
+    args = build_parser().parse_args(["--base", str(base), "--adapters", str(tmp_path / "adapters"),
+                                      "--budget-mb", "1", "--max-batch", "4", "--api-key", "k", "--preload"])
+    app, server = build_app(args)
+    assert server.config.base_name == "tiny-base" and server.registry.budget_bytes == 1024 * 1024
+    assert server.engine.max_batch == 4 and server.registry.resident() == ["pirate"]
+    with BackgroundServer(app) as url:
+        auth = {"Authorization": "Bearer k"}
+        ids = [m["id"] for m in httpx.get(url + "/v1/models", headers=auth).json()["data"]]
+        assert ids == ["tiny-base", "pirate"]
+        r = httpx.post(url + "/v1/completions", headers=auth, timeout=30,
+                       json={"model": "pirate", "prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_missing_adapter_directory_is_an_error(tmp_path):
+    args = build_parser().parse_args(["--adapters", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="not a directory"):
+        build_app(args)
