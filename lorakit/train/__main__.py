@@ -1,0 +1,7 @@
+"""`python -m lorakit.train train|eval ...` (and `torchrun ... -m lorakit.train train ...`)."""
+
+import sys
+
+from lorakit.train.cli import main
+
+sys.exit(main())
