@@ -147,18 +147,27 @@ def add_packed_lora_xs(model: nn.Module, name: str, config: LoraXSConfig,
     if not torch.isfinite(stacked).all():
         bad = next(n for n, c in cores.items() if not torch.isfinite(c).all())
         raise NonFiniteAdapterError(f"adapter {name!r} has NaN/inf values in module {bad}")
-    first = layers[next(iter(cores))]
+    store_packed(model, name, config, list(cores), stacked)
+
+
+def store_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: list[str],
+                 stacked: torch.Tensor) -> None:
+    """Write validated cores (n, r, r) for `modules` into the bank; callers have checked everything."""
+    from lorakit.registry import get_registry
+
+    registry = get_registry(model)
+    layers = registry.layer_map(model)
+    first = layers[modules[0]]
     bank = _bank_for(model, config.r, first.weight if first.weight.is_floating_point() else torch.zeros(()))
     indices = []
-    for module_name in cores:
+    for module_name in modules:
         layer = layers[module_name]
         if layer.bank_index is None:
             layer.bank_index = bank.layer_index(module_name)
         indices.append(layer.bank_index)
-    bank.add(name, indices, stacked * config.scaling)
+    bank.add(name, indices, stacked * config.scaling)  # bumps bank.version (per-route slot caches)
     registry.configs[name] = config
-    registry.packed.add(name)
-    registry.version += 1
+    registry.packed.add(name)  # layers and bases are unchanged: registry.version stays
 
 
 def pack_adapter(model: nn.Module, name: str) -> None:

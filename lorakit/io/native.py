@@ -33,6 +33,7 @@ from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, check_finite, expect_keys
 from lorakit.io.guard import (check_free_name, config_for_modules, install_bases, restore_on_error,
                               target_shapes)
+from lorakit.io.packed import try_load_packed
 from lorakit.io.peft_lora import base_model_name
 from lorakit.layer import AdaptedLinear
 from lorakit.methods.basis import Basis, fingerprints_match
@@ -166,6 +167,8 @@ def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: boo
                                       f"{config.method}")
     expect_keys(set(files.tensors), {f"{m}.{p}" for m in modules for p in TRAINED[config.method] + (FINGERPRINT,)},
                 where)
+    if packed and try_load_packed(model, name, config, modules, files.tensors, where, strict):
+        return name
     if not strict:
         present = {n for n, _ in model.named_modules()}
         modules = [m for m in modules if m in present]

@@ -1,0 +1,71 @@
+"""The fast way in for a LoRA-XS adapter file: straight into the packed bank, in milliseconds.
+
+When every module the file names already carries a LoRA-XS basis of enough rank (a serving model
+after its first adapter), loading is: stack the file's cores, check shapes, finiteness and basis
+fingerprints with a few tensor operations (the model's fingerprints are tabled once per registry
+version), then one write into the bank. No model walk, no SVD, nothing changes until all checks pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.bank import store_packed
+from lorakit.config import LoraXSConfig
+from lorakit.errors import AdapterMismatchError, NonFiniteAdapterError
+from lorakit.methods.lora_xs import basis_fingerprint
+from lorakit.registry import REGISTRY_ATTR
+
+FINGERPRINT = "basis_fingerprint"
+RTOL = 1e-3  # as lorakit.methods.basis.fingerprints_match
+
+
+def _fingerprint_table(registry, layers: dict, modules: tuple[str, ...], r: int) -> torch.Tensor:
+    """(n, 2r) fingerprints of this model's bases for `modules`, cached until adapters change."""
+    cache = registry.__dict__.setdefault("_fingerprint_tables", {})
+    key = (registry.version, modules, r)
+    if key not in cache:
+        cache.clear()
+        cache[key] = torch.stack([basis_fingerprint(layers[m].bases["lora_xs"], r).float().cpu() for m in modules])
+    return cache[key]
+
+
+def try_load_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: list[str],
+                    tensors: dict[str, torch.Tensor], where: Path, strict: bool) -> bool:
+    """Load into the bank if the fast path applies; False (nothing done) when it does not."""
+    registry = model.__dict__.get(REGISTRY_ATTR)
+    if registry is None or not modules or name in registry.configs:
+        return False  # (the general path raises the right error for a taken name)
+    layers = registry.layer_map(model)
+    for module in modules:
+        layer = layers.get(module)
+        basis = layer.basis("lora_xs") if layer is not None else None
+        if basis is None or basis.rank < config.r:
+            return False  # the general path computes the bases and reports what is wrong
+    r = config.r
+    cores = [tensors[f"{m}.lora_R"] for m in modules]
+    prints = [tensors[f"{m}.{FINGERPRINT}"] for m in modules]
+    for module, core, fp in zip(modules, cores, prints):
+        if core.shape != (r, r) or fp.shape != (2 * r,):
+            raise AdapterMismatchError(f"{where}: module {module}: lora_R {tuple(core.shape)} / fingerprint "
+                                       f"{tuple(fp.shape)}, expected ({r}, {r}) / ({2 * r},)")
+    stacked = torch.stack(cores)  # (n, r, r)
+    if not torch.isfinite(stacked).all():
+        bad = next(m for m, c in zip(modules, cores) if not torch.isfinite(c).all())
+        raise NonFiniteAdapterError(f"{where}: NaN/inf values in lora_R of module {bad}")
+    expected = torch.stack(prints).float()  # (n, 2r)
+    actual = _fingerprint_table(registry, layers, tuple(modules), r)
+    scale = expected.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    ok = ((expected - actual).abs() <= RTOL * scale).all(dim=1)
+    if strict and not bool(ok.all()):
+        module = modules[int((~ok).nonzero()[0])]
+        raise AdapterMismatchError(f"{where}: module {module}: the LoRA-XS basis of this model differs from the "
+                                   "one the adapter was trained on; is it for another base model? "
+                                   "(strict=False loads it anyway)")
+    config = dataclasses.replace(config, target_modules=tuple(modules), exclude_modules=())
+    store_packed(model, name, config, list(modules), stacked)
+    return True
