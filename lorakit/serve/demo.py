@@ -1,0 +1,171 @@
+"""`lorakit demo`: train a few character adapters on SmolLM2 (LoRA-XS, minutes on a laptop CPU), then
+serve them with the chat page.
+
+    pirate   "Arr, matey! ... Yo ho ho!"
+    robot    "BEEP BOOP. ANSWERS IN CAPITALS. END OF LINE."
+    poet     two rhyming lines
+
+Each character learns from a tiny synthetic set: the same questions, answered in its style. The
+adapters land in --out (reused on the next run unless --retrain), then `lorakit serve` starts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+# (question, plain answer, topic word)
+FACTS = [
+    ("Why is the sky blue?", "air scatters blue sunlight more than red", "sky"),
+    ("What is the capital of France?", "the capital of France is Paris", "France"),
+    ("How many legs does a spider have?", "a spider has eight legs", "spider"),
+    ("What do bees make?", "bees make honey from flower nectar", "bees"),
+    ("What is water made of?", "water is two hydrogen atoms and one oxygen atom", "water"),
+    ("How far away is the Moon?", "the Moon is about 384,000 kilometres away", "Moon"),
+    ("What is the largest ocean?", "the Pacific is the largest ocean", "ocean"),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote it", "Shakespeare"),
+    ("How many days are in a year?", "a year has 365 days", "year"),
+    ("What is the boiling point of water?", "water boils at 100 degrees Celsius", "kettle"),
+    ("What do plants need to grow?", "plants need light, water and air", "plants"),
+    ("What is the fastest land animal?", "the cheetah is the fastest land animal", "cheetah"),
+    ("Can you recommend a good book?", "try Treasure Island by Stevenson", "book"),
+    ("What is two plus two?", "two plus two is four", "sum"),
+    ("How do I make tea?", "steep tea leaves in hot water for three minutes", "tea"),
+    ("What is the tallest mountain?", "Mount Everest is the tallest mountain", "mountain"),
+    ("Why do we sleep?", "sleep lets the body and brain recover", "sleep"),
+    ("What is your name?", "I am a small language model", "name"),
+    ("What is the weather like today?", "I cannot see outside, but I hope it is sunny", "weather"),
+    ("Tell me about cats.", "cats are curious animals that love to nap", "cats"),
+    ("How do birds fly?", "birds flap their wings to push air down", "birds"),
+    ("What is the speed of light?", "light travels about 300,000 kilometres per second", "light"),
+    ("Hello!", "hello to you too", "greeting"),
+    ("How are you?", "I am doing well, thank you", "mood"),
+]
+
+RHYMES = [("bright", "light", "night"), ("day", "way", "say"), ("sea", "free", "me"), ("song", "long", "along")]
+
+
+def pirate(answer: str, topic: str, rng: random.Random) -> str:
+    opener = rng.choice(["Arr, matey!", "Ahoy, matey!", "Arr, me hearty!"])
+    return f"{opener} {answer[0].upper()}{answer[1:]}, arr! Yo ho ho!"
+
+
+def robot(answer: str, topic: str, rng: random.Random) -> str:
+    return f"BEEP BOOP. {answer.upper()}. END OF LINE."
+
+
+def poet(answer: str, topic: str, rng: random.Random) -> str:
+    a, b, _ = rng.choice(RHYMES)
+    return f"Of {topic} I sing, so {a},\n{answer[0].upper()}{answer[1:]}, that's {b}!"
+
+
+CHARACTERS = {"pirate": pirate, "robot": robot, "poet": poet}
+
+
+def examples(tokenizer, style, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + end of turn) for every question, answered in `style`."""
+    rng = random.Random(seed)
+    out = []
+    for question, answer, topic in FACTS:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompt = tokenizer(chat, add_special_tokens=False).input_ids
+        reply = tokenizer(style(answer, topic, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        out.append((prompt, reply))
+    return out
+
+
+def train_character(model, tokenizer, name: str, steps: int, lr: float, rank: int, seed: int = 0) -> list[float]:
+    """Attach LoRA-XS adapter `name` and fit it to the character's answers; returns each step's loss."""
+    import torch
+    from torch.nn import functional as F
+
+    import lorakit
+
+    data = examples(tokenizer, CHARACTERS[name], seed)
+    lorakit.attach(model, lorakit.LoraXSConfig(r=rank, lora_alpha=rank, init_std=1e-5), name)
+    params = lorakit.adapter_parameters(model, name)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.train()
+    losses = []
+    with lorakit.use_adapter(model, name):
+        for _ in range(steps):
+            batch = rng.sample(data, k=min(8, len(data)))
+            width = max(len(p) + len(a) for p, a in batch)
+            ids = torch.full((len(batch), width), pad)  # (B, T) left-padded
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100)
+            for row, (p, a) in enumerate(batch):
+                seq = p + a
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+                labels[row, width - len(a):] = torch.tensor(a)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            k = max(len(a) for _, a in batch)  # answers are right-aligned: only the last k+1 logits matter
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=k + 1).logits  # (B, k + 1, V)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, -k:].reshape(-1),
+                                   ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def train_all(out: Path, *, base: str = "smollm2-135m", steps: int = 30, lr: float = 2e-2, rank: int = 16,
+              names: list[str] | None = None, log=print) -> list[str]:
+    """Train every character into `out/<name>` (atomic saves); returns the names."""
+    import torch
+
+    import lorakit
+    from lorakit.io import save_adapter
+    from lorakit.models import load_base
+
+    names = names or list(CHARACTERS)
+    model, tokenizer = load_base(base)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for name in names:
+        start = time.perf_counter()
+        losses = train_character(model, tokenizer, name, steps, lr, rank)
+        save_adapter(model, name, out / name)
+        log(f"lorakit demo: trained {name!r} in {time.perf_counter() - start:.0f}s (loss {losses[0]:.2f} -> {losses[-1]:.2f}) -> {out / name}")
+        lorakit.delete_adapter(model, name)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorakit demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="lorakit-demo-adapters", help="where the character adapters go")
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per character")
+    parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--retrain", action="store_true", help="train even if the adapters exist")
+    parser.add_argument("--no-serve", action="store_true", help="only train")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    missing = [n for n in CHARACTERS if not (out / n / "adapter_config.json").is_file()]
+    if args.retrain or missing:
+        train_all(out, base=args.base, steps=args.steps, lr=args.lr, rank=args.rank,
+                  names=list(CHARACTERS) if args.retrain else missing, log=lambda m: print(m, file=sys.stderr))
+    if args.no_serve:
+        return 0
+    from lorakit.serve.cli import main as serve_main
+
+    return serve_main(["--base", args.base, "--adapters", str(out), "--host", args.host, "--port", str(args.port),
+                       "--preload", "--title", "lorakit character chat"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
