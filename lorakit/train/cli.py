@@ -66,6 +66,23 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def add_data_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("data", help="write a built-in data set (train.jsonl, test.jsonl) made from Python's own text")
+    p.add_argument("task", choices=["docstrings", "topics"],
+                   help="docstrings: classify stdlib docstrings by module family; topics: LM on pydoc topics")
+    p.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
+    p.set_defaults(func=run_data)
+    return p
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from lorakit.train.datasets import write_task
+
+    for path in write_task(args.task, args.out):
+        print(f"{path}: {sum(1 for _ in path.open(encoding='utf-8'))} rows")
+    return 0
+
+
 def _adapter_settings(args: argparse.Namespace, base: dict) -> dict:
     settings = dict(base)
     method = args.method or "lora"
@@ -146,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_data_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
