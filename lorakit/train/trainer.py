@@ -260,6 +260,9 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
                         tokens=tokens, tokens_per_s=round(tokens / max(elapsed, 1e-9), 1), elapsed_s=round(elapsed, 3))
             if rank == 0 and config.eval_every and done % config.eval_every == 0 and done != total:
                 log.set_eval(done, evaluate())
+                log.flush()
+            elif rank == 0 and done % (20 * config.log_every) == 0:
+                log.flush()  # the CSV/JSON logs can be followed while training runs
             if rank == 0 and (config.save_every and done % config.save_every == 0 and done != total):
                 last_saved = save(done)
                 log.flush()
