@@ -134,8 +134,14 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from lorakit.train.trainer import train
 
-    result = train(config_from_args(args), resume=args.resume)
-    if result is not None and _rank() == 0:
+    import torch.distributed as dist
+
+    try:
+        result = train(config_from_args(args), resume=args.resume)
+    finally:
+        if dist.is_initialized():  # torchrun: leave the process group cleanly, on errors too
+            dist.destroy_process_group()
+    if _rank() == 0:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         print(f"trained {result.steps} steps: final loss {last}{ev}, {result.tokens_per_s:.0f} tokens/s; adapter in "
@@ -170,8 +176,3 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as exc:
         print(f"lorakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
