@@ -8,6 +8,7 @@ by the global count, so 2 processes compute the same gradient as 1 (DDP averages
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ from lorakit.io.atomic import atomic_write_json, fsync_dir, tensors_bytes
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.collate import collate
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import Dataset, label_names, load_dataset, read_jsonl
+from lorakit.train.data import label_names, load_dataset, read_jsonl
 from lorakit.train.errors import NonFiniteLossError, RunExistsError, TrainConfigError
 from lorakit.train.metrics import MetricsLog, loss_sum, mean_loss
 from lorakit.train.plots import plot_losses
@@ -100,8 +101,6 @@ def _check_output_dir(out: Path, config: TrainConfig, resume: bool) -> Path | No
                              "continue it, or choose a new directory")
     if not run_file.exists():
         raise RunExistsError(f"cannot resume in {out}: it holds no {RUN_FILE}, so it is not a lorakit run")
-    import json
-
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     now = config.to_dict()
     differ = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE and saved.get(k) != now.get(k))
@@ -298,8 +297,6 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
 def write_adapter(model: nn.Module, name: str, path: Path, head: dict[str, nn.Parameter],
                   labels: tuple[str, ...] | None) -> Path:
     """The adapter (PEFT / native layout) plus head.safetensors for a classifier, swapped in atomically."""
-    import json
-
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     try:
@@ -323,8 +320,6 @@ def write_adapter(model: nn.Module, name: str, path: Path, head: dict[str, nn.Pa
 
 def read_head_labels(file: str | Path) -> tuple[str, ...] | None:
     """Label names stored with a classifier head, or None when there is no head file."""
-    import json
-
     from safetensors import safe_open
 
     if not Path(file).is_file():
@@ -335,8 +330,6 @@ def read_head_labels(file: str | Path) -> tuple[str, ...] | None:
 
 def load_head(model: nn.Module, adapter_dir: str | Path) -> tuple[str, ...] | None:
     """Load head.safetensors (if present) into the model; returns the label names it was trained with."""
-    import json
-
     from safetensors import safe_open
 
     file = Path(adapter_dir) / HEAD_FILE
