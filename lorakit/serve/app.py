@@ -78,8 +78,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionBody(_Sampling):
-    prompt: Union[str, list[str]] = Field(...)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    prompt: Union[str, list[str]]
 
 
 class ChatMessage(BaseModel):

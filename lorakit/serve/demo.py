@@ -125,7 +125,6 @@ def train_all(out: Path, *, base: str = "smollm2-135m", steps: int = 30, lr: flo
     """Train every character into `out/<name>` (atomic saves); returns the names."""
     import torch
 
-    import lorakit
     from lorakit.io import save_adapter
     from lorakit.models import load_base
 
@@ -138,7 +137,7 @@ def train_all(out: Path, *, base: str = "smollm2-135m", steps: int = 30, lr: flo
         losses = train_character(model, tokenizer, name, steps, lr, rank)
         save_adapter(model, name, out / name)
         log(f"lorakit demo: trained {name!r} in {time.perf_counter() - start:.0f}s (loss {losses[0]:.2f} -> {losses[-1]:.2f}) -> {out / name}")
-        lorakit.delete_adapter(model, name)
+        # kept attached: the next character reuses the layers' SVD bases (deleting would drop them)
     return names
 
 

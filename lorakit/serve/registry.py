@@ -169,9 +169,10 @@ class ServingRegistry:
             if self.budget_bytes is not None and nbytes > self.budget_bytes:
                 raise AdapterLoadError(f"adapter {name!r} needs {nbytes} bytes, more than the whole budget "
                                        f"({self.budget_bytes} bytes)")
+            bases = self._precompute_bases(files)  # SVDs here, not between decode steps
             with self._lock:
                 self._evict_locked(nbytes)
-            self._on_engine(lambda: self._attach(files, name)).result()
+            self._on_engine(lambda: self._attach(files, name, bases)).result()
             with self._lock:
                 self._resident[name] = _Entry(nbytes, refs=1 if pin else 0)
                 self.stats.loads += 1
@@ -187,10 +188,39 @@ class ServingRegistry:
                 raise
             raise AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
 
-    def _attach(self, files, name: str) -> None:
+    def _precompute_bases(self, files) -> dict:
+        """The LoRA-XS SVD bases the adapter needs and the model lacks, computed on the calling thread
+        (reading weights only): the first LoRA-XS load on a base costs one SVD per layer, seconds on
+        CPU, which must not stall the running batch. Problems are left for load_native to report."""
+        from lorakit.attach import _weight_as_out_in
+        from lorakit.layer import AdaptedLinear
+        from lorakit.methods.lora_xs import svd_basis
+
+        config = files.config
+        try:
+            rank, modules = int(config["config"]["r"]), [str(m) for m in config["modules"]]
+        except (KeyError, TypeError, ValueError):
+            return {}
+        if config.get("lorakit_method") != "lora_xs":
+            return {}
+        fresh = {}
+        for module in modules:
+            try:
+                layer = self.model.get_submodule(module)
+                have = layer.basis("lora_xs") if isinstance(layer, AdaptedLinear) else None
+                if have is None or have.rank < rank:
+                    fresh[module] = svd_basis(_weight_as_out_in(layer), rank)
+            except Exception:  # not a linear layer, missing, ...: load_native says what is wrong
+                continue
+        return fresh
+
+    def _attach(self, files, name: str, bases: dict) -> None:
+        from lorakit.io.guard import install_bases
         from lorakit.io.native import load_native
         from lorakit.io.peft_lora import load_lora
 
+        if bases:
+            install_bases(self.model, "lora_xs", bases)  # load_native then finds them and skips its SVDs
         if "lorakit_method" in files.config:
             packed = self.packed and files.config["lorakit_method"] == "lora_xs"
             load_native(self.model, files, name, packed=packed)

@@ -142,3 +142,30 @@ def test_concurrent_first_use_loads_once(adapter_dir):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors and registry.stats.loads == 1
+
+
+def test_lora_xs_bases_are_computed_off_the_engine_thread(adapter_dir, monkeypatch):
+    """The SVDs of a first LoRA-XS load run on the loading thread; the engine thread only attaches."""
+    import lorakit.io.native as native
+    import lorakit.methods.lora_xs as lora_xs
+
+    engine_threads = []
+    real_svd = lora_xs.svd_basis
+
+    def watched_svd(*args, **kwargs):
+        import threading as th
+
+        engine_threads.append(th.current_thread().name)
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(lora_xs, "svd_basis", watched_svd)
+    monkeypatch.setattr(native, "svd_basis", watched_svd)
+    model = tiny_llama()
+    engine = Engine(model).start()
+    try:
+        registry = ServingRegistry(model, adapter_dir, engine=engine)
+        registry.load("xs0")
+        assert engine.submit([3, 4], "xs0", SamplingParams(max_tokens=2)).result().reason in ("length", "stop")
+    finally:
+        engine.close()
+    assert engine_threads and "lorakit-engine" not in engine_threads
