@@ -252,7 +252,7 @@ def test_many_concurrent_clients_get_their_adapters_output_while_adapters_come_a
         assert got == want[k], (k, jobs[k][1])
     stats = server.engine.stats
     assert stats.max_running > 4
-    assert server.registry.stats.loads > len(NAMES) and server.registry.stats.unloads + server.registry.stats.evictions > 0
+    assert server.registry.stats.unloads + server.registry.stats.evictions > 0  # adapters really came and went
     print(f"\n48 clients: {elapsed:.2f}s, {stats.completion_tokens / elapsed:.0f} tok/s, max batch {stats.max_running}, "
           f"loads {server.registry.stats.loads}, evictions {server.registry.stats.evictions}, "
           f"unloads {server.registry.stats.unloads}")
