@@ -3,10 +3,11 @@
 from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
                               count_trainable, delete_adapter)
 from lorakit.attach import adapted_layers, attach, find_targets
-from lorakit.config import LoraConfig, LoraXSConfig, VeraConfig
+from lorakit.config import LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import *  # noqa: F401,F403 - the exception classes are part of the API
 from lorakit.layer import AdaptedLinear
 from lorakit.merge import merge, merge_and_unload, merged_names, swap_merged, unmerge
+from lorakit.quant import quantize
 from lorakit.routing import Route, disable_adapters, use_adapter, use_route
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLinear", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",
     "adapter_names", "adapter_parameters", "adapter_state_dict", "attach", "count_trainable",
-    "delete_adapter", "disable_adapters", "find_targets", "merge", "merge_and_unload", "merged_names",
+    "delete_adapter", "disable_adapters", "find_targets", "merge", "merge_and_unload", "merged_names", "PrefixConfig",
+    "quantize",
     "Route", "swap_merged", "unmerge", "use_adapter", "use_route",
 ]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lorakit.attach import adapted_layers, freeze_base
-from lorakit.config import AdapterConfig
+from lorakit.config import AdapterConfig, PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
 from lorakit.registry import get_registry
 
@@ -26,6 +26,10 @@ def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """{module_name: {param: tensor}} flattened as 'module.param' — only what adapter `name` trained."""
     config = adapter_config(model, name)
+    if isinstance(config, PrefixConfig):  # on no linear layer: the prefix adapter's own tensors
+        from lorakit.prefix_hook import prefix_adapter
+
+        return {k: v.detach() for k, v in prefix_adapter(model, name).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     registry = get_registry(model)
     if name in registry.packed:  # packed LoRA-XS: the trained R, unscaled
@@ -43,7 +47,10 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The trainable parameters of adapter `name` (what an optimiser should get)."""
-    adapter_config(model, name)
+    if isinstance(adapter_config(model, name), PrefixConfig):
+        from lorakit.prefix_hook import prefix_adapter
+
+        return list(prefix_adapter(model, name).parameters())
     return [p for layer in adapted_layers(model).values() if name in layer.adapters
             for p in layer.adapters[name].parameters()]
 
@@ -66,6 +73,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapters:
             del layer.adapters[name]
             layer.drop_unused_bases()
+    if isinstance(registry.configs[name], PrefixConfig):
+        from lorakit.prefix_hook import remove_prefix
+
+        remove_prefix(model, name)
     del registry.configs[name]
     registry.version += 1
     freeze_base(model)

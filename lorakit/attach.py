@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, VeraConfig
+from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
 from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear
@@ -19,6 +19,7 @@ from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_projections
+from lorakit.quant import quantized_base
 from lorakit.registry import AdapterRegistry, get_registry
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
@@ -52,8 +53,10 @@ def _matches(name: str, pattern: str) -> bool:
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Full names of the modules `config` targets, in model order; errors name what exists."""
-    adaptable = [n for n, m in model.named_modules() if n and _is_adaptable(m)]
-    all_names = [n for n, _ in model.named_modules() if n]
+    # lorakit's own modules (a prefix adapter's MLP under `lorakit_prefix`) are never targets
+    all_names = [n for n, _ in model.named_modules() if n and not n.startswith("lorakit_prefix.")]
+    modules = dict(model.named_modules())
+    adaptable = [n for n in all_names if _is_adaptable(modules[n])]
     targets = config.target_modules
     heads = _output_head_names(model)
     if targets == "all-linear":
@@ -94,12 +97,15 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, AdaptedLinear):
         return module.in_features, module.out_features
     w = module.weight
-    if isinstance(module, nn.Linear):
-        return w.shape[1], w.shape[0]
+    if isinstance(module, nn.Linear):  # in_features, not the weight's shape: a 4-bit weight is packed
+        return module.in_features, module.out_features
     return w.shape[0], w.shape[1]  # Conv1D: (in, out)
 
 
 def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
+    quant = module.quant if isinstance(module, AdaptedLinear) else quantized_base(module)
+    if quant is not None:  # a quantized base: its dequantized weight (LoRA-XS takes its SVD from it)
+        return quant.dequantize(module.weight)
     fan_in_fan_out = isinstance(module, AdaptedLinear) and module.fan_in_fan_out or (
         not isinstance(module, (AdaptedLinear, nn.Linear)))
     return module.weight.T if fan_in_fan_out else module.weight
@@ -117,6 +123,10 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     Base parameters are frozen; only adapter parameters require grad. Base state-dict keys are kept.
     """
     check_adapter_name(name)
+    if isinstance(config, PrefixConfig):  # not a linear-layer adapter: keys/values prepended to attention
+        from lorakit.prefix_hook import attach_prefix
+
+        return attach_prefix(model, config, name)
     if not isinstance(config, (LoraConfig, LoraXSConfig, VeraConfig)):
         raise AdapterConfigError(f"unsupported config type {type(config).__name__}")
     registry = get_registry(model, create=True)

@@ -100,15 +100,36 @@ class VeraConfig:
         return 1.0
 
 
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix tuning: trained keys and values put in front of every attention layer's own (no linear changes)."""
+
+    method: ClassVar[str] = "prefix"
+    num_virtual_tokens: int = 20  # prefix length: key/value slots added to every layer
+    prefix_projection: bool = False  # train through a reparameterisation MLP (folded into the prefix when saved)
+    encoder_hidden_size: int | None = None  # the MLP's hidden width; None = the model's key/value width
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or \
+                self.num_virtual_tokens <= 0:
+            raise AdapterConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
+                                                     or self.encoder_hidden_size <= 0):
+            raise AdapterConfigError(f"encoder_hidden_size must be a positive integer or None, got "
+                                     f"{self.encoder_hidden_size!r}")
+        if not isinstance(self.prefix_projection, bool):
+            raise AdapterConfigError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+
+
 AdapterConfig = Union[LoraConfig, LoraXSConfig, VeraConfig]
-CONFIG_CLASSES: dict[str, type] = {c.method: c for c in (LoraConfig, LoraXSConfig, VeraConfig)}
+CONFIG_CLASSES: dict[str, type] = {c.method: c for c in (LoraConfig, LoraXSConfig, VeraConfig, PrefixConfig)}
 
 
 def config_to_dict(config: AdapterConfig) -> dict:
     """A JSON-ready dict of the config, with its method name."""
     data = asdict(config)
     for key in ("target_modules", "exclude_modules"):
-        if isinstance(data[key], tuple):
+        if isinstance(data.get(key), tuple):
             data[key] = list(data[key])
     return {"method": config.method, **data}
 
@@ -130,4 +151,5 @@ def config_from_dict(data: dict) -> AdapterConfig:
     return cls(**data)
 
 
-__all__ = ["LoraConfig", "LoraXSConfig", "VeraConfig", "AdapterConfig", "config_to_dict", "config_from_dict"]
+__all__ = ["LoraConfig", "LoraXSConfig", "PrefixConfig", "VeraConfig", "AdapterConfig", "config_to_dict",
+           "config_from_dict"]

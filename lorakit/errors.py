@@ -59,3 +59,19 @@ class RoutingError(LorakitError, ValueError):
 
 class BaseModelNotFoundError(LorakitError, FileNotFoundError):
     """A base model name is neither embedded, a local directory, nor reachable on the hub."""
+
+
+class QuantizationError(UnsupportedLayerError):
+    """A module cannot be quantized by bitsandbytes (not a linear layer), or quantizing is refused here."""
+
+
+class BitsAndBytesUnavailableError(LorakitError, ImportError):
+    """A quantized (4-bit / 8-bit) base was asked for but the bitsandbytes package is not installed."""
+
+
+class PrefixLengthError(AdapterConfigError):
+    """A prefix (plus the input) is longer than the model's context (max_position_embeddings)."""
+
+
+class PrefixMismatchError(AdapterMismatchError):
+    """A prefix adapter was made for another architecture: layers, key/value heads or head size differ."""

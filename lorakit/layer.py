@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
+from lorakit.quant import quantized_base
 from lorakit.registry import AS_STORED, AdapterRegistry
 from lorakit.routing import current_route
 
@@ -34,7 +35,11 @@ class AdaptedLinear(nn.Module):
         self.fan_in_fan_out = isinstance(base, Conv1D) if isinstance(Conv1D, type) else False
         self.weight = base.weight  # the base's own Parameter: same key, same storage
         self.bias = base.bias
-        if self.fan_in_fan_out:
+        self.quant = quantized_base(base)  # bitsandbytes specifics of a 4/8-bit base (lorakit.quant), else None
+        if self.quant is not None:  # a packed weight's shape is not (out, in)
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.quant.adopt(self)
+        elif self.fan_in_fan_out:
             self.in_features, self.out_features = base.weight.shape
         else:
             self.out_features, self.in_features = base.weight.shape
@@ -43,6 +48,7 @@ class AdaptedLinear(nn.Module):
         self.bases = nn.ModuleDict()
         self.bank_index: int | None = None  # this layer's row in the packed bank, if any
         object.__setattr__(self, "registry", registry)  # plain reference, not a submodule
+        self.training = base.training  # an eval model stays in eval mode (int8 bases compute differently)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -50,6 +56,8 @@ class AdaptedLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.forward(x, self.weight, self.bias)
         weight = self.weight.T if self.fan_in_fan_out else self.weight
         return F.linear(x, weight, self.bias)
 
@@ -70,6 +78,8 @@ class AdaptedLinear(nn.Module):
         return adapter.delta(x, basis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None and x.dtype != torch.float32:  # adapters on a quantized base run in float32
+            return self.forward(x.float()).to(x.dtype)
         out = self.base_forward(x)
         if not self.adapters and self.bank_index is None and not self.registry.merged:
             return out
@@ -132,7 +142,9 @@ class AdaptedLinear(nn.Module):
     def add_factors_(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
         """W ± up·down in W's own layout, with one fused addmm (no dense ΔW temporary)."""
         up, down = up.detach(), down.detach()
-        if self.weight.dtype == torch.float32:
+        if self.quant is not None:  # dequantize, add, requantize (exact bookkeeping in lorakit.quant)
+            self.quant.add_factors_(self, up, down, sign)
+        elif self.weight.dtype == torch.float32:
             if self.fan_in_fan_out:  # W is (in, out)
                 self.weight.addmm_(down.T, up.T, alpha=sign)
             else:
@@ -163,8 +175,11 @@ class AdaptedLinear(nn.Module):
         for key in [k for k in self.bases if k not in used]:
             del self.bases[key]
 
-    def to_plain(self) -> nn.Module:
-        """A plain nn.Linear / Conv1D holding this layer's (possibly merged) weight and bias."""
+    def to_plain(self, full_precision: bool = False) -> nn.Module:
+        """A plain nn.Linear / Conv1D holding this layer's (possibly merged) weight and bias; for a quantized
+        base a bitsandbytes layer, or (full_precision) a float nn.Linear with D(W₀) + ΔW unrounded."""
+        if self.quant is not None:
+            return self.quant.to_plain(self, full_precision)
         if self.fan_in_fan_out:
             plain = Conv1D(self.out_features, self.in_features)
         else:

@@ -11,7 +11,10 @@ from torch import nn
 
 from lorakit.attach import adapted_layers, _replace_module
 from lorakit.bank import BANK_ATTR
+from lorakit.config import PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.prefix_hook import unload_prefixes
+from lorakit.quant import dequantize_model
 from lorakit.registry import REGISTRY_ATTR, get_registry
 
 
@@ -22,6 +25,9 @@ def merge(model: nn.Module, name: str) -> None:
         raise AdapterNotFoundError(f"adapter {name!r} not attached; attached: {sorted(registry.configs)}")
     if name in registry.merged:
         raise MergeStateError(f"adapter {name!r} is already merged")
+    if isinstance(registry.configs[name], PrefixConfig):
+        raise MergeStateError(f"adapter {name!r} is a prefix adapter: it adds attention keys and values, not a weight "
+                              "update, so there is nothing to merge")
     layers = [layer for layer in adapted_layers(model).values() if layer.has(name)]
     factors = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
     for layer, (up, down) in zip(layers, factors):
@@ -52,6 +58,8 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
         raise AdapterNotFoundError(f"adapter {new!r} not attached; attached: {sorted(registry.configs)}")
     if new in registry.merged:
         raise MergeStateError(f"adapter {new!r} is already merged")
+    if isinstance(registry.configs[new], PrefixConfig):
+        raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
     plan = []
     for layer in adapted_layers(model).values():
         ups, downs = [], []
@@ -72,9 +80,13 @@ def merged_names(model: nn.Module) -> list[str]:
     return list(get_registry(model).merged)
 
 
-def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, names: str | list[str] | None = None, *,
+                     full_precision: bool = False) -> nn.Module:
     """Merge `names` (default: the only adapter, or what is already merged) and return the model with
-    plain layers and standard state-dict keys. Other adapters are dropped."""
+    plain layers and standard state-dict keys. Other adapters (prefix adapters too) are dropped.
+
+    On a quantized base the merged layers stay bitsandbytes layers (requantized), unless `full_precision`:
+    then every quantized layer becomes a float nn.Linear, the merged ones holding D(W₀) + ΔW unrounded."""
     registry = get_registry(model)
     if names is None:
         if registry.merged:
@@ -88,7 +100,10 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
         if name not in registry.merged:
             merge(model, name)
     for full_name, layer in adapted_layers(model).items():
-        _replace_module(model, full_name, layer.to_plain())
+        _replace_module(model, full_name, layer.to_plain(full_precision=full_precision))
+    if full_precision:
+        dequantize_model(model)
+    unload_prefixes(model)
     for attr in (REGISTRY_ATTR, BANK_ATTR):  # the model is plain again
         model.__dict__.pop(attr, None)
     for param in model.parameters():

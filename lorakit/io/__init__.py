@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.adapters import adapter_config
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, PrefixConfig
 from lorakit.errors import UnsupportedAdapterError
 from lorakit.io.bases import load_bases, save_bases
 from lorakit.io.export import export_to_peft
@@ -26,12 +26,16 @@ from lorakit.io.files import read_adapter_dir
 from lorakit.io.info import read_adapter_info
 from lorakit.io.native import load_native, save_native
 from lorakit.io.peft_lora import load_lora, save_lora
+from lorakit.io.prefix import PEFT_TYPE as PREFIX_PEFT_TYPE, load_prefix, save_prefix
 
 
 def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
     """Write adapter `name` to directory `path` (replaced atomically if it is an adapter directory)."""
-    if isinstance(adapter_config(model, name), LoraConfig):
+    config = adapter_config(model, name)
+    if isinstance(config, LoraConfig):
         return save_lora(model, name, path)
+    if isinstance(config, PrefixConfig):  # PEFT's prefix-tuning layout (lorakit.io.prefix)
+        return save_prefix(model, name, path)
     return save_native(model, name, path)
 
 
@@ -54,6 +58,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     name = default_name(path) if name is None else name
     if "lorakit_method" in files.config:
         return load_native(model, files, name, strict=strict, packed=packed)
+    if files.config.get("peft_type") == PREFIX_PEFT_TYPE and not packed:
+        return load_prefix(model, files, name)
     if packed:
         raise UnsupportedAdapterError(f"{path}: only LoRA-XS adapters can be loaded packed; this is a PEFT LoRA file")
     return load_lora(model, files, name, strict=strict)
