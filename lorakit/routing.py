@@ -65,7 +65,13 @@ def route_for(registry: "AdapterRegistry", names: RowNames) -> Iterator[Route]:
     bad = [n for n in wanted if n is not None and not isinstance(n, str)]
     if bad:
         raise RoutingError(f"adapter names must be str or None, got {bad[:3]!r}")
-    route = Route(names)
+    with _installed(registry, Route(names)) as route:
+        yield route
+
+
+@contextmanager
+def _installed(registry: "AdapterRegistry", route: Route) -> Iterator[Route]:
+    """Make `route` the current one for `registry` in this context, restoring the previous on exit."""
     routes = dict(_ROUTES.get())
     routes[id(registry)] = route
     token = _ROUTES.set(MappingProxyType(routes))
@@ -84,13 +90,8 @@ def use_route(model: "nn.Module", route: Route) -> Iterator[Route]:
     registry = get_registry(model)
     with route_for(registry, route.names):  # validates the names against the model
         pass
-    routes = dict(_ROUTES.get())
-    routes[id(registry)] = route
-    token = _ROUTES.set(MappingProxyType(routes))
-    try:
+    with _installed(registry, route):
         yield route
-    finally:
-        _ROUTES.reset(token)
 
 
 def use_adapter(model: "nn.Module", names: str | None | Sequence[str | None]):
