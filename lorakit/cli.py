@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -307,13 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_data_parser(sub)
-    for name, target, text in (("serve", "lorakit.serve.cli", "serve adapters over HTTP (OpenAI-compatible)"),
-                               ("demo", "lorakit.serve.demo", "train character adapters, then serve the chat page"),
-                               ("bench", None, "benchmarks: `bench speed` or `bench memory`")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args, target=target: _delegate(target, args.rest))
+    for name, (target, text) in DELEGATED.items():  # listed in --help; main() hands their argv over untouched
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+# Subcommands that own their flags: `lorakit NAME ...` runs NAME's own main(argv) with the rest of the line.
+DELEGATED: dict[str, tuple[str | None, str]] = {
+    "serve": ("lorakit.serve.cli", "serve adapters over HTTP (OpenAI-compatible)"),
+    "demo": ("lorakit.serve.demo", "train character adapters, then serve the chat page"),
+    "bench": (None, "benchmarks: `bench speed`, `bench memory`, `bench accuracy` or `bench serve`"),
+}
+BENCHMARKS = {"speed": "lorakit.bench.speed", "memory": "lorakit.bench.memory",
+              "accuracy": "lorakit.bench.accuracy", "serve": "lorakit.bench.serve_load"}
 
 
 def _delegate(target: str | None, rest: list[str]) -> int:
@@ -321,25 +327,33 @@ def _delegate(target: str | None, rest: list[str]) -> int:
     import importlib
 
     if target is None:  # bench: the first word picks the benchmark
-        kinds = {"speed": "lorakit.bench.speed", "memory": "lorakit.bench.memory"}
-        if not rest or rest[0] not in kinds:
-            print(f"usage: lorakit bench {{{','.join(kinds)}}} [options]", file=sys.stderr)
+        if not rest or rest[0] not in BENCHMARKS:
+            usage = f"usage: lorakit bench {{{','.join(BENCHMARKS)}}} [options]"
+            if rest and rest[0] in ("-h", "--help"):
+                print(usage)
+                return 0
+            print(usage, file=sys.stderr)
             return 2
-        target, rest = kinds[rest[0]], rest[1:]
+        target, rest = BENCHMARKS[rest[0]], rest[1:]
     result = importlib.import_module(target).main(rest)
     return result if isinstance(result, int) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a LorakitError, with a one-line message)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag in ("steps", "rank"):
-        value = getattr(args, flag, None)
-        if value is not None and value <= 0:
-            parser.error(f"--{flag} must be a positive integer, got {value}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        command = partial(_delegate, DELEGATED[argv[0]][0], argv[1:])
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        for flag in ("steps", "rank"):
+            value = getattr(args, flag, None)
+            if value is not None and value <= 0:
+                parser.error(f"--{flag} must be a positive integer, got {value}")
+        command = partial(args.func, args)
     try:
-        return args.func(args)
+        return command()
     except LorakitError as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"lorakit: error: {message}", file=sys.stderr, flush=True)

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lorakit.errors import BitsAndBytesUnavailableError, QuantizationError
 

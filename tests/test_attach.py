@@ -115,6 +115,11 @@ def test_duplicate_and_invalid_names():
     for bad in ["", "a.b", "../x", "a b"]:
         with pytest.raises(AdapterConfigError):
             lorakit.attach(model, LoraConfig(r=2), bad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for reserved in ["train", "eval", "forward", "to"]:  # nn.Module attributes cannot be ModuleDict keys
+        with pytest.raises(AdapterConfigError, match="reserved"):
+            lorakit.attach(model, LoraConfig(r=2), reserved)
+    assert model.state_dict().keys() == before.keys() and lorakit.adapter_names(model) == ["a"]
 
 
 def test_plain_torch_module_and_conv1d_directly():

@@ -48,3 +48,67 @@ def test_quickstart_quick_end_to_end(tmp_path):
     res = _run("quickstart", "--quick", "--out", str(tmp_path / "qs"), timeout=1800)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "EM" in res.stdout and (tmp_path / "qs" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def tiny_base_and_adapter(tmp_path):
+    """A tiny Llama saved as an HF directory, a trained-looking LoRA-XS adapter for it, and its logits."""
+    from lorakit.io import save_adapter
+    from lorakit.models import load_base
+    from tests.conftest import randomize_adapters
+    from tests.train.conftest import save_tiny_llama
+
+    base_dir = save_tiny_llama(tmp_path / "base")
+    model, _ = load_base(str(base_dir))
+    lorakit.attach(model, lorakit.LoraXSConfig(r=4), "xs")
+    randomize_adapters(model, std=0.5)
+    save_adapter(model, "xs", tmp_path / "adapter")
+    ids = torch.randint(6, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    with lorakit.use_adapter(model, "xs"), torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    with lorakit.disable_adapters(model), torch.no_grad():
+        base = model(input_ids=ids).logits
+    assert (adapted - base).abs().max() > 1e-3  # the adapter changes the outputs
+    return base_dir, tmp_path / "adapter", ids, adapted
+
+
+def test_merge_writes_a_plain_model_with_the_adapted_outputs(tiny_base_and_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapter, ids, adapted = tiny_base_and_adapter
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()  # plain transformers, no lorakit
+    plain = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert set(merged.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - adapted).abs().max() < 1e-5
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_export_to_peft_loads_in_peft_with_the_same_outputs(tiny_base_and_adapter, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapter, ids, adapted = tiny_base_and_adapter
+    out = tmp_path / "peft"
+    assert main(["export", "--to", "peft", str(adapter), "--base", str(base_dir), "--out", str(out)]) == 0
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - adapted).abs().max() < 1e-5
+
+
+def test_merge_refuses_a_non_empty_out_and_keeps_its_files(tiny_base_and_adapter, tmp_path, capsys):
+    base_dir, adapter, _, _ = tiny_base_and_adapter
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(out)]) == 2
+    assert "lorakit: error:" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [["serve", "--help"], ["bench", "--help"], ["bench", "accuracy", "--help"]])
+def test_delegated_commands_print_their_own_help(command):
+    res = _run(*command)
+    assert res.returncode == 0, res.stderr
+    assert "usage" in res.stdout.lower()

@@ -27,15 +27,6 @@ from tests.conftest import tiny_llama
 SMOL = "smollm2-135m"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two-thread OpenMP crawls when the 2-core box is shared (7 s vs 0.1 s a forward); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     return load_base(SMOL)  # default cache: converts once on a fresh machine, then ~0.2 s

@@ -21,15 +21,6 @@ CONFIGS = {"lora": LoraConfig(r=4, lora_alpha=8), "lora_xs": LoraXSConfig(r=4, i
 REL_TOLERANCE = {"nf4": 0.2, "fp4": 0.2, "int8": 0.01}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a busy shared CPU run ~100x faster on one thread than on spinning OpenMP workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _quantized(arch: str, quant_type: str = "nf4", seed: int = 0):
     return lorakit.quantize(MODEL_FACTORIES[arch](seed), quant_type)
 

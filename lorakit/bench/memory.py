@@ -19,8 +19,6 @@ Run: python -m lorakit.bench.memory [--repeats 3] [--batch 2] [--seq 64] [--out 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -30,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorakit.bench.peak import peak_kib, release_and_reset_peak, status_kib
+
 CONFIGS = ("lorakit-qlora", "lorakit-fp32", "peft-qlora")
 TEXTS = ["The capital of France is Paris, and the capital of Germany is Berlin.",
          "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
@@ -38,38 +38,6 @@ TEXTS = ["The capital of France is Paris, and the capital of Germany is Berlin."
 
 
 # ------------------------------------------------------------------------------- inside a worker
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _release_and_reset_peak() -> bool:
-    """Return freed heap to the kernel, then reset the resident high-water mark; False if not allowed."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kib(reset_ok: bool) -> tuple[int, str]:
-    if reset_ok and _status_kib("VmHWM") is not None:
-        return _status_kib("VmHWM"), "VmHWM since reset"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss (whole process)"
-
 
 def _storage_bytes(model) -> int:
     """Bytes of every parameter and buffer the model holds (packed 4-bit data and its statistics included)."""
@@ -146,17 +114,17 @@ def worker(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     storage = _storage_bytes(model)
-    reset_ok = _release_and_reset_peak()
-    resident_kib = _status_kib("VmRSS") or 0
+    reset_ok = release_and_reset_peak()
+    resident_kib = status_kib("VmRSS") or 0
     times = []
     step()  # warm-up: optimiser state and autograd buffers are allocated here (and counted in the peak)
     for _ in range(args.steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak_kib, how = _peak_kib(reset_ok)
-    return {"config": args.worker, "step_s": statistics.median(times), "peak_mib": peak_kib / 1024,
-            "resident_before_mib": resident_kib / 1024, "step_extra_mib": (peak_kib - resident_kib) / 1024,
+    peak, how = peak_kib(reset_ok)
+    return {"config": args.worker, "step_s": statistics.median(times), "peak_mib": peak / 1024,
+            "resident_before_mib": resident_kib / 1024, "step_extra_mib": (peak - resident_kib) / 1024,
             "model_storage_mib": storage / 2**20, "bits_per_weight": bits, "peak_measure": how,
             "setup_s": setup_s, "trainable": sum(p.numel() for p in params)}
 

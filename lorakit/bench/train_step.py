@@ -51,8 +51,8 @@ def build(impl: str, method: str, rank: int, model_name: str):
 
         config = (lorakit.LoraConfig(r=rank, lora_alpha=2 * rank) if method == "lora"
                   else lorakit.LoraXSConfig(r=rank, lora_alpha=rank))
-        lorakit.attach(model, config, "train")
-        params = lorakit.adapter_parameters(model, "train")
+        lorakit.attach(model, config, "bench")
+        params = lorakit.adapter_parameters(model, "bench")
     else:
         import peft
 

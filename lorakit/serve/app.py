@@ -75,6 +75,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     logprobs: Any = None
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever the model says (load tests)
 
 
 class CompletionBody(_Sampling):
@@ -143,7 +144,7 @@ class Server:
             raise ApiError(400, "stop takes at most 4 non-empty strings of up to 256 characters", param="stop")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  stop=tuple(stop), seed=body.seed)
+                                  stop=tuple(stop), seed=body.seed, ignore_eos=body.ignore_eos)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
 
@@ -244,7 +245,7 @@ def create_app(server: Server):
 
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from lorakit.serve.page import render_page

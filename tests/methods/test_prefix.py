@@ -16,15 +16,6 @@ from tests.conftest import MODEL_FACTORIES, model_output, randomize_adapters
 GEN = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a busy shared CPU run far faster on one thread than on spinning OpenMP workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prefixed(arch: str, seed: int = 0):
     """A tiny model with prefixes "p" (3 slots), "q" (5 slots, through the MLP) and a LoRA "l"."""
     model = MODEL_FACTORIES[arch](seed)

@@ -107,15 +107,6 @@ def class_rows(n: int = 24, pair: bool = False) -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's cores are shared: one intra-op thread keeps these tiny models fast and steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_config(base: Path, data: Path, out: Path, **kw):
     from lorakit.train import TrainConfig
 

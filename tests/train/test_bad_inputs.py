@@ -21,7 +21,7 @@ BAD = ['{"prompt": "1+1=", "completion": "2"}', '{"prompt": "2+2=", "completion"
 
 def test_malformed_line_names_file_and_line(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", BAD)
-    with pytest.raises(DataFormatError, match=rf"d\.jsonl:2: .*--on-bad-line skip"):
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:2: .*--on-bad-line skip"):
         train(run_config(llama_dir, data, tmp_path / "run", steps=2))
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
 
