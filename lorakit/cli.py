@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_data_parser(sub)
-    for name, (target, text) in DELEGATED.items():  # listed in --help; main() hands their argv over untouched
+    for name, (_, text) in DELEGATED.items():  # listed in --help; main() hands their argv over untouched
         sub.add_parser(name, help=text, add_help=False)
     return parser
 

@@ -15,7 +15,7 @@ from lorakit.io import save_adapter
 from lorakit.serve.app import BackgroundServer, ServeConfig, create_app, make_server
 from tests.serve.conftest import greedy_alone, tiny_chat_llama, with_adapters
 
-NAMES = ["pirate", "robot", "poet", "lora4"]
+NAMES = ["pirate", "robot", "poet", "lora4"] + [f"c{i:02d}" for i in range(12)]  # 16 adapters
 
 
 @pytest.fixture(scope="module")
@@ -201,14 +201,15 @@ def test_api_key(tokenizer, adapter_dir):
 
 def test_many_concurrent_clients_get_their_adapters_output_while_adapters_come_and_go(tokenizer, source,
                                                                                        adapter_dir):
-    """48 clients over 5 models (streaming and not) while a churner loads and unloads adapters and a
-    budget of one LoRA adapter forces evictions: every client gets exactly its adapter's greedy output."""
+    """64 clients over the 16 adapters and the base (streaming and not) while a churner loads and unloads
+    adapters and a budget of one LoRA adapter forces evictions: every client gets exactly its adapter's
+    greedy output."""
     one = max(sum(t.numel() * t.element_size() for t in _tensors(adapter_dir / n)) for n in NAMES)
     server = make_server(tiny_chat_llama(len(tokenizer)), tokenizer, adapter_dir, max_batch=16, budget_bytes=one,
                          config=ServeConfig(base_name="tiny"))
     models = ["tiny"] + NAMES
-    prompts = [f"Question {k}: what is {k} plus {k}?" for k in range(48)]
-    jobs = [(prompts[k], models[k % len(models)], k % 2 == 0) for k in range(48)]
+    prompts = [f"Question {k}: what is {k} plus {k}?" for k in range(64)]
+    jobs = [(prompts[k], models[k % len(models)], k % 2 == 0) for k in range(64)]
     want = {k: expected_text(source, tokenizer, tokenizer(p).input_ids, None if m == "tiny" else m, 8)
             for k, (p, m, _) in enumerate(jobs)}
 
@@ -253,7 +254,7 @@ def test_many_concurrent_clients_get_their_adapters_output_while_adapters_come_a
     stats = server.engine.stats
     assert stats.max_running > 4
     assert server.registry.stats.unloads + server.registry.stats.evictions > 0  # adapters really came and went
-    print(f"\n48 clients: {elapsed:.2f}s, {stats.completion_tokens / elapsed:.0f} tok/s, max batch {stats.max_running}, "
+    print(f"\n64 clients: {elapsed:.2f}s, {stats.completion_tokens / elapsed:.0f} tok/s, max batch {stats.max_running}, "
           f"loads {server.registry.stats.loads}, evictions {server.registry.stats.evictions}, "
           f"unloads {server.registry.stats.unloads}")
 
