@@ -8,6 +8,7 @@ from torch import nn
 from lorakit.attach import adapted_layers, freeze_base
 from lorakit.config import AdapterConfig, PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.lora_stack import unshare
 from lorakit.registry import get_registry
 
 
@@ -66,17 +67,23 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapter_config(model, name)
     if name in registry.merged:
         raise MergeStateError(f"adapter {name!r} is merged; unmerge it before deleting")
-    if name in registry.packed:
+    packed = name in registry.packed
+    if packed:  # its cores live in the bank alone: no layer changes, so cached layer maps stay valid
         registry.bank.remove(name)
         registry.packed.discard(name)
-    for layer in adapted_layers(model).values():
+    layers_changed = False
+    for layer in ({} if packed else registry.layer_map(model)).values():
         if name in layer.adapters:
+            unshare(layer, name)  # the LoRA stack (lorakit.lora_stack) would keep the adapter's memory alive
             del layer.adapters[name]
             layer.drop_unused_bases()
+            layers_changed = True
     if isinstance(registry.configs[name], PrefixConfig):
         from lorakit.prefix_hook import remove_prefix
 
         remove_prefix(model, name)
     del registry.configs[name]
-    registry.version += 1
-    freeze_base(model)
+    if layers_changed:
+        registry.version += 1
+    if not packed:
+        freeze_base(model)

@@ -2,9 +2,12 @@
 
     shared-basis methods (LoRA-XS, VeRA)             LoRA
     h = x·Aᵀ            once for all rows (B,T,r)    few distinct adapters: group rows, one pair of
-    h_i = h_i·C_iᵀ      per-row core: R_i (r×r),     matmuls per adapter, index_add back
-                        or diag(d_i)                 many: gather each row's A_i, B_i, two bmm
-    out += h·Bᵀ (⊙ b_i) once for all rows
+    h_i = h_i·C_iᵀ      per-row core: R_i (r×r),     fused matmuls per adapter, index_add_ back
+                        or diag(d_i)                 many: pick each row's A_i, B_i from the layer's
+    out += h·Bᵀ (⊙ b_i) once for all rows            LoRA stack (lorakit.lora_stack), bmm + baddbmm_
+
+Deltas are added into the base output in place (it is fresh, as in AdaptedLinear.add_delta_), so no
+output-sized temporary is allocated per adapter kind.
 
 So a batch mixing any number of LoRA-XS adapters costs about one adapter: the per-row part is an
 r×r product. Adapters of lower rank are zero-padded to the basis rank (exact: the top-r singular
@@ -17,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from lorakit import lora_stack
 
 if TYPE_CHECKING:
     from lorakit.layer import AdaptedLinear
@@ -67,15 +72,25 @@ def add_per_row_deltas(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tenso
     for m in merged:  # rows not routed to a merged adapter must not see it
         rows = [i for i, n in enumerate(names) if n != m]
         if rows:
-            out = _index_add(out, rows, lambda xs: -layer.delta(m, xs), x)
+            out = _add_rows(layer, m, -1.0, out, rows, x)
     return out
 
 
-def _index_add(out: torch.Tensor, rows: list[int], fn, x: torch.Tensor) -> torch.Tensor:
+def _add_rows(layer: "AdaptedLinear", name: str, sign: float, out: torch.Tensor, rows: list[int],
+              x: torch.Tensor) -> torch.Tensor:
+    """out[rows] += sign·Δ_name(x[rows]), in place like AdaptedLinear.add_delta_ (the base output is fresh)."""
     if len(rows) == x.shape[0]:
-        return out + fn(x)
+        layer.add_delta_(name, out, x, sign)
+        return out
     idx = torch.tensor(rows, device=x.device)
-    return out.index_add(0, idx, fn(x.index_select(0, idx)).to(out.dtype))
+    xs = x.index_select(0, idx)
+    delta = xs.new_zeros(*xs.shape[:-1], out.shape[-1])
+    layer.add_delta_(name, delta, xs, sign)
+    return out.index_add_(0, idx, delta.to(out.dtype))
+
+
+def _add_(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return out.add_(delta.reshape(out.shape))
 
 
 def _row_index(groups: dict[str, list[int]], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +122,14 @@ def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: to
             cores.append(core)
         stack = torch.stack(cores)[slot] * active[:, None, None]  # (B, r_max, r_max)
         h = torch.bmm(h, stack.transpose(1, 2))  # (B, T, r_max)
-        delta = torch.matmul(h, basis.up.T)  # (B, T, out)
-    else:  # VeRA: diagonal cores
-        d = torch.stack([a.vera_lambda_d for a in adapters])[slot]  # (B, r)
-        b = torch.stack([a.vera_lambda_b for a in adapters])[slot] * active[:, None]  # (B, out)
-        delta = torch.matmul(h * d[:, None, :], basis.up.T) * b[:, None, :]
-    return out + delta.reshape(out.shape)
+        if out.is_contiguous():  # out += h·upᵀ as one fused GEMM
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r_max), basis.up.T)
+            return out
+        return _add_(out, torch.matmul(h, basis.up.T))
+    # VeRA: diagonal cores
+    d = torch.stack([a.vera_lambda_d for a in adapters])[slot]  # (B, r)
+    b = torch.stack([a.vera_lambda_b for a in adapters])[slot] * active[:, None]  # (B, out)
+    return _add_(out, torch.matmul(h * d[:, None, :], basis.up.T) * b[:, None, :])
 
 
 def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
@@ -129,41 +146,74 @@ def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
     h = torch.matmul(x.reshape(batch, -1, x.shape[-1]), down.T)  # (B, T, r)
     cores = bank.cores[layer.bank_index].index_select(0, slots)  # (B, r, r); slot 0 is zero
     h = torch.bmm(h, cores.transpose(1, 2))
-    return out + torch.matmul(h, up.T).reshape(out.shape)
+    if out.is_contiguous():  # out += h·upᵀ as one fused GEMM
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T)
+        return out
+    return _add_(out, torch.matmul(h, up.T))
 
 
 def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
               groups: dict[str, list[int]], cache: dict) -> torch.Tensor:
     if len(groups) <= GROUP_LOOP_MAX:
         for name, rows in groups.items():
-            out = _index_add(out, rows, lambda xs, n=name: layer.delta(n, xs), x)
+            out = _add_rows(layer, name, 1.0, out, rows, x)
         return out
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
     adapters = [layer.adapters[n] for n in groups]
-    a_rows, b_rows = _gathered_lora(layer, adapters, groups, batch, x.device, cache)
-    h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
-    return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
+    picked = None if torch.is_grad_enabled() or layer.training else _stacked_rows(layer, groups, batch, x.device, cache)
+    if picked is None:  # training (gradients must reach each adapter's own parameters), or no common stack
+        a_rows, b_rows = _gathered_lora(adapters, groups, batch, x.device)
+        h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
+        return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
+    a_rows, b_rows, coef = picked
+    h = torch.bmm(x3, a_rows).mul_(coef)  # (B, T, r), scaled per row (0 for rows of other kinds)
+    if out.is_contiguous():  # out += h·Bᵀ row by row, fused, no temporary
+        out.view(batch, -1, out.shape[-1]).baddbmm_(h, b_rows)
+        return out
+    return _add_(out, torch.bmm(h, b_rows))
 
 
-def _gathered_lora(layer: "AdaptedLinear", adapters: list, groups: dict[str, list[int]], batch: int,
-                   device: torch.device, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's A (B, r, in) and scaled B (B, out, r), lower ranks zero-padded (exact).
+def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: int, device: torch.device,
+                  cache: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Each row's Aᵀ (B, in, r_max) and Bᵀ (B, r_max, out), picked from the layer's LoRA stack by one
+    index_select each, and its scaling (B, 1, 1), 0 for rows of other adapter kinds.
 
-    In inference the gathered tensors are kept in the route's cache, so decoding step after step
-    under one route gathers once; parameter version counters guard against in-place edits.
+    Kept in the route's cache, so decoding step after step under one route picks once. The entry is
+    checked against the parameters' own version counters (bumped by any in-place edit; `.data` views
+    keep their own counters, not the stack's) and against the stack still backing the first adapter.
     """
-    versions = tuple(a.lora_A._version + a.lora_B._version for a in adapters)
-    key = ("lora_rows", id(layer), layer.registry.version)
+    key = ("lora_stack_rows", id(layer))
     hit = cache.get(key)
-    if hit is not None and hit[0] == versions and not torch.is_grad_enabled():
-        return hit[1], hit[2]
+    first = next(iter(groups))
+    if hit is not None:
+        stack, params, versions, picked = hit
+        if (stack is getattr(layer, lora_stack.ATTR, None) and tuple(p._version for p in params) == versions
+                and stack.holds(layer, first)):
+            return picked
+    stack = lora_stack.stack_for(layer, tuple(groups))
+    if stack is None or stack.a.device != device:
+        return None
+    slot, coef = [0] * batch, [0.0] * batch  # built in Python: one tensor each, not one index_put per adapter
+    for name, rows in groups.items():
+        k = stack.index[name]
+        for row in rows:
+            slot[row], coef[row] = k, stack.scales[k]
+    slot_t = torch.tensor(slot, device=device)
+    picked = (stack.a.index_select(0, slot_t), stack.b.index_select(0, slot_t),
+              torch.tensor(coef, dtype=stack.a.dtype, device=device)[:, None, None])
+    params = [p for name in groups for p in (layer.adapters[name].lora_A, layer.adapters[name].lora_B)]
+    cache[key] = (stack, params, tuple(p._version for p in params), picked)
+    return picked
+
+
+def _gathered_lora(adapters: list, groups: dict[str, list[int]], batch: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's A (B, r, in) and scaled B (B, out, r), lower ranks zero-padded (exact), built from the
+    adapters' own parameters so that gradients reach them."""
     slot, active = _row_index(groups, batch, device)
     r_max = max(a.r for a in adapters)
     pad = torch.nn.functional.pad
     a_rows = torch.stack([pad(a.lora_A, (0, 0, 0, r_max - a.r)) for a in adapters])[slot]  # (B, r, in)
     b_rows = torch.stack([pad(a.lora_B * a.scaling, (0, r_max - a.r)) for a in adapters])[slot]  # (B, out, r)
-    b_rows = b_rows * active[:, None, None]
-    if not torch.is_grad_enabled():
-        cache[key] = (versions, a_rows, b_rows)
-    return a_rows, b_rows
+    return a_rows, b_rows * active[:, None, None]

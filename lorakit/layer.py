@@ -57,7 +57,12 @@ class AdaptedLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            return self.quant.forward(x, self.weight, self.bias)
+            out = self.quant.forward(x, self.weight, self.bias)
+            if out.requires_grad and out._base is not None:
+                # bitsandbytes (>= 0.49, layers with a bias) may return a view of its custom Function's output;
+                # adapters add into the base output in place, which autograd forbids on such a view
+                out = out.clone()
+            return out
         weight = self.weight.T if self.fan_in_fan_out else self.weight
         return F.linear(x, weight, self.bias)
 

@@ -1,5 +1,7 @@
 """Invariants of the adapted layer on whole models: merged ≡ unmerged, disabled ≡ base, per-row ≡ alone."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -107,9 +109,11 @@ def test_gradients_reach_only_the_routed_adapter(ids):
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad", "inference_mode"])
 @pytest.mark.parametrize("n_adapters", [2, 9])
-def test_many_adapters_mixed_methods_and_ranks_in_one_batch(n_adapters):
-    """The shared-basis and gathered paths agree with running each adapter alone (prefill)."""
+def test_many_adapters_mixed_methods_and_ranks_in_one_batch(n_adapters, grad_mode):
+    """The shared-basis and gathered paths agree with running each adapter alone (prefill), whether
+    gradients are on (per-adapter parameters) or off (the layer's LoRA stack, lorakit.lora_stack)."""
     model = MODEL_FACTORIES["llama"]()
     names = []
     for i in range(n_adapters):
@@ -121,7 +125,8 @@ def test_many_adapters_mixed_methods_and_ranks_in_one_batch(n_adapters):
     names += ["vera", None, "lora_small"]
     randomize_adapters(model)
     ids = torch.randint(0, 101, (len(names), 6), generator=torch.Generator().manual_seed(1))
-    with lorakit.use_adapter(model, names):
+    mode = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    with mode[grad_mode](), lorakit.use_adapter(model, names):
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(names):
         with (lorakit.use_adapter(model, name) if name else lorakit.disable_adapters(model)):
@@ -131,10 +136,11 @@ def test_many_adapters_mixed_methods_and_ranks_in_one_batch(n_adapters):
 
 def test_decoding_with_kv_cache_and_per_row_adapters_matches_each_alone():
     model = MODEL_FACTORIES["llama"]()
-    for i in range(6):
-        lorakit.attach(model, (LoraConfig(r=4) if i % 2 else LoraXSConfig(r=4, init_std=0.3)), f"a{i}")
+    for i in range(12):  # 6 LoRA (two ranks: the stacked path) and 6 LoRA-XS adapters
+        config = LoraConfig(r=2 + 2 * (i % 4 == 1)) if i % 2 else LoraXSConfig(r=4, init_std=0.3)
+        lorakit.attach(model, config, f"a{i}")
     randomize_adapters(model, std=0.2)
-    names = [f"a{i}" for i in range(6)] + [None]
+    names = [f"a{i}" for i in range(12)] + [None]
     prompt = torch.randint(0, 101, (len(names), 5), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)

@@ -149,6 +149,24 @@ def test_training_on_4bit_base_lowers_loss_and_touches_only_the_adapter(ids, met
     assert all(torch.equal(v, model.state_dict()[n]) for n, v in packed.items())  # base untouched
 
 
+def test_training_through_4bit_linears_with_bias(ids):
+    """bitsandbytes hands back a view when a 4-bit linear has a bias, and the adapters add into the base output
+    in place: without a copy, autograd refused the first backward (BERT-style models, the accuracy benchmark)."""
+    torch.manual_seed(0)
+    model = _quantized("bert")
+    lorakit.attach(model, LoraConfig(r=4, lora_alpha=8), "lora")
+    optimizer = torch.optim.AdamW(lorakit.adapter_parameters(model, "lora"), lr=2e-2)
+    target = torch.randn(model.config.hidden_size)  # LayerNorm fixes the output's scale, not its direction
+    losses = []
+    for _ in range(6):
+        loss = (model(input_ids=ids).last_hidden_state - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(ids):
     grads = []
     for checkpointing in (False, True):

@@ -106,8 +106,9 @@ def test_a_reused_route_sees_in_place_weight_changes(ids):
     """Per-route caches (gathered LoRA weights for decoding) never serve stale adapter weights."""
     from lorakit.routing import Route
 
-    model = _model_with(6)
-    route = Route(tuple(f"a{i}" for i in range(4)))
+    model = _model_with(7)
+    route = Route(tuple(f"a{i}" for i in range(6)))  # more than GROUP_LOOP_MAX: the stacked, cached path
+    ids = torch.randint(0, 101, (6, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         with lorakit.use_route(model, route):
             first = model(input_ids=ids).logits

@@ -143,12 +143,40 @@ def choose(runs: Sequence[RunResult]) -> RunResult:
     return max(runs, key=lambda r: (r.val, -r.val_loss))
 
 
+def reusable_runs(previous: Mapping | None) -> dict[tuple, RunResult]:
+    """Finished runs of an earlier report, keyed by (task, method, lr, seed, steps, batch size): `--resume`
+    reruns only what they do not cover. Quick-mode runs never stand in for full ones, nor the reverse."""
+    if not previous:
+        return {}
+    about = previous.get("tasks", {})
+    fields = set(RunResult.__dataclass_fields__)
+    found = {}
+    for run in previous.get("runs", []):
+        task = about.get(run.get("task"), {})
+        if set(run) >= fields and "steps" in task:
+            found[(run["task"], run["method"], run["lr"], run["seed"], task["steps"], task["batch_size"])] = \
+                RunResult(**{k: run[k] for k in fields})
+    return found
+
+
 def run_plan(plan: Plan, say=print, progress: bool = True, tasks: Mapping[str, Task] = TASKS,
-             on_method_done=None) -> dict:
+             on_method_done=None, reuse: Mapping[tuple, RunResult] | None = None) -> dict:
     """Run everything `plan` asks for; returns {"runs": [...], "base": {...}, "chosen": {...}, "tasks": {...}}.
 
-    `on_method_done(result_so_far)` is called after each method, so a long run can write its report as it goes."""
+    `on_method_done(result_so_far)` is called after each method, so a long run can write its report as it goes.
+    Runs found in `reuse` (see reusable_runs) are taken as they are instead of being trained again."""
     from tqdm.auto import tqdm
+
+    reuse = reuse or {}
+    reused = 0
+
+    def run(task: Task, data: TaskData, method: Method, lr: float, seed: int, steps: int) -> RunResult:
+        nonlocal reused
+        earlier = reuse.get((task.name, method.key, lr, seed, steps, task.batch_size))
+        if earlier is not None:
+            reused += 1
+            return earlier
+        return train_and_score(task, data, method, lr, seed, steps, scratch)
 
     runs: list[RunResult] = []
     bases: dict[str, dict] = {}
@@ -175,22 +203,23 @@ def run_plan(plan: Plan, say=print, progress: bool = True, tasks: Mapping[str, T
                 tried = []
                 for lr in grid(task, method, plan.lr_grid):
                     bar.set_postfix_str(f"{name} {method.key} lr={lr:g}")
-                    tried.append(train_and_score(task, data, method, lr, 0, steps, scratch))
+                    tried.append(run(task, data, method, lr, 0, steps))
                     bar.update(1)
                 best = choose(tried)
                 chosen.setdefault(name, {})[method.key] = best.lr
                 runs += tried
                 for seed in range(1, plan.seeds or task.seeds):
                     bar.set_postfix_str(f"{name} {method.key} seed {seed}")
-                    runs.append(train_and_score(task, data, method, best.lr, seed, steps, scratch))
+                    runs.append(run(task, data, method, best.lr, seed, steps))
                     bar.update(1)
                 say(f"  {method.label:<28} lr {best.lr:g}  val {best.val:5.1f}  test {best.test:5.1f}  "
                     f"{best.trainable:>11,} trainable  {best.train_s:6.1f} s")
                 if on_method_done is not None:
                     on_method_done({"runs": [asdict(r) for r in runs], "base": bases, "chosen": chosen,
-                                    "tasks": about})
+                                    "tasks": about, "reused_runs": reused})
     bar.close()
-    return {"runs": [asdict(r) for r in runs], "base": bases, "chosen": chosen, "tasks": about}
+    return {"runs": [asdict(r) for r in runs], "base": bases, "chosen": chosen, "tasks": about,
+            "reused_runs": reused}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -310,6 +339,9 @@ def markdown(result: dict, rows: Sequence[Row], command: str, images: dict[str, 
              "method's own numbers; a classification head (trained by every method) is listed apart. *File* is the "
              "saved adapter directory, or the fp32 weights a user would keep for full fine-tuning. *Peak* is the "
              "process's resident high-water mark during training (base model included).", ""]
+    if result.get("reused_runs"):
+        lines += [f"{result['reused_runs']} of the {len(result['runs'])} runs were taken from an earlier invocation "
+                  "with the same task settings (`--resume`); *whole run* counts only this one's time.", ""]
     for task in dict.fromkeys(r.task for r in rows):
         t = result["tasks"][task]
         base = result["base"][task]
@@ -371,6 +403,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per chosen learning rate (default: 3 for docstrings, 1 for "
                                              "arithmetic; --quick 1)")
     p.add_argument("--out", default="docs", help="directory for RESULTS.md, results.json and the charts")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already in OUT's results.json that match (task, method, learning rate, seed "
+                        "and the task's steps and batch size); train only the rest")
     return p
 
 
@@ -391,7 +426,22 @@ def main(argv: list[str] | None = None) -> int:
                       plan=asdict(plan), complete=done)
         return write_report(result, Path(args.out), command)
 
-    result = run_plan(plan, say=lambda s: print(s, file=sys.stderr, flush=True), on_method_done=report)
+    previous = None
+    if args.resume:
+        earlier = Path(args.out) / ("results_quick.json" if args.quick else "results.json")
+        if earlier.is_file():
+            import json
+
+            try:
+                previous = json.loads(earlier.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                print(f"lorakit bench accuracy: cannot resume from {earlier}: {exc}", file=sys.stderr)
+                return 2
+    reuse = reusable_runs(previous)
+    if args.resume:
+        print(f"lorakit bench accuracy: {len(reuse)} earlier runs available for reuse", file=sys.stderr)
+    result = run_plan(plan, say=lambda s: print(s, file=sys.stderr, flush=True), on_method_done=report,
+                      reuse=reuse)
     path = report(result, done=True)
     print(path.read_text(encoding="utf-8"))
     print(f"wrote {path}", file=sys.stderr)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import lorakit
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
 from lorakit.bench.timing import interleaved, per_call
+from lorakit.perf import keep_freed_memory
 
 RANK = 16
 
@@ -405,7 +406,7 @@ def plot_curve(curve: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def machine_description() -> str:
+def machine_description(malloc: str = "default") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -420,7 +421,8 @@ def machine_description() -> str:
     return (f"{cpu}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; Python {platform.python_version()}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-            f"lorakit {lorakit.__version__}")
+            f"lorakit {lorakit.__version__}; malloc: "
+            + ("freed memory kept for reuse (lorakit.perf.keep_freed_memory)" if malloc == "keep" else "glibc default"))
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -450,13 +452,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     """Every scenario in turn; the report is rewritten after each one, and a failing scenario is reported
     (with its error) instead of losing the figures of the others."""
     torch.manual_seed(0)
+    malloc = "keep" if getattr(args, "malloc", "keep") == "keep" and keep_freed_memory() else "default"
     start = time.perf_counter()
     full = not args.quick
-    counts = [1, 8, 32, 64, 128] if full else [1, 8, 32]
+    counts = sorted(set(args.counts)) if getattr(args, "counts", None) else [1, 8, 32, 64, 128] if full else [1, 8, 32]
     repeats = args.repeats or (5 if full else 3)
     only = set(args.only or SCENARIOS)
     needs_setup = bool(only & {"prefill", "mixed", "decode", "switch", "merged-swap", "load"})
-    n_lora = (128 if "mixed" in only else 32) if full else 32
+    n_lora = max(32, max(counts)) if "mixed" in only else 32
     setup = Setup(args.model, n_lora=n_lora, n_xs=max(counts)) if needs_setup else None
     agreement = setup.check_same_outputs() if setup else float("nan")
     if agreement > 1e-3:
@@ -489,10 +492,10 @@ def run(args: argparse.Namespace) -> list[Result]:
             out, curve = out
             plot_curve(curve, out_dir / "bench_speed_mixed.png")
         results += out
-        report = render(results, command, machine_description(), agreement, time.perf_counter() - start, failures)
+        report = render(results, command, machine_description(malloc), agreement, time.perf_counter() - start, failures)
         (out_dir / "bench_speed.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
         (out_dir / "bench_speed.md").write_text(report)
-    report = render(results, command, machine_description(), agreement, time.perf_counter() - start, failures)
+    report = render(results, command, machine_description(malloc), agreement, time.perf_counter() - start, failures)
     (out_dir / "bench_speed.md").write_text(report)
     print(report)
     return results
@@ -505,9 +508,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded SmolLM2-135M)")
     parser.add_argument("--quick", action="store_true", help="fewer adapters and repeats (a few minutes)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds per scenario (default 5, quick 3)")
+    parser.add_argument("--counts", type=int, nargs="+",
+                        help="distinct adapters per mixed batch (default 1 8 32 64 128; quick 1 8 32)")
     parser.add_argument("--seq", type=int, default=32, help="tokens per row in the mixed-batch scenarios")
     parser.add_argument("--out", default="docs", help="where bench_speed.md/.json/.png are written")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep (as `lorakit serve` does): glibc keeps freed memory for reuse, for base, PEFT "
+                             "and lorakit alike; default: the C library's own behaviour")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 
 from lorakit.errors import AdapterNotFoundError, CorruptAdapterError, NonFiniteAdapterError
+from lorakit.io.fast_safetensors import read_float_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,7 +65,9 @@ def parse_safetensors(data: bytes, where: Path) -> tuple[dict[str, torch.Tensor]
     if len(data) < 8:
         raise CorruptAdapterError(f"{where} is truncated ({len(data)} bytes): not a safetensors file")
     try:
-        tensors = load_safetensors_bytes(data)
+        tensors = read_float_tensors(data)  # fast for the usual file; None hands it to safetensors
+        if tensors is None:
+            tensors = load_safetensors_bytes(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
     except Exception as exc:  # safetensors raises its own SafetensorError, or ValueError/OSError

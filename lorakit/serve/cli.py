@@ -28,6 +28,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--base-name", default=None, help="the model id of the base (no adapter)")
     parser.add_argument("--preload", action="store_true", help="load every adapter at start-up")
     parser.add_argument("--title", default="lorakit", help="title of the chat page")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: glibc keeps freed memory for reuse (faster CPU forwards, resident size stays "
+                             "near its peak; lorakit.perf); default: the C library's own behaviour")
     return parser
 
 
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
+    if args.malloc == "keep":
+        from lorakit.perf import keep_freed_memory
+
+        keep_freed_memory()
     app, server = build_app(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"lorakit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)

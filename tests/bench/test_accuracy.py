@@ -1,6 +1,7 @@
 """`lorakit bench accuracy` end to end on a tiny classification task: selection, table, claims, charts."""
 
 import json
+import math
 import re
 
 import pytest
@@ -115,3 +116,38 @@ def test_quantized_methods_prepare_a_4bit_base():
     layers = lorakit.adapted_layers(model)
     assert layers and all(layer.quant is not None for layer in layers.values())
     assert type(model.classifier) is torch.nn.Linear  # the head is never quantized
+
+
+def test_resume_trains_only_the_runs_an_earlier_report_lacks(result, monkeypatch):
+    earlier = json.loads(json.dumps(result))  # as read back from results.json
+    reuse = accuracy.reusable_runs(earlier)
+    trained = []
+    real = accuracy.train_and_score
+
+    def counting(task, data, method, lr, seed, steps, scratch):
+        trained.append((method.key, lr, seed))
+        return real(task, data, method, lr, seed, steps, scratch)
+
+    monkeypatch.setattr(accuracy, "train_and_score", counting)
+    plan = accuracy.Plan(tasks=("tiny",), methods=("head", "lora"), seeds=3, lr_grid="full", steps_scale=1.0)
+    again = accuracy.run_plan(plan, say=lambda s: None, progress=False, tasks={"tiny": TINY}, reuse=reuse)
+    chosen = result["chosen"]["tiny"]
+    assert trained == [("head", chosen["head"], 2), ("lora", chosen["lora"], 2)]  # only the third seeds
+    assert again["reused_runs"] == len([r for r in result["runs"] if r["method"] in ("head", "lora")])
+    old = {(r["method"], r["lr"], r["seed"]): r for r in result["runs"]}
+    assert all(r == old[(r["method"], r["lr"], r["seed"])] for r in again["runs"] if r["seed"] < 2)
+
+    trained.clear()
+    shorter = accuracy.Plan(tasks=("tiny",), methods=("head",), seeds=1, lr_grid="full", steps_scale=0.5)
+    accuracy.run_plan(shorter, say=lambda s: None, progress=False, tasks={"tiny": TINY}, reuse=reuse)
+    assert trained == [("head", lr, 0) for lr in TINY.lrs["head"]]  # other settings: nothing reused
+
+
+def test_quantized_methods_train_on_the_tiny_task():
+    pytest.importorskip("bitsandbytes")
+    plan = accuracy.Plan(tasks=("tiny",), methods=("qlora", "lora-xs-4bit"), seeds=1, lr_grid="middle",
+                         steps_scale=1.0)
+    out = accuracy.run_plan(plan, say=lambda s: None, progress=False, tasks={"tiny": TINY})
+    scores = {r["method"]: r["test"] for r in out["runs"]}
+    assert all(math.isfinite(r["final_loss"]) for r in out["runs"])
+    assert scores["qlora"] >= 70.0, scores  # chance is 50%
