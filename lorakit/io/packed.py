@@ -24,13 +24,18 @@ FINGERPRINT = "basis_fingerprint"
 RTOL = 1e-3  # as lorakit.methods.basis.fingerprints_match
 
 
-def _fingerprint_table(registry, layers: dict, modules: tuple[str, ...], r: int) -> torch.Tensor:
-    """(n, 2r) fingerprints of this model's bases for `modules`, cached until adapters change."""
+def _fingerprint_table(registry, model: nn.Module, modules: tuple[str, ...], r: int) -> torch.Tensor | None:
+    """(n, 2r) fingerprints of this model's bases for `modules`, or None when one of them has no LoRA-XS
+    basis of rank ≥ r. Cached until layers or bases change (registry.version): walking 210 modules'
+    ModuleDicts on every load cost more than the rest of the load."""
     cache = registry.__dict__.setdefault("_fingerprint_tables", {})
     key = (registry.version, modules, r)
     if key not in cache:
         cache.clear()
-        cache[key] = torch.stack([basis_fingerprint(layers[m].bases["lora_xs"], r).float().cpu() for m in modules])
+        layers = registry.layer_map(model)
+        bases = [layers[m].basis("lora_xs") if m in layers else None for m in modules]
+        cache[key] = None if any(b is None or b.rank < r for b in bases) else \
+            torch.stack([basis_fingerprint(b, r).float().cpu() for b in bases])
     return cache[key]
 
 
@@ -40,12 +45,9 @@ def try_load_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: 
     registry = model.__dict__.get(REGISTRY_ATTR)
     if registry is None or not modules or name in registry.configs:
         return False  # (the general path raises the right error for a taken name)
-    layers = registry.layer_map(model)
-    for module in modules:
-        layer = layers.get(module)
-        basis = layer.basis("lora_xs") if layer is not None else None
-        if basis is None or basis.rank < config.r:
-            return False  # the general path computes the bases and reports what is wrong
+    actual = _fingerprint_table(registry, model, tuple(modules), config.r)
+    if actual is None:
+        return False  # the general path computes the bases and reports what is wrong
     r = config.r
     cores = [tensors[f"{m}.lora_R"] for m in modules]
     prints = [tensors[f"{m}.{FINGERPRINT}"] for m in modules]
@@ -58,7 +60,6 @@ def try_load_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: 
         bad = next(m for m, c in zip(modules, cores) if not torch.isfinite(c).all())
         raise NonFiniteAdapterError(f"{where}: NaN/inf values in lora_R of module {bad}")
     expected = torch.stack(prints).float()  # (n, 2r)
-    actual = _fingerprint_table(registry, layers, tuple(modules), r)
     scale = expected.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     ok = ((expected - actual).abs() <= RTOL * scale).all(dim=1)
     if strict and not bool(ok.all()):
