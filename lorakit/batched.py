@@ -160,9 +160,9 @@ def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
         return out
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
-    adapters = [layer.adapters[n] for n in groups]
     picked = None if torch.is_grad_enabled() or layer.training else _stacked_rows(layer, groups, batch, x.device, cache)
     if picked is None:  # training (gradients must reach each adapter's own parameters), or no common stack
+        adapters = [layer.adapters[n] for n in groups]
         a_rows, b_rows = _gathered_lora(adapters, groups, batch, x.device)
         h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
         return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
@@ -183,7 +183,7 @@ def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: i
     checked against the parameters' own version counters (bumped by any in-place edit; `.data` views
     keep their own counters, not the stack's) and against the stack still backing the first adapter.
     """
-    key = ("lora_stack_rows", id(layer))
+    key = ("lora_stack_rows", id(layer), tuple(groups))  # groups change if an adapter is merged mid-route
     hit = cache.get(key)
     first = next(iter(groups))
     if hit is not None:
