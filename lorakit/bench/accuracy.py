@@ -331,7 +331,8 @@ def markdown(result: dict, rows: Sequence[Row], command: str, images: dict[str, 
              f"Made by `{command}` on {env['date']} ({env['machine']}; torch {env['torch']}, transformers "
              f"{env['transformers']}, bitsandbytes {env['bitsandbytes']}, Python {env['python']}). "
              f"Whole run: {env['minutes']:.1f} minutes." + ("" if result.get("complete", True) else
-                                                          " **Partial: the run was still going when this was written.**"),
+                                                          " **Partial: written before the run finished (or after it was stopped); "
+                                                          "methods missing from a table were not run.**"),
              "",
              "Protocol: for each method the learning rate is chosen on a validation split carved out of the training "
              "split (seed 0, best validation score); the chosen rate is then run with every seed and scored on the "
