@@ -151,3 +151,15 @@ def test_quantized_methods_train_on_the_tiny_task():
     scores = {r["method"]: r["test"] for r in out["runs"]}
     assert all(math.isfinite(r["final_loss"]) for r in out["runs"])
     assert scores["qlora"] >= 70.0, scores  # chance is 50%
+
+
+def test_claims_check_lora_xs_within_the_claims_parameter_budget():
+    def row(method, trainable, val, test):
+        return accuracy.Row("t", method, method, 1e-3, trainable, 0, 1, val, test, None, 1, 1.0, 1.0)
+
+    rows = [row("lora", 64_000, 80, 86.0), row("lora-xs-r8", 1_000, 84, 85.5), row("lora-xs-r32", 16_000, 85, 86.0)]
+    lines = accuracy.claims(rows, {"t": "accuracy"})
+    assert "4× fewer trainable parameters: **does not agree**" in lines[0]  # validation picks r32: only 4× fewer
+    assert "within the claim's budget" in lines[1] and "lora-xs-r8 85.5" in lines[1] and "**agrees**" in lines[1]
+    rows[1] = row("lora-xs-r8", 1_000, 84, 83.0)  # 3 points below LoRA: outside "a point or two"
+    assert "**does not agree**" in accuracy.claims(rows, {"t": "accuracy"})[1]
