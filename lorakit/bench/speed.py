@@ -325,14 +325,16 @@ def bench_load(s: Setup, repeats: int) -> list[Result]:
             Result("LoRA adapter load + delete", "ms", t["lora"] * 1e3, None, t["peft"] * 1e3, "", None)]
 
 
-def bench_training(model_name: str, repeats: int) -> list[Result]:
-    """Each configuration in a fresh process (so peak memory is its own), alternating, medians."""
+def bench_training(model_name: str, repeats: int, malloc: str = "default") -> list[Result]:
+    """Each configuration in a fresh process (so peak memory is its own, with this run's malloc mode),
+    alternating, medians."""
     runs: dict[str, list[dict]] = {"ours": [], "peft": [], "ours_xs": []}
     commands = {"ours": ["--impl", "ours"], "peft": ["--impl", "peft"],
                 "ours_xs": ["--impl", "ours", "--method", "lora_xs"]}
     for _ in tqdm(range(repeats), desc="training steps (subprocesses)", leave=False):
         for key, extra in commands.items():
-            out = subprocess.run([sys.executable, "-m", "lorakit.bench.train_step", "--model", model_name, *extra],
+            out = subprocess.run([sys.executable, "-m", "lorakit.bench.train_step", "--model", model_name,
+                                  "--malloc", malloc, *extra],
                                  capture_output=True, text=True, check=True)
             runs[key].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -470,7 +472,7 @@ def run(args: argparse.Namespace) -> list[Result]:
              "switch": lambda: bench_switch(setup),
              "merged-swap": lambda: bench_merged_swap(setup, repeats),
              "load": lambda: bench_load(setup, repeats * 2),
-             "training": lambda: bench_training(args.model, 3 if full else 1),
+             "training": lambda: bench_training(args.model, 3 if full else 1, malloc),
              "resident": lambda: bench_resident(args.model, 10000 if full else 1000)}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--malloc", choices=("keep", "default"), default="default",
+                        help="keep: lorakit.perf.keep_freed_memory, as the parent benchmark was run")
     args = parser.parse_args(argv)
+    if args.malloc == "keep":
+        from lorakit.perf import keep_freed_memory
+
+        keep_freed_memory()
     torch.manual_seed(0)
     model, params = build(args.impl, args.method, args.rank, args.model)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
