@@ -242,9 +242,14 @@ class Row:
 
 
 def table_rows(result: dict) -> list[Row]:
+    """One row per task and method, tasks in the order the runs came and methods in METHODS order (results.json
+    is written with sorted keys, so its dicts' order says nothing)."""
     rows = []
-    for task, chosen in result["chosen"].items():
-        for key, lr in chosen.items():
+    tasks = dict.fromkeys(r["task"] for r in result["runs"])
+    rank = {m.key: i for i, m in enumerate(METHODS)}
+    for task in [t for t in tasks if t in result["chosen"]]:
+        chosen = result["chosen"][task]
+        for key, lr in sorted(chosen.items(), key=lambda item: rank.get(item[0], len(rank))):
             mine = [r for r in result["runs"] if r["task"] == task and r["method"] == key and r["lr"] == lr]
             tests = [r["test"] for r in mine]
             first = next(r for r in mine if r["seed"] == 0)

@@ -31,7 +31,7 @@ class Method:
     key: str
     label: str
     config: object | None  # an adapter config; None for full fine-tuning and the head-only probe
-    family: str  # which learning-rate grid of the task applies: full | head | lora | small
+    family: str  # which learning-rate grid of the task applies: full | head | lora | small | vera (else small)
     quantize: str | None = None  # "nf4": quantize the base before attaching
     classification_only: bool = False
 
@@ -44,7 +44,7 @@ METHODS: tuple[Method, ...] = (
     Method("lora-xs-r8", "LoRA-XS r=8", LoraXSConfig(r=8), "small"),
     Method("lora-xs-r16", "LoRA-XS r=16", LoraXSConfig(r=16), "small"),
     Method("lora-xs-r32", "LoRA-XS r=32", LoraXSConfig(r=32), "small"),
-    Method("vera", "VeRA r=256", VeraConfig(r=256), "small"),
+    Method("vera", "VeRA r=256", VeraConfig(r=256), "vera"),
     Method("prefix", "Prefix tuning (16 slots)", PrefixConfig(num_virtual_tokens=16), "small"),
     Method("qlora", "QLoRA (NF4 base) r=8", LoraConfig(r=8, lora_alpha=16), "lora", quantize="nf4"),
     Method("lora-xs-4bit", "LoRA-XS r=16 on NF4 base", LoraXSConfig(r=16), "small", quantize="nf4"),
