@@ -3,7 +3,7 @@
 Each forward pass allocates and frees activation tensors of megabytes (logits alone are B·T·vocab
 floats). glibc returns such blocks to the kernel when they are freed (mmap'd blocks, and a trimmed heap
 top), so the next pass page-faults through them again: on the 2-core benchmark machine that cost
-SmolLM2 a quarter of its forward time, and more when adapters add their own temporaries. Raising the
+SmolLM2 about a fifth of its forward time in a profile, and more when adapters add their own temporaries. Raising the
 trim threshold and the mmap threshold (to glibc's 32 MiB limit) keeps the memory in the process for
 reuse: a loop allocating and freeing 4-32 MB tensors went from 8,400 page faults per iteration to 200,
 and ran 1.6× faster. Blocks over 32 MiB (a long batch's logits) are still mapped afresh each time. The
