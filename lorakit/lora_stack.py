@@ -52,9 +52,12 @@ def lora_names(layer: "AdaptedLinear") -> tuple[str, ...]:
 
 def stack_for(layer: "AdaptedLinear", wanted: tuple[str, ...]) -> LoraStack | None:
     """The layer's stack, holding every adapter in `wanted` (rebuilt if it does not); None when the layer's
-    LoRA adapters cannot share one tensor (different dtypes or devices)."""
+    LoRA adapters cannot share one tensor (different dtypes or devices).
+
+    Only the wanted adapters are checked (O(rows), not O(adapters) per layer and call): an adapter attached
+    since the last build is stacked when a batch first asks for it; a deleted one was unshared on deletion."""
     stack: LoraStack | None = getattr(layer, ATTR, None)
-    if stack is not None and stack.names == lora_names(layer) and all(stack.holds(layer, n) for n in wanted):
+    if stack is not None and all(stack.holds(layer, n) for n in wanted):
         return stack
     stack = _build(layer)
     object.__setattr__(layer, ATTR, stack)  # a plain attribute: never in state_dict, never moved by .to()

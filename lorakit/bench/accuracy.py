@@ -152,8 +152,8 @@ def reusable_runs(previous: Mapping | None) -> dict[tuple, RunResult]:
     fields = set(RunResult.__dataclass_fields__)
     found = {}
     for run in previous.get("runs", []):
-        task = about.get(run.get("task"), {})
-        if set(run) >= fields and "steps" in task:
+        task = about.get(run.get("task"), {}) if isinstance(run, dict) else {}
+        if isinstance(run, dict) and isinstance(task, dict) and set(run) >= fields and "steps" in task:
             found[(run["task"], run["method"], run["lr"], run["seed"], task["steps"], task["batch_size"])] = \
                 RunResult(**{k: run[k] for k in fields})
     return found
@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 previous = json.loads(earlier.read_text(encoding="utf-8"))
+                if not isinstance(previous, dict) or not isinstance(previous.get("runs", []), list) \
+                        or not isinstance(previous.get("tasks", {}), dict):
+                    raise ValueError("not a results.json written by lorakit bench accuracy")
             except (OSError, ValueError) as exc:
                 print(f"lorakit bench accuracy: cannot resume from {earlier}: {exc}", file=sys.stderr)
                 return 2

@@ -506,11 +506,18 @@ def run(args: argparse.Namespace) -> list[Result]:
 SCENARIOS = ("prefill", "mixed", "decode", "switch", "merged-swap", "load", "training", "resident")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded SmolLM2-135M)")
     parser.add_argument("--quick", action="store_true", help="fewer adapters and repeats (a few minutes)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds per scenario (default 5, quick 3)")
-    parser.add_argument("--counts", type=int, nargs="+",
+    parser.add_argument("--counts", type=_positive, nargs="+",
                         help="distinct adapters per mixed batch (default 1 8 32 64 128; quick 1 8 32)")
     parser.add_argument("--seq", type=int, default=32, help="tokens per row in the mixed-batch scenarios")
     parser.add_argument("--out", default="docs", help="where bench_speed.md/.json/.png are written")

@@ -33,6 +33,8 @@ def read_float_tensors(data: bytes) -> dict[str, torch.Tensor] | None:
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                return None  # the library judges odd metadata
             continue
         try:
             dtype = _FLOATS[info["dtype"]]

@@ -163,3 +163,11 @@ def test_claims_check_lora_xs_within_the_claims_parameter_budget():
     assert "within the claim's budget" in lines[1] and "lora-xs-r8 85.5" in lines[1] and "**agrees**" in lines[1]
     rows[1] = row("lora-xs-r8", 1_000, 84, 83.0)  # 3 points below LoRA: outside "a point or two"
     assert "**does not agree**" in accuracy.claims(rows, {"t": "accuracy"})[1]
+
+
+def test_resume_refuses_a_file_that_is_not_a_results_json(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("[1, 2]")
+    assert accuracy.main(["--resume", "--out", str(tmp_path), "--tasks", "docstrings", "--methods", "head"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    odd = {"runs": [1, {"task": "t"}], "tasks": {"t": "not a dict"}}
+    assert accuracy.reusable_runs(odd) == {}  # odd entries are trained again, never crash

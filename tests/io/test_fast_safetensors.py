@@ -49,3 +49,8 @@ def test_declines_what_it_does_not_plainly_understand():
     for bad in (data[:-4], data[:6], b"\xff" * 20, mixed, ints, _with_header(data, overlap),
                 _with_header(data, wrong_shape), data + b"\0\0\0\0"):
         assert read_float_tensors(bad) is None
+
+
+def test_odd_metadata_goes_to_the_library():
+    data = save({"a": torch.zeros(2)}, metadata={"format": "pt"})
+    assert read_float_tensors(_with_header(data, lambda h: h.update(__metadata__=[1]))) is None
