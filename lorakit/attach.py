@@ -28,7 +28,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise AdapterConfigError(f"adapter name must be 1-128 letters, digits, '_' or '-', got {name!r}")
-    if hasattr(nn.ModuleDict, name):  # adapters live in ModuleDicts, which cannot hold "train", "eval", "to"...
+    if hasattr(nn.ModuleDict(), name):  # adapters live in ModuleDicts: no "train", "eval", "training", "to"...
         raise AdapterConfigError(f"adapter name {name!r} is reserved (a torch.nn.Module attribute); "
                                  f"pick another, e.g. {name + '_adapter'!r}")
 

@@ -116,7 +116,7 @@ def test_duplicate_and_invalid_names():
         with pytest.raises(AdapterConfigError):
             lorakit.attach(model, LoraConfig(r=2), bad)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for reserved in ["train", "eval", "forward", "to"]:  # nn.Module attributes cannot be ModuleDict keys
+    for reserved in ["train", "eval", "forward", "to", "training"]:  # nn.Module attributes, class or instance
         with pytest.raises(AdapterConfigError, match="reserved"):
             lorakit.attach(model, LoraConfig(r=2), reserved)
     assert model.state_dict().keys() == before.keys() and lorakit.adapter_names(model) == ["a"]

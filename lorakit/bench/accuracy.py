@@ -152,10 +152,14 @@ def reusable_runs(previous: Mapping | None) -> dict[tuple, RunResult]:
     fields = set(RunResult.__dataclass_fields__)
     found = {}
     for run in previous.get("runs", []):
-        task = about.get(run.get("task"), {}) if isinstance(run, dict) else {}
-        if isinstance(run, dict) and isinstance(task, dict) and set(run) >= fields and "steps" in task:
-            found[(run["task"], run["method"], run["lr"], run["seed"], task["steps"], task["batch_size"])] = \
-                RunResult(**{k: run[k] for k in fields})
+        ok = isinstance(run, dict) and isinstance(run.get("task"), str)  # anything odd is trained again
+        task = about.get(run["task"]) if ok else None
+        if ok and isinstance(task, dict) and set(run) >= fields and {"steps", "batch_size"} <= set(task):
+            try:
+                found[(run["task"], run["method"], run["lr"], run["seed"], task["steps"], task["batch_size"])] = \
+                    RunResult(**{k: run[k] for k in fields})
+            except TypeError:  # an unhashable value: train that run again
+                continue
     return found
 
 
@@ -323,7 +327,11 @@ def plot(rows: Sequence[Row], task: str, metric: str, path: Path) -> None:
 
     mine = [r for r in rows if r.task == task]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for r in mine:
+    for r in [r for r in mine if r.trainable == 0]:  # the head-only probe has no place on a log axis: a line
+        ax.axhline(r.test_mean, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(r.label, (0.01, r.test_mean), xycoords=("axes fraction", "data"), textcoords="offset points",
+                    xytext=(0, 4), fontsize=8, color="gray")
+    for r in [r for r in mine if r.trainable > 0]:
         color = "tab:orange" if "lora-xs" in r.method else "tab:blue"
         ax.errorbar(r.trainable, r.test_mean, yerr=r.test_std or 0, fmt="o", color=color, capsize=3)
         ax.annotate(r.label, (r.trainable, r.test_mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -419,13 +427,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs", help="directory for RESULTS.md, results.json and the charts")
     p.add_argument("--resume", action="store_true",
                    help="reuse the runs already in OUT's results.json that match (task, method, learning rate, seed "
-                        "and the task's steps and batch size); train only the rest")
+                        "and the task's steps and batch size); train only the rest. The rewritten report holds this "
+                        "plan's runs only: resume with the same --tasks/--methods to keep the others")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    seeds = args.seeds or (1 if args.quick else None)
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else None)
     if seeds is not None and seeds < 1:
         print("lorakit bench accuracy: --seeds must be >= 1", file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import socket
@@ -26,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 
 BASE_ID = "base"
 
@@ -232,11 +233,10 @@ def write_report(summaries: list[dict], meta: dict, out: Path, command: str) -> 
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_serve.json").write_text(json.dumps({"scenarios": summaries, "meta": meta,
-                                                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
-                                                     indent=1))
+    atomic_write_json(out / "bench_serve.json", {"scenarios": summaries, "meta": meta,
+                                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
     text = render(summaries, meta, command)
-    (out / "bench_serve.md").write_text(text)
+    atomic_write_bytes(out / "bench_serve.md", text.encode("utf-8"))
     print(text)
     with_adapters = [s for s in summaries if s["adapters"] > 0]
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -272,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs", help="where bench_serve.md/.json/.png go")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    if min(args.adapters) < 0 or args.clients < 1 or args.requests < 1 or args.rounds < 1:
-        parser.error("--adapters must be >= 0 and --clients, --requests, --rounds >= 1")
+    if min(args.adapters) < 0 or min(args.clients, args.requests, args.rounds, args.max_tokens, args.prompt_chars) < 1 \
+            or (args.threads is not None and args.threads < 1):
+        parser.error("--adapters must be >= 0; --clients, --requests, --rounds, --max-tokens, --prompt-chars and "
+                     "--threads >= 1")
     run(args)
     return 0
 

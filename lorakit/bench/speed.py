@@ -26,6 +26,7 @@ from tqdm import tqdm
 import lorakit
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
 from lorakit.bench.timing import interleaved, per_call
+from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 from lorakit.perf import keep_freed_memory
 
 RANK = 16
@@ -476,8 +477,7 @@ def run(args: argparse.Namespace) -> list[Result]:
              "resident": lambda: bench_resident(args.model, 10000 if full else 1000)}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "lorakit bench speed" + (" --quick" if args.quick else "") + \
-        (f" --only {' '.join(args.only)}" if args.only else "")
+    command = " ".join(["lorakit bench speed", *getattr(args, "argv", [])])  # every flag changes the figures
     results: list[Result] = []
     failures: list[str] = []
     for label in tqdm([k for k in SCENARIOS if k in only], desc="bench speed"):
@@ -495,10 +495,10 @@ def run(args: argparse.Namespace) -> list[Result]:
             plot_curve(curve, out_dir / "bench_speed_mixed.png")
         results += out
         report = render(results, command, machine_description(malloc), agreement, time.perf_counter() - start, failures)
-        (out_dir / "bench_speed.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-        (out_dir / "bench_speed.md").write_text(report)
+        atomic_write_json(out_dir / "bench_speed.json", [asdict(r) for r in results])
+        atomic_write_bytes(out_dir / "bench_speed.md", report.encode("utf-8"))
     report = render(results, command, machine_description(malloc), agreement, time.perf_counter() - start, failures)
-    (out_dir / "bench_speed.md").write_text(report)
+    atomic_write_bytes(out_dir / "bench_speed.md", report.encode("utf-8"))
     print(report)
     return results
 
@@ -513,13 +513,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded SmolLM2-135M)")
     parser.add_argument("--quick", action="store_true", help="fewer adapters and repeats (a few minutes)")
-    parser.add_argument("--repeats", type=int, default=0, help="timed rounds per scenario (default 5, quick 3)")
+    parser.add_argument("--repeats", type=_non_negative, default=0,
+                        help="timed rounds per scenario (default, or 0: 5, quick 3)")
     parser.add_argument("--counts", type=_positive, nargs="+",
                         help="distinct adapters per mixed batch (default 1 8 32 64 128; quick 1 8 32)")
-    parser.add_argument("--seq", type=int, default=32, help="tokens per row in the mixed-batch scenarios")
+    parser.add_argument("--seq", type=_positive, default=32, help="tokens per row in the mixed-batch scenarios")
     parser.add_argument("--out", default="docs", help="where bench_speed.md/.json/.png are written")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
@@ -530,7 +538,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lorakit bench speed", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    run(args)
 
 
 if __name__ == "__main__":
