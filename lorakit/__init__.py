@@ -1,5 +1,9 @@
 """lorakit: parameter-efficient fine-tuning and many-adapter serving over one frozen base model."""
 
+from lorakit.versions import check_core_versions
+
+check_core_versions()  # before anything reaches into torch's or transformers' internals
+
 from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
                               count_trainable, delete_adapter)
 from lorakit.attach import adapted_layers, attach, find_targets

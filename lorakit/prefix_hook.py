@@ -35,6 +35,7 @@ from lorakit.errors import (AdapterExistsError, AdapterNotFoundError, LorakitErr
 from lorakit.methods.prefix import PrefixAdapter, PrefixShape, check_fits, prefix_shape
 from lorakit.registry import AS_STORED, AdapterRegistry, get_registry
 from lorakit.routing import current_route
+from lorakit.versions import SUPPORTED_TRANSFORMERS
 
 STORE_NAME = "lorakit_prefix"  # the child module of the model that holds its prefix adapters
 STATE_ATTR = "lorakit_prefix"  # the attribute marking a cache filled with prefixes
@@ -84,6 +85,7 @@ class PrefixStore(nn.Module):
         object.__setattr__(self, "registry", registry)  # plain references, not submodules
         object.__setattr__(self, "backbone", backbone)
         self._params = inspect.signature(backbone.forward).parameters
+        self.cache_arg = cache_argument(self._params)  # transformers >= 5.2x: `cache`; before: `past_key_values`
         self._handles = [backbone.register_forward_pre_hook(partial(_before, self), with_kwargs=True),
                          backbone.register_forward_hook(partial(_after, self), always_call=True)]
         for layer in backbone.modules():  # transformers' checkpointable layers: GC may drop their cache argument
@@ -152,7 +154,23 @@ def _bound_arguments(store: PrefixStore, args: tuple, kwargs: dict) -> dict[str,
                            "adapters need the model called with keyword arguments")
     bound = dict(zip(names, args))
     bound.update(kwargs)
+    for alias in CACHE_ARGUMENTS:  # a caller may still pass the name the backbone renamed
+        if alias != store.cache_arg and alias in bound:
+            value = bound.pop(alias)
+            if bound.get(store.cache_arg) is None:
+                bound[store.cache_arg] = value
     return bound
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")  # transformers' names for it, newest first
+
+
+def cache_argument(params: Any) -> str:
+    """The name under which a transformers forward takes its key/value cache (renamed across releases)."""
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    return "past_key_values"
 
 
 def _wants_cache(store: PrefixStore, bound: dict) -> bool:
@@ -171,7 +189,7 @@ def _before(store: PrefixStore, backbone: nn.Module, args: tuple, kwargs: dict):
         return None
     batch, length = ref.shape[0], ref.shape[1]
     rows = store.row_prefixes(batch)
-    cache = bound.get("past_key_values")
+    cache = bound.get(store.cache_arg)
     state: _PrefixState | None = getattr(cache, STATE_ATTR, None) if cache is not None else None
     if state is not None and not state.store:  # a read-only cache from an earlier call holds nothing more
         state, cache = None, None
@@ -209,7 +227,7 @@ def _before(store: PrefixStore, backbone: nn.Module, args: tuple, kwargs: dict):
                                 f"{int(positions.max())}, beyond the model's context of {limit} positions")
     bound["attention_mask"] = torch.cat([state.mask.to(mask.dtype), mask], dim=1)  # (B, P + past + n)
     bound["position_ids"] = positions
-    bound["past_key_values"] = cache
+    bound[store.cache_arg] = cache
     if not state.store and backbone.training:
         _allow_checkpointed_cache(backbone, True)
     _ACTIVE.set({**_ACTIVE.get(), id(store): state})
@@ -226,9 +244,10 @@ def _after(store: PrefixStore, backbone: nn.Module, args: tuple, output: Any):
     if not state.store:
         _allow_checkpointed_cache(backbone, False)
     if not any(layer.calls for layer in state.layers):
-        raise LorakitError(f"{type(backbone).__name__} did not read the prefix cache (GPT-2 style models drop "
-                           "caches under gradient checkpointing): train prefix adapters without gradient "
-                           "checkpointing on this model")
+        raise LorakitError(
+            f"{type(backbone).__name__} did not read the prefix cache handed to it as `{store.cache_arg}`: this "
+            f"transformers release may pass the cache under another name or drop it (supported: "
+            f"{SUPPORTED_TRANSFORMERS}), or, for GPT-2 style models, gradient checkpointing dropped it")
     return None
 
 
@@ -237,13 +256,13 @@ def _restore_cache(store: PrefixStore, layer: nn.Module, args: tuple, kwargs: di
     state = _ACTIVE.get().get(id(store))
     if state is None or state.store:
         return None
-    if "past_key_values" in kwargs or "layer_past" in kwargs:
-        key = "past_key_values" if "past_key_values" in kwargs else "layer_past"
-        if kwargs[key] is None:
-            return args, {**kwargs, key: state.cache}
-        return None
+    for key in CACHE_ARGUMENTS:
+        if key in kwargs:
+            if kwargs[key] is None:
+                return args, {**kwargs, key: state.cache}
+            return None
     params = _positional_names(type(layer))
-    for key in ("past_key_values", "layer_past"):
+    for key in CACHE_ARGUMENTS:
         if key in params and params.index(key) < len(args) and args[params.index(key)] is None:
             i = params.index(key)
             return args[:i] + (state.cache,) + args[i + 1:], kwargs

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import BitsAndBytesUnavailableError, QuantizationError
+from lorakit.versions import check_version
 
 if TYPE_CHECKING:
     from lorakit.layer import AdaptedLinear
@@ -50,6 +51,7 @@ def bnb():
         raise BitsAndBytesUnavailableError(
             f"quantized bases need the bitsandbytes package, which failed to import ({exc}); install it with "
             "`pip install bitsandbytes` (4-bit and 8-bit layers run on CPU and CUDA)") from None
+    check_version("bitsandbytes")
     return bitsandbytes
 
 

@@ -29,6 +29,26 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 MODEL_FACTORIES = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
+# Every device there is: the CPU always, CUDA where a GPU is present (scripts/gpu_check.sh runs those).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Tolerance for comparing two computations of the same output in one dtype: float32 rounds at 2^-24
+# relative, bf16 at 2^-8 and fp16 at 2^-11; a tiny model's logits are O(1) after a few accumulations,
+# so a few units of the last place of each format: 1e-5, 5e-2 and 1e-2.
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device the tests can run on: cpu, and cuda when available."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=sorted(DTYPES))
+def dtype(request) -> torch.dtype:
+    """Each floating dtype a base model may be loaded in."""
+    return DTYPES[request.param]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():

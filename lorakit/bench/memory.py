@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorakit.versions import check_version
 from lorakit.bench.peak import peak_kib, release_and_reset_peak, status_kib
 
 CONFIGS = ("lorakit-qlora", "lorakit-fp32", "peft-qlora")
@@ -80,6 +81,7 @@ def _build(config: str, model_name: str, rank: int):
         quant.prepare_for_training(model)
         return model, lorakit.adapter_parameters(model, "bench"), bits
     import peft
+    check_version("peft")
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

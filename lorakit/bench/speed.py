@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import lorakit
+from lorakit.versions import check_version
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
 from lorakit.bench.timing import interleaved, per_call
 from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
@@ -82,6 +83,7 @@ class Setup:
 
     def _peft_copy(self, base: torch.nn.Module) -> torch.nn.Module:
         import peft
+        check_version("peft")
 
         config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
         model = peft.get_peft_model(base, config, adapter_name=self.lora_names[0])
@@ -419,6 +421,7 @@ def machine_description(malloc: str = "default") -> str:
     except OSError:
         pass
     import peft
+    check_version("peft")
     import transformers
 
     return (f"{cpu}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "

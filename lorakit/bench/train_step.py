@@ -16,6 +16,8 @@ import time
 import psutil
 import torch
 
+from lorakit.versions import check_version
+
 
 class PeakSampler:
     """Samples this process's RSS in a thread; `peak` is the maximum seen."""
@@ -55,6 +57,7 @@ def build(impl: str, method: str, rank: int, model_name: str):
         params = lorakit.adapter_parameters(model, "bench")
     else:
         import peft
+        check_version("peft")
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
         params = [p for p in model.parameters() if p.requires_grad]
