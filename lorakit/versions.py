@@ -18,11 +18,11 @@ from lorakit.errors import LorakitError
 
 # package -> the range the suite is tested against (keep in step with pyproject.toml and constraints.txt)
 SUPPORTED: dict[str, str] = {
-    "torch": ">=2.4,<2.15",
-    "transformers": ">=4.56,<5.25",
-    "peft": ">=0.17,<0.22",
-    "bitsandbytes": ">=0.45,<0.51",
-    "safetensors": ">=0.4,<0.9",
+    "torch": ">=2.11,<2.14",
+    "transformers": ">=5.17,<5.25",
+    "peft": ">=0.21,<0.22",
+    "bitsandbytes": ">=0.50,<0.51",
+    "safetensors": ">=0.4,<1",
 }
 SUPPORTED_TRANSFORMERS = f"transformers {SUPPORTED['transformers']}"
 
