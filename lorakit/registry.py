@@ -10,7 +10,6 @@ go through `nn.Module._apply`, which the registry wraps on the model it was crea
 
 from __future__ import annotations
 
-import types
 from typing import Callable
 
 import torch
@@ -103,19 +102,26 @@ def get_registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
             raise LorakitError(f"{type(model).__name__} has no lorakit adapters attached; call lorakit.attach first")
         registry = AdapterRegistry()
         object.__setattr__(model, REGISTRY_ATTR, registry)  # a plain attribute, not a submodule
-        # the model's own _apply, wrapped (a bound method, so copy.deepcopy binds it to the copy)
-        object.__setattr__(model, "_apply", types.MethodType(_apply_with_registry, model))
+        object.__setattr__(model, "_apply", ApplyHook(model))  # the model's own _apply, wrapped
     return registry
 
 
-def _apply_with_registry(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                         recurse: bool = True) -> nn.Module:
-    """`model._apply` while lorakit adapters are attached: moves what the registry holds too."""
-    registry = model.__dict__.get(REGISTRY_ATTR)
-    if registry is None:  # adapters unloaded since
-        return type(model)._apply(model, fn, recurse)
-    registry.moved_with(model, fn, recurse)
-    return model
+class ApplyHook:
+    """`model._apply` while lorakit adapters are attached: the model's own, then what the registry holds.
+
+    An object holding the model rather than a closure, so `copy.deepcopy` points the copy's hook at the copy
+    and `pickle` restores it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        model = self.model
+        registry = model.__dict__.get(REGISTRY_ATTR)
+        if registry is None:  # adapters unloaded since
+            return type(model)._apply(model, fn, recurse)
+        registry.moved_with(model, fn, recurse)
+        return model
 
 
 def release(model: nn.Module) -> None:

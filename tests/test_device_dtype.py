@@ -9,6 +9,7 @@ stated in the test.
 from __future__ import annotations
 
 import copy
+import io as io_bytes
 
 import pytest
 import torch
@@ -298,13 +299,18 @@ def test_model_to_moves_bank_stacks_and_shared_projections(device, dtype, ids, t
     assert get_bank(reference) is not get_bank(model)
 
 
-def test_deepcopy_then_to_leaves_the_original_alone(ids):
+def test_deepcopy_or_pickle_then_to_moves_the_copy_alone(ids):
     model = _mixed_model(torch.device("cpu"), torch.float32)
     lk.attach(model, lk.LoraXSConfig(r=4), "packed")
     pack_adapter(model, "packed")
     twin = copy.deepcopy(model).to(torch.float64)
     assert get_bank(model).cores.dtype == torch.float32 and get_bank(twin).cores.dtype == torch.float64
     assert lk.adapted_layers(model)[Q_PROJ].weight.dtype == torch.float32
+    buffer = io_bytes.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).to(torch.float64)  # the move hook survives pickling
+    assert get_bank(loaded).cores.dtype == torch.float64 and get_bank(model).cores.dtype == torch.float32
 
 
 def test_fingerprints_survive_a_bf16_move(tmp_path):
