@@ -11,14 +11,14 @@ import re
 import torch
 from torch import nn
 
-from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
+from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
 from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
-from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_projections
+from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
 from lorakit.quant import quantized_base
 from lorakit.registry import AdapterRegistry, get_registry
 
@@ -142,26 +142,26 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
     # Build everything first: nothing below touches the model until all of it succeeded.
     built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
-    vera_shared = _vera_shared(model, config, registry) if isinstance(config, VeraConfig) else None
+    vera = VeraPlacer(model, config, registry) if isinstance(config, VeraConfig) else None
     for target in targets:
         module = modules[target]
         in_f, out_f = _shape(module)
-        dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(module.weight.dtype, config.autocast_adapter_dtype)
         device = module.weight.device
         new_basis = None
         if isinstance(config, LoraConfig):
-            adapter: nn.Module = LoraAdapter(in_f, out_f, config, dtype)
+            adapter: nn.Module = LoraAdapter(in_f, out_f, config, dtype, device)
         elif isinstance(config, LoraXSConfig):
-            adapter = LoraXSAdapter(config, dtype)
+            adapter = LoraXSAdapter(config, dtype, device)
             have = module.basis("lora_xs") if isinstance(module, AdaptedLinear) else None
             if have is None or have.rank < config.r:
-                new_basis = ("lora_xs", svd_basis(_weight_as_out_in(module), config.r))
+                new_basis = ("lora_xs", svd_basis(_weight_as_out_in(module), config.r).to(device))
         else:
-            adapter = VeraAdapter(out_f, config, dtype)
+            adapter = VeraAdapter(out_f, config, dtype, device)
             key = vera_basis_key(config)
             if not (isinstance(module, AdaptedLinear) and module.basis(key) is not None):
-                new_basis = (key, vera_basis(vera_shared, in_f, out_f, dtype))
-        built[target] = (adapter.to(device), (new_basis[0], new_basis[1].to(device)) if new_basis else None)
+                new_basis = (key, vera.basis(module, in_f, out_f))
+        built[target] = (adapter, new_basis)
 
     for target, (adapter, new_basis) in built.items():
         layer = modules[target]
@@ -177,16 +177,29 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     return model
 
 
-def _vera_shared(model: nn.Module, config: VeraConfig,
-                 registry: AdapterRegistry) -> tuple[torch.Tensor, torch.Tensor]:
-    """VeRA's shared projections at the model's largest layer sizes (so every layer slices them)."""
-    sizes = [_shape(m) for m in model.modules() if _is_adaptable(m)]
-    max_in = max(s[0] for s in sizes)
-    max_out = max(s[1] for s in sizes)
-    key = (config.projection_seed, config.r, max_in, max_out)
-    if key not in registry.vera_projections:
-        registry.vera_projections[key] = vera_projections(config.projection_seed, config.r, max_in, max_out)
-    return registry.vera_projections[key]
+class VeraPlacer:
+    """VeRA's shared projections for one attach call: generated at the model's largest layer sizes, held
+    once per model in the registry on the base's device and dtype, and sliced (not copied) by every layer.
+    Fingerprints come from the float32 projections, so they do not depend on the model's dtype."""
+
+    def __init__(self, model: nn.Module, config: VeraConfig, registry: AdapterRegistry) -> None:
+        sizes = [_shape(m) for m in model.modules() if _is_adaptable(m)]
+        self.key = (config.projection_seed, config.r, max(s[0] for s in sizes), max(s[1] for s in sizes))
+        self.registry = registry
+        self._float32: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def basis(self, module: nn.Module, in_f: int, out_f: int) -> Basis:
+        weight = module.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        if self._float32 is None:
+            self._float32 = vera_projections(*self.key)  # (r, max_in), (max_out, r) on the CPU
+        shared = self.registry.vera_projections.get(self.key)
+        if shared is None:  # first VeRA adapter of this seed and rank: place it where the base is
+            shared = tuple(t.to(weight.device, dtype) for t in self._float32)
+            self.registry.vera_projections[self.key] = shared
+        if shared[0].device != weight.device:  # a layer elsewhere than the first (a model spread over devices)
+            shared = tuple(t.to(weight.device) for t in shared)
+        return vera_basis(shared, in_f, out_f, dtype, vera_fingerprint(self._float32, in_f, out_f))
 
 
 def _replace_module(model: nn.Module, full_name: str, new: nn.Module) -> None:

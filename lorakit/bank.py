@@ -13,10 +13,12 @@ adapter cannot be trained (attach a module adapter for that) but can be merged, 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from lorakit.config import LoraXSConfig
+from lorakit.config import LoraXSConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
 
 BANK_ATTR = "lorakit_bank"
@@ -75,13 +77,21 @@ class CoreBank:
         r = cores.shape[-1]
         if r > self.rank:
             self._grow(len(self.layer_names), self.capacity, r)
+        index = torch.tensor(layers, dtype=torch.long, device=self.cores.device)  # (n,)
         with torch.no_grad():
             self.cores[:, slot].zero_()
-            self.cores[torch.tensor(layers), slot, :r, :r] = cores.to(self.cores.dtype)
+            self.cores[index, slot, :r, :r] = cores.to(self.cores.device, self.cores.dtype)  # cores may come from a file
         self.slots[name] = slot
         self.targets[name] = frozenset(layers)
         self.version += 1
         return slot
+
+    def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Move the cores as `model.to(...)` / `.half()` moved the model (called by the registry's hook)."""
+        moved = fn(self.cores)
+        if moved is not self.cores:
+            self.cores = moved
+            self.version += 1  # per-route slot tensors were made on the old device
 
     def remove(self, name: str) -> None:
         slot = self.slots.pop(name)
@@ -104,10 +114,12 @@ def get_bank(model: nn.Module) -> CoreBank | None:
     return model.__dict__.get(BANK_ATTR)
 
 
-def _bank_for(model: nn.Module, rank: int, like: torch.Tensor) -> CoreBank:
+def _bank_for(model: nn.Module, config: LoraXSConfig, weight: torch.Tensor) -> CoreBank:
+    """The model's bank, created on the base's device, in the dtype adapters get on this base (float32 on a
+    bf16/fp16 base by default, as attached adapters: packed and attached cores then give the same outputs)."""
     bank = get_bank(model)
     if bank is None:
-        bank = CoreBank(rank, like.dtype, like.device)
+        bank = CoreBank(config.r, adapter_dtype(weight.dtype, config.autocast_adapter_dtype), weight.device)
         object.__setattr__(model, BANK_ATTR, bank)
         from lorakit.registry import get_registry
 
@@ -158,7 +170,7 @@ def store_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: lis
     registry = get_registry(model)
     layers = registry.layer_map(model)
     first = layers[modules[0]]
-    bank = _bank_for(model, config.r, first.weight if first.weight.is_floating_point() else torch.zeros(()))
+    bank = _bank_for(model, config, first.weight)
     indices = []
     for module_name in modules:
         layer = layers[module_name]

@@ -93,15 +93,16 @@ def _add_(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return out.add_(delta.reshape(out.shape))
 
 
-def _row_index(groups: dict[str, list[int]], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_index(groups: dict[str, list[int]], batch: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_slot, active): row i uses slot row_slot[i] of the stacked adapters; active[i] is 0 when no
-    adapter of this kind applies (its slot points at slot 0 but its contribution is masked)."""
-    slot = torch.zeros(batch, dtype=torch.long)
-    active = torch.zeros(batch)
+    adapter of this kind applies (its slot points at slot 0 but its contribution is masked). `active` is in
+    the activations' dtype: a float32 mask would promote what it multiplies, and bmm refuses mixed dtypes."""
+    slot, active = [0] * batch, [0.0] * batch  # built in Python: one tensor each, made where it is used
     for k, rows in enumerate(groups.values()):
-        slot[rows] = k
-        active[rows] = 1.0
-    return slot.to(device), active.to(device)
+        for row in rows:
+            slot[row], active[row] = k, 1.0
+    return (torch.tensor(slot, dtype=torch.long, device=device), torch.tensor(active, dtype=dtype, device=device))
 
 
 def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: torch.Tensor,
@@ -109,27 +110,28 @@ def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: to
     basis = layer.bases[key]
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
-    h = torch.matmul(x3, basis.down.T)  # (B, T, r_max): one projection for every row
-    slot, active = _row_index(groups, batch, x.device)
+    dtype = x.dtype  # adapters and bases may be held wider (float32 on a bf16 base): compute in x's dtype
+    h = torch.matmul(x3, basis.down.to(dtype).T)  # (B, T, r_max): one projection for every row
+    slot, active = _row_index(groups, batch, x.device, dtype)
     adapters = [layer.adapters[n] for n in groups]
     if adapters[0].method == "lora_xs":
         r_max = basis.rank
         cores = []
         for a in adapters:  # zero-pad lower ranks: exact, the basis is nested
-            core = a.lora_R * a.scaling
+            core = a.lora_R.to(dtype) * a.scaling
             if a.r < r_max:
                 core = torch.nn.functional.pad(core, (0, r_max - a.r, 0, r_max - a.r))
             cores.append(core)
         stack = torch.stack(cores)[slot] * active[:, None, None]  # (B, r_max, r_max)
         h = torch.bmm(h, stack.transpose(1, 2))  # (B, T, r_max)
         if out.is_contiguous():  # out += h·upᵀ as one fused GEMM
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r_max), basis.up.T)
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r_max), basis.up.to(dtype).T)
             return out
-        return _add_(out, torch.matmul(h, basis.up.T))
+        return _add_(out, torch.matmul(h, basis.up.to(dtype).T))
     # VeRA: diagonal cores
-    d = torch.stack([a.vera_lambda_d for a in adapters])[slot]  # (B, r)
-    b = torch.stack([a.vera_lambda_b for a in adapters])[slot] * active[:, None]  # (B, out)
-    return _add_(out, torch.matmul(h * d[:, None, :], basis.up.T) * b[:, None, :])
+    d = torch.stack([a.vera_lambda_d.to(dtype) for a in adapters])[slot]  # (B, r)
+    b = torch.stack([a.vera_lambda_b.to(dtype) for a in adapters])[slot] * active[:, None]  # (B, out)
+    return _add_(out, torch.matmul(h * d[:, None, :], basis.up.to(dtype).T) * b[:, None, :])
 
 
 def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
@@ -137,14 +139,16 @@ def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
     """Rows routed to packed LoRA-XS adapters: one projection, one gather of (B, r, r) cores, one up."""
     bank = layer.registry.bank
     merged = tuple(layer.registry.merged)
-    key = ("slots", bank.version, merged, x.device)
-    if key not in cache:
-        cache[key] = bank.row_slots(tuple(None if n in merged else n for n in names), x.device)  # (B,)
+    key = ("slots", bank.version, merged, bank.cores.device)
+    if key not in cache:  # on the bank's device: index_select needs its index there
+        cache[key] = bank.row_slots(tuple(None if n in merged else n for n in names), bank.cores.device)  # (B,)
     slots = cache[key]
     down, up = layer.bases["lora_xs"].sliced(bank.rank)
+    down, up = down.to(x.dtype), up.to(x.dtype)  # the basis may be held in another dtype than x
     batch = x.shape[0]
     h = torch.matmul(x.reshape(batch, -1, x.shape[-1]), down.T)  # (B, T, r)
-    cores = bank.cores[layer.bank_index].index_select(0, slots)  # (B, r, r); slot 0 is zero
+    # (B, r, r); slot 0 is zero. The bank may be float32 on a bf16 base: only the gathered cores are cast
+    cores = bank.cores[layer.bank_index].index_select(0, slots).to(x.dtype)
     h = torch.bmm(h, cores.transpose(1, 2))
     if out.is_contiguous():  # out += h·upᵀ as one fused GEMM
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T)
@@ -160,10 +164,10 @@ def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
         return out
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
-    picked = None if torch.is_grad_enabled() or layer.training else _stacked_rows(layer, groups, batch, x.device, cache)
+    picked = None if torch.is_grad_enabled() or layer.training else _stacked_rows(layer, groups, batch, x, cache)
     if picked is None:  # training (gradients must reach each adapter's own parameters), or no common stack
         adapters = [layer.adapters[n] for n in groups]
-        a_rows, b_rows = _gathered_lora(adapters, groups, batch, x.device)
+        a_rows, b_rows = _gathered_lora(adapters, groups, batch, x.device, x.dtype)
         h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
         return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
     a_rows, b_rows, coef = picked
@@ -174,16 +178,18 @@ def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
     return _add_(out, torch.bmm(h, b_rows))
 
 
-def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: int, device: torch.device,
+def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: int, x: torch.Tensor,
                   cache: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Each row's Aᵀ (B, in, r_max) and Bᵀ (B, r_max, out), picked from the layer's LoRA stack by one
     index_select each, and its scaling (B, 1, 1), 0 for rows of other adapter kinds.
 
-    Kept in the route's cache, so decoding step after step under one route picks once. The entry is
+    Kept in the route's cache, so decoding step after step under one route picks once. The picked rows are
+    cast to x's dtype there, once (the stack is float32 on a bf16 base), never the whole stack per call. The entry is
     checked against the parameters' own version counters (bumped by any in-place edit; `.data` views
     keep their own counters, not the stack's) and against the stack still backing the first adapter.
     """
-    key = ("lora_stack_rows", id(layer), tuple(groups))  # groups change if an adapter is merged mid-route
+    device, dtype = x.device, x.dtype
+    key = ("lora_stack_rows", id(layer), tuple(groups), dtype)  # groups change if an adapter is merged mid-route
     hit = cache.get(key)
     first = next(iter(groups))
     if hit is not None:
@@ -200,20 +206,20 @@ def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: i
         for row in rows:
             slot[row], coef[row] = k, stack.scales[k]
     slot_t = torch.tensor(slot, device=device)
-    picked = (stack.a.index_select(0, slot_t), stack.b.index_select(0, slot_t),
-              torch.tensor(coef, dtype=stack.a.dtype, device=device)[:, None, None])
+    picked = (stack.a.index_select(0, slot_t).to(dtype), stack.b.index_select(0, slot_t).to(dtype),
+              torch.tensor(coef, dtype=dtype, device=device)[:, None, None])
     params = [p for name in groups for p in (layer.adapters[name].lora_A, layer.adapters[name].lora_B)]
     cache[key] = (stack, params, tuple(p._version for p in params), picked)
     return picked
 
 
-def _gathered_lora(adapters: list, groups: dict[str, list[int]], batch: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's A (B, r, in) and scaled B (B, out, r), lower ranks zero-padded (exact), built from the
-    adapters' own parameters so that gradients reach them."""
-    slot, active = _row_index(groups, batch, device)
+def _gathered_lora(adapters: list, groups: dict[str, list[int]], batch: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's A (B, r, in) and scaled B (B, out, r) in the activations' `dtype`, lower ranks zero-padded
+    (exact), built from the adapters' own parameters so that gradients reach them (through the cast too)."""
+    slot, active = _row_index(groups, batch, device, dtype)
     r_max = max(a.r for a in adapters)
     pad = torch.nn.functional.pad
-    a_rows = torch.stack([pad(a.lora_A, (0, 0, 0, r_max - a.r)) for a in adapters])[slot]  # (B, r, in)
-    b_rows = torch.stack([pad(a.lora_B * a.scaling, (0, r_max - a.r)) for a in adapters])[slot]  # (B, out, r)
+    a_rows = torch.stack([pad(a.lora_A.to(dtype), (0, 0, 0, r_max - a.r)) for a in adapters])[slot]  # (B, r, in)
+    b_rows = torch.stack([pad(a.lora_B.to(dtype) * a.scaling, (0, r_max - a.r)) for a in adapters])[slot]  # (B, out, r)
     return a_rows, b_rows * active[:, None, None]

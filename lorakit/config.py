@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Union
 
+import torch
+
 from lorakit.errors import AdapterConfigError
 
 # "all-linear", a regex (matched against full module names), or a list of names/suffixes.
@@ -19,6 +21,24 @@ def _normalise_targets(value: object) -> Targets:
     if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
         return tuple(value)
     raise AdapterConfigError(f"target_modules must be 'all-linear', a regex or a list of names, got {value!r}")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise AdapterConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype an adapter's trained weights are kept in on a base whose weights are `base_dtype`.
+
+    Why float32 on a bf16/fp16 base: small optimizer updates round away in 8 or 11 mantissa bits. The
+    weights are cast to the activation dtype per call (cheap: they are r-wide), as PEFT's autocast does.
+    A non-float (quantized) base gets float32 either way."""
+    if not base_dtype.is_floating_point:
+        return torch.float32
+    if autocast_adapter_dtype and base_dtype.itemsize < 4:
+        return torch.float32
+    return base_dtype
 
 
 def _check_rank(r: int) -> None:
@@ -37,11 +57,13 @@ class LoraConfig:
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     target_modules: Targets = "all-linear"  # which layers get an adapter
     exclude_modules: tuple[str, ...] = ()  # names/suffixes never adapted (the output head always is)
+    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
 
@@ -61,6 +83,7 @@ class LoraXSConfig:
     lora_dropout: float = 0.0  # dropout on the adapter's input, training only
     target_modules: Targets = "all-linear"
     exclude_modules: tuple[str, ...] = ()
+    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
@@ -68,6 +91,7 @@ class LoraXSConfig:
             raise AdapterConfigError(f"init_std must be >= 0, got {self.init_std!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
 
@@ -87,11 +111,13 @@ class VeraConfig:
     vera_dropout: float = 0.0  # dropout on the adapter's input, training only
     target_modules: Targets = "all-linear"
     exclude_modules: tuple[str, ...] = ()
+    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
         if not 0.0 <= self.vera_dropout < 1.0:
             raise AdapterConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
 
@@ -108,6 +134,7 @@ class PrefixConfig:
     num_virtual_tokens: int = 20  # prefix length: key/value slots added to every layer
     prefix_projection: bool = False  # train through a reparameterisation MLP (folded into the prefix when saved)
     encoder_hidden_size: int | None = None  # the MLP's hidden width; None = the model's key/value width
+    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or \
@@ -117,6 +144,7 @@ class PrefixConfig:
                                                      or self.encoder_hidden_size <= 0):
             raise AdapterConfigError(f"encoder_hidden_size must be a positive integer or None, got "
                                      f"{self.encoder_hidden_size!r}")
+        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         if not isinstance(self.prefix_projection, bool):
             raise AdapterConfigError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
 
@@ -151,5 +179,5 @@ def config_from_dict(data: dict) -> AdapterConfig:
     return cls(**data)
 
 
-__all__ = ["LoraConfig", "LoraXSConfig", "PrefixConfig", "VeraConfig", "AdapterConfig", "config_to_dict",
+__all__ = ["adapter_dtype", "LoraConfig", "LoraXSConfig", "PrefixConfig", "VeraConfig", "AdapterConfig", "config_to_dict",
            "config_from_dict"]

@@ -109,9 +109,9 @@ class AdaptedLinear(nn.Module):
     def add_delta_(self, name: str, out: torch.Tensor, x: torch.Tensor, sign: float) -> None:
         """out ± Δ_name(x), in place (the base output is fresh, so autograd allows it)."""
         if name not in self.adapters:  # a packed LoRA-XS adapter
-            up, down = self.factors(name)
-            h = torch.nn.functional.linear(x, down)  # (..., r)
-            out.view(-1, out.shape[-1]).addmm_(h.view(-1, down.shape[0]), up.T, alpha=sign)
+            up, down = self.factors(name)  # up in float32 at least: cast both to the activations' dtype
+            h = torch.nn.functional.linear(x, down.to(x.dtype))  # (..., r)
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, down.shape[0]), up.to(out.dtype).T, alpha=sign)
             return
         adapter = self.adapters[name]
         basis = self.bases[adapter.basis_key] if adapter.basis_key else None
@@ -126,7 +126,9 @@ class AdaptedLinear(nn.Module):
         if name not in self.adapters:  # packed: up = B·(α/r)R, down = A
             bank = self.registry.bank
             down, up = self.bases["lora_xs"].sliced(bank.rank)
-            return up @ bank.core(self.bank_index, name), down
+            core = bank.core(self.bank_index, name)  # (r, r), in the bank's dtype (float32 on a bf16 base)
+            wide = torch.promote_types(torch.promote_types(up.dtype, core.dtype), torch.float32)
+            return up.to(wide) @ core.to(wide), down
         adapter = self.adapters[name]
         basis = self.bases[adapter.basis_key] if adapter.basis_key else None
         return adapter.factors(basis)
@@ -149,7 +151,8 @@ class AdaptedLinear(nn.Module):
         up, down = up.detach(), down.detach()
         if self.quant is not None:  # dequantize, add, requantize (exact bookkeeping in lorakit.quant)
             self.quant.add_factors_(self, up, down, sign)
-        elif self.weight.dtype == torch.float32:
+        elif self.weight.itemsize >= 4:  # float32/64 W: add in W's dtype, in place
+            up, down = up.to(self.weight.dtype), down.to(self.weight.dtype)
             if self.fan_in_fan_out:  # W is (in, out)
                 self.weight.addmm_(down.T, up.T, alpha=sign)
             else:

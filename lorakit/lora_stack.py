@@ -12,14 +12,16 @@ stored layout is the transpose of the parameters' so the batched products read c
 (CPU bmm ran 1.4× faster at prefill and 2× at decode than with transposed ones); a transposed view
 costs nothing to the single-adapter GEMMs.
 
-The stack is rebuilt when the layer's LoRA adapters change, or when a parameter no longer points into it
-(`model.to(...)` replaces parameter data). The Parameter objects themselves never change, so optimizers
-holding them keep working.
+The stack is rebuilt when the layer's LoRA adapters change, or when a parameter no longer points into it.
+`model.to(...)` moves the stack itself (`moved`, called by the registry's hook on the model's `_apply`) and
+points the parameters back into it. The Parameter objects themselves never change, so optimizers holding
+them keep working.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -103,3 +105,36 @@ def unshare(layer: "AdaptedLinear", deleting: str) -> None:
                 adapter.lora_A.data = adapter.lora_A.data.clone(memory_format=torch.contiguous_format)
                 adapter.lora_B.data = adapter.lora_B.data.clone(memory_format=torch.contiguous_format)
     object.__setattr__(layer, ATTR, None)
+
+
+def held_names(layer: "AdaptedLinear") -> tuple[str, ...]:
+    """The adapters whose parameters live in the layer's stack now (recorded before a move)."""
+    stack: LoraStack | None = getattr(layer, ATTR, None)
+    return () if stack is None else tuple(n for n in stack.names if stack.holds(layer, n))
+
+
+def moved(layer: "AdaptedLinear", fn: Callable[[torch.Tensor], torch.Tensor], held: tuple[str, ...]) -> None:
+    """After `layer` went through `fn` (a `.to(...)`, `.half()`, `.cuda()`...): move the stack the same way and
+    point the adapters in `held` (those that lived in it before) back into it, so the weights stay held once
+    and no stale copy on the old device or dtype stays alive. A stack nobody lived in is dropped."""
+    stack: LoraStack | None = getattr(layer, ATTR, None)
+    if stack is None:
+        return
+    if not held:
+        object.__setattr__(layer, ATTR, None)
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        a, b = fn(stack.a), fn(stack.b)
+        if a is stack.a and b is stack.b:
+            return
+        pointers = {}
+        for name in held:
+            adapter = layer.adapters[name] if name in layer.adapters else None
+            if adapter is None or adapter.lora_A.dtype != a.dtype or adapter.lora_A.device != a.device:
+                continue
+            k = stack.index[name]
+            adapter.lora_A.data = a[k, :, :adapter.r].T
+            adapter.lora_B.data = b[k, :adapter.r].T
+            pointers[name] = (adapter.lora_A.data_ptr(), adapter.lora_B.data_ptr())
+    # a new object: per-route caches of rows picked from the old stack (lorakit.batched) see it changed
+    object.__setattr__(layer, ATTR, replace(stack, a=a, b=b, pointers=pointers))

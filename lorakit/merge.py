@@ -15,7 +15,7 @@ from lorakit.config import PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
 from lorakit.prefix_hook import unload_prefixes
 from lorakit.quant import dequantize_model
-from lorakit.registry import REGISTRY_ATTR, get_registry
+from lorakit.registry import get_registry, release
 
 
 def merge(model: nn.Module, name: str) -> None:
@@ -104,8 +104,8 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None, *,
     if full_precision:
         dequantize_model(model)
     unload_prefixes(model)
-    for attr in (REGISTRY_ATTR, BANK_ATTR):  # the model is plain again
-        model.__dict__.pop(attr, None)
+    model.__dict__.pop(BANK_ATTR, None)  # the model is plain again
+    release(model)
     for param in model.parameters():
         param.requires_grad_(False)
     return model

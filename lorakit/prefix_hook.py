@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lorakit.attach import check_adapter_name, freeze_base
-from lorakit.config import PrefixConfig
+from lorakit.config import PrefixConfig, adapter_dtype
 from lorakit.errors import (AdapterExistsError, AdapterNotFoundError, LorakitError, PrefixLengthError,
                             RoutingError)
 from lorakit.methods.prefix import PrefixAdapter, PrefixShape, check_fits, prefix_shape
@@ -306,7 +306,7 @@ def attach_prefix(model: nn.Module, config: PrefixConfig, name: str = "default")
     shape = prefix_shape(model)
     check_fits(config, shape, type(model).__name__)
     param = next(model.parameters())
-    adapter = PrefixAdapter(config, shape).to(param.device)
+    adapter = PrefixAdapter(config, shape, adapter_dtype(param.dtype, config.autocast_adapter_dtype), param.device)
     store = prefix_store(model)
     if store is None:
         backbone = getattr(model, "base_model", model)

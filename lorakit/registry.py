@@ -2,15 +2,23 @@
 
 It says which adapters exist, never which one is active (that is the caller's `Route`). It hangs off
 the model as the plain attribute `lorakit_registry`, and every adapted layer points to it.
+
+What lorakit holds outside the model's parameters and buffers (the packed bank, the layers' LoRA stacks,
+VeRA's shared projections) follows the model through `model.to(...)`, `.half()`, `.cuda()`...: all of them
+go through `nn.Module._apply`, which the registry wraps on the model it was created for (`moved_with`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
+from lorakit import lora_stack
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError, RoutingError
+from lorakit.methods.vera import vera_key
 
 REGISTRY_ATTR = "lorakit_registry"
 
@@ -34,6 +42,33 @@ class AdapterRegistry:
 
             self._layer_map = (self.version, adapted_layers(model))
         return self._layer_map[1]
+
+    def moved_with(self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> None:
+        """Run the model's own `_apply(fn)`, then move what lorakit holds the same way: the bank's cores, each
+        layer's LoRA stack (parameters pointed back into it), VeRA's shared projections (every layer's basis
+        pointed back at one moved pair), and basis fingerprints (device only: their float32 is what files
+        are checked against, so a bf16 model must not round them)."""
+        layers = self.layer_map(model)
+        held = {name: lora_stack.held_names(layer) for name, layer in layers.items()}
+        fingerprints = {(name, key): basis.fingerprint for name, layer in layers.items()
+                        for key, basis in layer.bases.items()}
+        type(model)._apply(model, fn, recurse)
+        for (name, key), fingerprint in fingerprints.items():
+            basis = layers[name].bases[key]
+            basis._buffers["fingerprint"] = fingerprint.to(basis.down.device)
+        for name, layer in layers.items():
+            lora_stack.moved(layer, fn, held[name])
+        if self.bank is not None:
+            self.bank.apply_(fn)
+        for (seed, r, max_in, max_out), shared in list(self.vera_projections.items()):
+            down, up = fn(shared[0]), fn(shared[1])
+            self.vera_projections[(seed, r, max_in, max_out)] = (down, up)
+            key = vera_key(seed, r)
+            for layer in layers.values():
+                basis = layer.bases[key] if key in layer.bases else None
+                if basis is not None and (basis.down.dtype, basis.down.device) == (down.dtype, down.device):
+                    basis._buffers["down"] = down[:, :layer.in_features]  # (r, in): a view, not a copy
+                    basis._buffers["up"] = up[:layer.out_features]  # (out, r)
 
     def default_names(self) -> str | None | object:
         """What a call without a route runs: the weights as they stand if anything is merged, else the
@@ -67,4 +102,29 @@ def get_registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
             raise LorakitError(f"{type(model).__name__} has no lorakit adapters attached; call lorakit.attach first")
         registry = AdapterRegistry()
         object.__setattr__(model, REGISTRY_ATTR, registry)  # a plain attribute, not a submodule
+        object.__setattr__(model, "_apply", ApplyHook(model))  # the model's own _apply, wrapped
     return registry
+
+
+class ApplyHook:
+    """`model._apply` while lorakit adapters are attached: the model's own, then what the registry holds.
+
+    An object holding the model rather than a closure, so `copy.deepcopy` points the copy's hook at the copy
+    and `pickle` restores it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        model = self.model
+        registry = model.__dict__.get(REGISTRY_ATTR)
+        if registry is None:  # adapters unloaded since
+            return type(model)._apply(model, fn, recurse)
+        registry.moved_with(model, fn, recurse)
+        return model
+
+
+def release(model: nn.Module) -> None:
+    """Forget lorakit's model-level state (the model is plain again): the registry and the `_apply` wrapper."""
+    model.__dict__.pop(REGISTRY_ATTR, None)
+    model.__dict__.pop("_apply", None)

@@ -3,7 +3,9 @@
     x ──► W ──────────────► (+) ──► y        y = W x + (α/r)·B(A x)
     └──► A (r×in) ─► B (out×r) ─┘           A random, B zero: training starts at the base model
 
-B·A is never formed in the forward pass; `delta_weight` forms it once, for merging.
+B·A is never formed in the forward pass; `delta_weight` forms it once, for merging. A and B may be kept in a
+wider dtype than the activations (float32 on a bf16 base): each call casts them (r-wide, cheap) to x's dtype,
+and autograd casts their gradients back.
 """
 
 from __future__ import annotations
@@ -23,23 +25,24 @@ class LoraAdapter(nn.Module):
     method = "lora"
     basis_key: str | None = None  # LoRA needs no shared basis
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.r = config.r
         self.scaling = config.scaling
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor, basis: None = None) -> torch.Tensor:
         """(..., in) -> (..., out): (α/r)·B(A·dropout(x))."""
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
 
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: None = None, sign: float = 1.0) -> None:
         """out += sign·Δ(x) in place: one fused addmm instead of matmul, scale and add passes."""
-        h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), self.lora_B.T, alpha=sign * self.scaling)
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), self.lora_B.to(out.dtype).T, alpha=sign * self.scaling)
 
     def factors(self, basis: None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW = up @ down with up (out, r) and down (r, in): merging never needs a dense ΔW."""

@@ -47,30 +47,31 @@ class LoraXSAdapter(nn.Module):
     method = "lora_xs"
     basis_key = "lora_xs"
 
-    def __init__(self, config: LoraXSConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: LoraXSConfig, dtype: torch.dtype, device: torch.device | None = None) -> None:
         super().__init__()
         self.r = config.r
         self.scaling = config.scaling
-        self.lora_R = nn.Parameter(torch.randn(config.r, config.r, dtype=dtype) * config.init_std)
+        self.lora_R = nn.Parameter(torch.randn(config.r, config.r, dtype=dtype, device=device) * config.init_std)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor, basis: Basis) -> torch.Tensor:
         """(..., in) -> (..., out): (α/r)·B(R(A·dropout(x)))."""
         down, up = basis.sliced(self.r)
-        h = F.linear(self.dropout(x), down)  # (..., r)
-        return F.linear(F.linear(h, self.lora_R), up) * self.scaling
+        h = F.linear(self.dropout(x), down.to(x.dtype))  # (..., r)
+        return F.linear(F.linear(h, self.lora_R.to(x.dtype)), up.to(x.dtype)) * self.scaling
 
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
         """out += sign·Δ(x) in place; R is folded into B first (an out×r×r product, tiny)."""
         down, up = basis.sliced(self.r)
-        h = F.linear(self.dropout(x), down)  # (..., r)
-        up_r = up @ self.lora_R  # (out, r)
+        h = F.linear(self.dropout(x), down.to(x.dtype))  # (..., r)
+        up_r = up.to(out.dtype) @ self.lora_R.to(out.dtype)  # (out, r), in the activations' dtype
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_r.T, alpha=sign * self.scaling)
 
     def factors(self, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
-        """ΔW = up @ down: up = (α/r)·B·R (out, r), down = A (r, in)."""
+        """ΔW = up @ down: up = (α/r)·B·R (out, r), down = A (r, in); up in float32 at least (R may be wider than B)."""
         down, up = basis.sliced(self.r)
-        return (up @ self.lora_R) * self.scaling, down
+        wide = torch.promote_types(torch.promote_types(up.dtype, self.lora_R.dtype), torch.float32)
+        return (up.to(wide) @ self.lora_R.to(wide)) * self.scaling, down
 
     def delta_weight(self, basis: Basis) -> torch.Tensor:
         up, down = self.factors(basis)

@@ -99,17 +99,19 @@ class PrefixAdapter(nn.Module):
 
     method = "prefix"
 
-    def __init__(self, config: PrefixConfig, shape: PrefixShape) -> None:
+    def __init__(self, config: PrefixConfig, shape: PrefixShape, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.shape = shape
         self.num_virtual_tokens = config.num_virtual_tokens
+        where = {"dtype": dtype, "device": device}  # the caller's (lorakit.config.adapter_dtype of the base)
         if config.prefix_projection:
             hidden = config.encoder_hidden_size or shape.token_dim
-            self.embedding = nn.Embedding(config.num_virtual_tokens, shape.token_dim)
-            self.transform = nn.Sequential(nn.Linear(shape.token_dim, hidden), nn.Tanh(),
-                                           nn.Linear(hidden, shape.flat_dim))
+            self.embedding = nn.Embedding(config.num_virtual_tokens, shape.token_dim, **where)
+            self.transform = nn.Sequential(nn.Linear(shape.token_dim, hidden, **where), nn.Tanh(),
+                                           nn.Linear(hidden, shape.flat_dim, **where))
         else:
-            self.embedding = nn.Embedding(config.num_virtual_tokens, shape.flat_dim)  # N(0, 1), as PEFT
+            self.embedding = nn.Embedding(config.num_virtual_tokens, shape.flat_dim, **where)  # N(0, 1), as PEFT
             self.transform = None
 
     def flat(self) -> torch.Tensor:

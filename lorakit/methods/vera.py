@@ -29,19 +29,34 @@ def vera_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[torc
     return down, up
 
 
+def vera_fingerprint(shared: tuple[torch.Tensor, torch.Tensor], in_features: int, out_features: int) -> torch.Tensor:
+    """(2,) float32 numbers a file checks, from the float32 projections (so they do not depend on the model's
+    dtype), on the projections' device."""
+    down, up = shared[0][:, :in_features].float(), shared[1][:out_features].float()  # (r, in), (out, r)
+    probe_d = probe_vector(in_features, 2).to(down.device)
+    probe_u = probe_vector(out_features, 3).to(up.device)
+    return torch.stack([probe_d @ down.T.sum(1), probe_u @ up.sum(1)])
+
+
 def vera_basis(shared: tuple[torch.Tensor, torch.Tensor], in_features: int, out_features: int,
-               dtype: torch.dtype) -> Basis:
-    """One layer's view of the shared projections."""
-    down, up = shared
-    down = down[:, :in_features].to(dtype)  # (r, in)
-    up = up[:out_features].to(dtype)  # (out, r)
-    fingerprint = torch.stack([probe_vector(down.shape[1], 2) @ down.float().T.sum(1),
-                               probe_vector(up.shape[0], 3) @ up.float().sum(1)])
-    return Basis(down, up, fingerprint)
+               dtype: torch.dtype, fingerprint: torch.Tensor | None = None) -> Basis:
+    """One layer's view of the shared projections: slices of them (no copy) when they are already in
+    `dtype`, so every layer of a model shares one pair. `fingerprint` defaults to the one of `shared`
+    (pass the float32 one when `shared` is held in a lower precision)."""
+    down = shared[0][:, :in_features].to(dtype)  # (r, in)
+    up = shared[1][:out_features].to(dtype)  # (out, r)
+    if fingerprint is None:
+        fingerprint = vera_fingerprint(shared, in_features, out_features)
+    return Basis(down, up, fingerprint.to(down.device))
+
+
+def vera_key(seed: int, r: int) -> str:
+    """Where a layer keeps the basis of projections (seed, r)."""
+    return f"vera_s{seed}_r{r}"
 
 
 def vera_basis_key(config: VeraConfig) -> str:
-    return f"vera_s{config.projection_seed}_r{config.r}"
+    return vera_key(config.projection_seed, config.r)
 
 
 class VeraAdapter(nn.Module):
@@ -49,28 +64,31 @@ class VeraAdapter(nn.Module):
 
     method = "vera"
 
-    def __init__(self, out_features: int, config: VeraConfig, dtype: torch.dtype) -> None:
+    def __init__(self, out_features: int, config: VeraConfig, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.r = config.r
         self.basis_key = vera_basis_key(config)
-        self.vera_lambda_d = nn.Parameter(torch.full((config.r,), config.d_initial, dtype=dtype))
-        self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype))
+        self.vera_lambda_d = nn.Parameter(torch.full((config.r,), config.d_initial, dtype=dtype, device=device))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor, basis: Basis) -> torch.Tensor:
         """(..., in) -> (..., out): b ⊙ B(d ⊙ A·dropout(x))."""
-        h = F.linear(self.dropout(x), basis.down) * self.vera_lambda_d  # (..., r)
-        return F.linear(h, basis.up) * self.vera_lambda_b
+        h = F.linear(self.dropout(x), basis.down.to(x.dtype)) * self.vera_lambda_d.to(x.dtype)  # (..., r)
+        return F.linear(h, basis.up.to(x.dtype)) * self.vera_lambda_b.to(x.dtype)
 
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
         """out += sign·Δ(x) in place; b is folded into B (out×r) and d into the r-wide activations."""
-        h = F.linear(self.dropout(x), basis.down) * self.vera_lambda_d  # (..., r)
-        up_b = basis.up * self.vera_lambda_b[:, None]  # (out, r)
+        h = F.linear(self.dropout(x), basis.down.to(x.dtype)) * self.vera_lambda_d.to(x.dtype)  # (..., r)
+        up_b = basis.up.to(out.dtype) * self.vera_lambda_b.to(out.dtype)[:, None]  # (out, r)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_b.T, alpha=sign)
 
     def factors(self, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
-        """ΔW = up @ down: up = Λ_b·B (out, r), down = Λ_d·A (r, in)."""
-        return basis.up * self.vera_lambda_b[:, None], basis.down * self.vera_lambda_d[:, None]
+        """ΔW = up @ down: up = Λ_b·B (out, r), down = Λ_d·A (r, in), in float32 (d, b may be wider than A, B)."""
+        wide = torch.promote_types(torch.promote_types(basis.up.dtype, self.vera_lambda_b.dtype), torch.float32)
+        return (basis.up.to(wide) * self.vera_lambda_b.to(wide)[:, None],
+                basis.down.to(wide) * self.vera_lambda_d.to(wide)[:, None])
 
     def delta_weight(self, basis: Basis) -> torch.Tensor:
         up, down = self.factors(basis)

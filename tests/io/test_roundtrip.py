@@ -60,15 +60,20 @@ def test_lora_xs_file_holds_r_squared_numbers(tmp_path):
     assert info["file_bytes"]["total"] == sum(p.stat().st_size for p in (tmp_path / "ad").iterdir())
 
 
-def test_bfloat16_adapter_keeps_its_dtype(ids, tmp_path):
+@pytest.mark.parametrize("autocast, stored", [(True, torch.float32), (False, torch.bfloat16)])
+def test_bfloat16_base_adapter_file_stores_what_was_trained(ids, tmp_path, autocast, stored):
+    """On a bf16 base adapters train in float32 by default (autocast_adapter_dtype), in bf16 when asked: the
+    file holds that dtype, and a load follows the same rule as attach whatever the file's dtype."""
     model = MODEL_FACTORIES["llama"](0).to(torch.bfloat16)
-    lk.attach(model, lk.LoraConfig(r=4), "a")
+    lk.attach(model, lk.LoraConfig(r=4, autocast_adapter_dtype=autocast), "a")
     io.save_adapter(model, "a", tmp_path / "ad")
     assert load_file(tmp_path / "ad" / "adapter_model.safetensors")[
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.bfloat16
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == stored
     fresh = MODEL_FACTORIES["llama"](0).to(torch.bfloat16)
     io.load_adapter(fresh, tmp_path / "ad")
-    assert io.read_adapter_info(tmp_path / "ad")["dtype"] == "BF16"
+    assert io.read_adapter_info(tmp_path / "ad")["dtype"] == {torch.float32: "F32", torch.bfloat16: "BF16"}[stored]
+    loaded = lk.adapted_layers(fresh)["model.layers.0.self_attn.q_proj"].adapters["ad"].lora_A
+    assert loaded.dtype == torch.float32  # a PEFT file carries no lorakit switch: the default rule applies
 
 
 def test_default_name_is_the_directory_and_resave_replaces(ids, tmp_path):
