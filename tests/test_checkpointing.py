@@ -124,3 +124,31 @@ def test_plain_torch_checkpoint_without_the_helper_has_no_route():
     """Why the helper exists: torch's own checkpoint recomputes outside the block and finds no route."""
     with pytest.raises(RoutingError, match="choose one per call"):
         _plain_torch_grads(lambda f, x: checkpoint(f, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("other", [False, True])
+def test_lorakit_trainer_with_gradient_checkpointing(tmp_path, other):
+    """lorakit's trainer calls backward() outside its use_adapter block; with a second adapter attached
+    (`other`) a recomputation without the route could not pick one. Same adapter after 3 steps either way."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lorakit.train import train
+    from tests.train.conftest import prompt_rows, run_config, save_tiny_llama, write_jsonl
+
+    base = save_tiny_llama(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows(8))
+    trained = {}
+    for checkpointed in (False, True):
+        model = LlamaForCausalLM.from_pretrained(base)
+        if other:
+            lorakit.attach(model, lorakit.LoraXSConfig(r=2), "other")
+        if checkpointed:
+            model.gradient_checkpointing_enable()
+        config = run_config(base, data, tmp_path / f"run{checkpointed}", steps=3, batch_size=4,
+                            adapter={"r": 4, "lora_dropout": 0.1})
+        train(config, model=model, tokenizer=AutoTokenizer.from_pretrained(base))
+        trained[checkpointed] = lorakit.adapter_state_dict(model, config.adapter_name)
+    assert trained[False].keys() == trained[True].keys()
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained[True].items())  # it did train
+    for key, value in trained[False].items():
+        assert torch.allclose(value, trained[True][key], atol=1e-6), key
