@@ -120,3 +120,21 @@ def test_per_row_dropout_is_differentiable_and_masks_the_gradient():
         else:
             # this row's own mask reached its gradient: entries (kept count)/(1-p) differ from TOKENS
             assert not torch.allclose(grad_a, torch.full_like(grad_a, float(TOKENS))), name
+
+
+@pytest.mark.parametrize("kind", ["lora", "lora_xs", "vera"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_subtracting_a_merged_adapter_is_never_dropped(kind, per_row):
+    """Rows that do not route to a merged adapter get W₀x exactly, in training mode too: the subtraction
+    undoes the merge, so dropping its input would leave noise ΔW(x − dropout(x)) on base rows."""
+    model = transparent_model({"m": (kind, 0.5), "b": ("lora", 0.0)}).train()
+    x = torch.ones(2, TOKENS, WIDTH)
+    with torch.no_grad():
+        base = model[0].base_forward(x)  # W₀x, before the merge
+    lorakit.merge(model, "m")
+    names = [None, "b"] if per_row else None
+    with lorakit.use_adapter(model, names):
+        out = model(x).detach()
+    assert torch.allclose(out[0], base[0], atol=1e-5)
+    if per_row:  # row 1 routes to b (p = 0): W₀x + x
+        assert torch.allclose(out[1], base[1] + 1.0, atol=1e-5)
