@@ -24,8 +24,8 @@ ROUTES = {
 }
 
 
-def mixed_llama() -> nn.Module:
-    model = tiny_llama()
+def mixed_llama(device: torch.device = torch.device("cpu")) -> nn.Module:
+    model = tiny_llama().to(device)
     for name, p in LORAS.items():
         lorakit.attach(model, lorakit.LoraConfig(r=2 + len(name) % 3, lora_dropout=p), name)
     lorakit.attach(model, lorakit.LoraXSConfig(r=4, lora_dropout=0.3), "xs")
@@ -37,7 +37,7 @@ def mixed_llama() -> nn.Module:
 def grads_after(model: nn.Module, names, rows: int) -> dict[str, torch.Tensor]:
     """Forward under `names`, backward after the block, HF-Trainer style; the adapter gradients."""
     model.zero_grad(set_to_none=True)
-    ids = torch.randint(0, 101, (rows, 6), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 101, (rows, 6), generator=torch.Generator().manual_seed(3)).to(model.device)
     torch.manual_seed(7)  # the same dropout masks in both runs
     with lorakit.use_adapter(model, names):
         loss = model(input_ids=ids, labels=ids).loss
@@ -47,10 +47,10 @@ def grads_after(model: nn.Module, names, rows: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("route", sorted(ROUTES))
-def test_checkpointed_llama_gradients_equal_plain_ones(route, reentrant):
+def test_checkpointed_llama_gradients_equal_plain_ones(route, reentrant, device):
     names = ROUTES[route]
     rows = len(names) if isinstance(names, list) else 3
-    model = mixed_llama()
+    model = mixed_llama(device)
     plain = grads_after(model, names, rows)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     checkpointed = grads_after(model, names, rows)

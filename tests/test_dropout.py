@@ -24,14 +24,14 @@ def _config(kind: str, p: float):
     return lorakit.VeraConfig(r=WIDTH, vera_dropout=p, target_modules=["0"])
 
 
-def transparent_model(specs: dict[str, tuple[str, float]]) -> nn.Module:
+def transparent_model(specs: dict[str, tuple[str, float]], device: torch.device = torch.device("cpu")) -> nn.Module:
     """One Linear(8, 8) with adapters name -> (kind, dropout p), each adapter's Δ(x) = x exactly in eval mode."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(WIDTH, WIDTH, bias=False))
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH, bias=False)).to(device)
     for name, (kind, p) in specs.items():
         lorakit.attach(model, _config(kind, p), name)
     layer = model[0]
-    eye = torch.eye(WIDTH)
+    eye = torch.eye(WIDTH, device=device)
     with torch.no_grad():
         for basis in layer.bases.values():
             basis.down.copy_(eye)
@@ -44,12 +44,12 @@ def transparent_model(specs: dict[str, tuple[str, float]]) -> nn.Module:
 
 def row_deltas(model: nn.Module, names: list[str | None]) -> torch.Tensor:
     """(B, T*WIDTH): each row's adapter delta on an all-ones input, in the model's current mode."""
-    x = torch.ones(len(names), TOKENS, WIDTH)
+    x = torch.ones(len(names), TOKENS, WIDTH, device=model[0].weight.device)
     with lorakit.use_adapter(model, names):
         out = model(x)
     with lorakit.disable_adapters(model):
         base = model(x)
-    return (out - base).detach().reshape(len(names), -1)
+    return (out - base).detach().reshape(len(names), -1).cpu()
 
 
 def check_rows(deltas: torch.Tensor, names: list[str | None], rates: dict[str | None, float]) -> None:
@@ -77,9 +77,9 @@ MIXES = {
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))
-def test_each_row_is_dropped_at_its_own_adapters_rate(mix):
+def test_each_row_is_dropped_at_its_own_adapters_rate(mix, device):
     specs = MIXES[mix]
-    model = transparent_model(specs).train()
+    model = transparent_model(specs, device).train()
     names = [None, *specs, None, *reversed(list(specs))]
     if mix == "lora_many":
         assert len(specs) > GROUP_LOOP_MAX  # the gathered path, with gradients on
