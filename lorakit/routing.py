@@ -176,22 +176,32 @@ def route_context() -> tuple[AbstractContextManager, AbstractContextManager]:
 
 
 CHECKPOINT_FUNC_ATTR = "_gradient_checkpointing_func"  # transformers' per-module checkpoint function
-_HOOKED_ATTR = "lorakit_carries_routes"
+CHECKPOINTED_ATTR = "lorakit_checkpointed"  # on a hooked module: the checkpointable modules at or below it
 
 
-def _wrap_checkpoint_func(module: "nn.Module", args: tuple) -> None:
-    """Forward pre-hook: make the module's checkpoint function a RouteCarrier before its forward uses it.
-    Checked per call, since gradient_checkpointing_enable() may run (and set a new function) any time."""
-    func = getattr(module, CHECKPOINT_FUNC_ATTR, None)
-    if func is not None and not isinstance(func, RouteCarrier):
-        setattr(module, CHECKPOINT_FUNC_ATTR, RouteCarrier(func))
+def _wrap_checkpoint_funcs(module: "nn.Module", args: tuple) -> None:
+    """Forward pre-hook: make the checkpoint functions at or below `module` RouteCarriers before they are used.
+    Checked per call, since gradient_checkpointing_enable() may set new functions at any time."""
+    for target in getattr(module, CHECKPOINTED_ATTR, ()):
+        func = getattr(target, CHECKPOINT_FUNC_ATTR, None)
+        if func is not None and not isinstance(func, RouteCarrier):
+            setattr(target, CHECKPOINT_FUNC_ATTR, RouteCarrier(func))
 
 
 def carry_routes_through_checkpointing(model: "nn.Module") -> None:
-    """Hook every module that transformers may checkpoint (those with a `gradient_checkpointing` flag:
+    """Hook the modules transformers may checkpoint (those with a `gradient_checkpointing` flag:
     GradientCheckpointingLayer blocks, older-style backbones) so that model.gradient_checkpointing_enable()
-    works with `use_adapter` around the forward only. Idempotent; costs one getattr per block and call."""
+    works with `use_adapter` around the forward only.
+
+    transformers >= 5.2x checkpoints a block's `forward`, after its pre-hooks; older releases checkpoint
+    `super().__call__` from `__call__`, before them. So the model itself is hooked too, and each hook wraps
+    every checkpointable module at or below it: the outermost module called wraps them all in time.
+    Idempotent (re-run by every attach); costs a few attribute reads per block and call."""
     for module in model.modules():
-        if hasattr(module, "gradient_checkpointing") and not getattr(module, _HOOKED_ATTR, False):
-            module.register_forward_pre_hook(_wrap_checkpoint_func)
-            setattr(module, _HOOKED_ATTR, True)
+        if module is not model and not hasattr(module, "gradient_checkpointing"):
+            continue
+        below = tuple(m for m in module.modules() if hasattr(m, "gradient_checkpointing"))
+        first = CHECKPOINTED_ATTR not in module.__dict__
+        module.__dict__[CHECKPOINTED_ATTR] = below  # a plain tuple, not registered as submodules
+        if first:
+            module.register_forward_pre_hook(_wrap_checkpoint_funcs)

@@ -7,6 +7,8 @@ recomputation must also redraw the same masks (torch's checkpoint restores the R
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -115,6 +117,55 @@ def test_plain_torch_checkpoint_helpers(how):
         "reentrant": lambda f, x: lorakit.checkpoint_with_route(f, x, use_reentrant=True),
     }
     plain, checkpointed = _plain_torch_grads(None), _plain_torch_grads(wraps[how])
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+
+
+class OldStyleBlock(nn.Module):
+    """transformers 4.56-5.17's GradientCheckpointingLayer: it checkpoints `super().__call__` from `__call__`,
+    so its own forward pre-hooks run inside the checkpoint, too late to wrap its checkpoint function."""
+
+    gradient_checkpointing = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+        return super().__call__(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x))
+
+
+@pytest.mark.parametrize("enable_first", [False, True])
+def test_old_style_checkpointed_blocks_carry_the_route_from_the_first_step(enable_first):
+    def run(checkpointed: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(OldStyleBlock(), OldStyleBlock())
+
+        def enable() -> None:
+            for block in model:
+                block.gradient_checkpointing = checkpointed
+                block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        if enable_first:
+            enable()
+        lorakit.attach(model, lorakit.LoraConfig(r=2, lora_dropout=0.5, target_modules=["proj"]), "a")
+        lorakit.attach(model, lorakit.LoraXSConfig(r=2, lora_dropout=0.5, target_modules=["proj"]), "b")
+        if not enable_first:
+            enable()
+        randomize_adapters(model)
+        x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(2)
+        with lorakit.use_adapter(model.train(), ["a", "b", None]):
+            y = model(x)  # the very first call: no earlier call could have wrapped anything
+        y.sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = run(False), run(True)
     assert plain.keys() == checkpointed.keys() and plain
     for name, grad in plain.items():
         assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
