@@ -193,7 +193,7 @@ def carry_routes_through_checkpointing(model: "nn.Module") -> None:
     GradientCheckpointingLayer blocks, older-style backbones) so that model.gradient_checkpointing_enable()
     works with `use_adapter` around the forward only.
 
-    transformers >= 5.2x checkpoints a block's `forward`, after its pre-hooks; older releases checkpoint
+    transformers 5.24 checkpoints a block's `forward`, after its pre-hooks; 4.56-5.17 checkpoint
     `super().__call__` from `__call__`, before them. So the model itself is hooked too, and each hook wraps
     every checkpointable module at or below it: the outermost module called wraps them all in time.
     Idempotent (re-run by every attach); costs a few attribute reads per block and call."""
