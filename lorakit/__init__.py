@@ -12,12 +12,14 @@ from lorakit.errors import *  # noqa: F401,F403 - the exception classes are part
 from lorakit.layer import AdaptedLinear
 from lorakit.merge import merge, merge_and_unload, merged_names, swap_merged, unmerge
 from lorakit.quant import quantize
-from lorakit.routing import Route, disable_adapters, use_adapter, use_route
+from lorakit.routing import (Route, checkpoint_with_route, disable_adapters, route_context, use_adapter,
+                             use_route)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedLinear", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",
+    "checkpoint_with_route", "route_context",
     "adapter_names", "adapter_parameters", "adapter_state_dict", "attach", "count_trainable",
     "delete_adapter", "disable_adapters", "find_targets", "merge", "merge_and_unload", "merged_names", "PrefixConfig",
     "quantize",

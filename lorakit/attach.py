@@ -21,6 +21,7 @@ from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
 from lorakit.quant import quantized_base
 from lorakit.registry import AdapterRegistry, get_registry
+from lorakit.routing import carry_routes_through_checkpointing
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
@@ -174,6 +175,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     registry.configs[name] = config
     registry.version += 1
     freeze_base(model)
+    carry_routes_through_checkpointing(model)  # routes hold for gradient checkpointing's recomputation
     return model
 
 

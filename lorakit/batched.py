@@ -6,6 +6,9 @@
                         or diag(d_i)                 many: pick each row's A_i, B_i from the layer's
     out += h·Bᵀ (⊙ b_i) once for all rows            LoRA stack (lorakit.lora_stack), bmm + baddbmm_
 
+Dropout (training only) is per row: row i's adapter input is dropped at that adapter's own rate; rows of
+the base model, and rows of other kinds, get none.
+
 Deltas are added into the base output in place (it is fresh, as in AdaptedLinear.add_delta_), so no
 output-sized temporary is allocated per adapter kind.
 
@@ -105,15 +108,37 @@ def _row_index(groups: dict[str, list[int]], batch: int, device: torch.device,
     return (torch.tensor(slot, dtype=torch.long, device=device), torch.tensor(active, dtype=dtype, device=device))
 
 
+def dropout_rate(adapter: torch.nn.Module) -> float:
+    """The probability with which `adapter` drops its input now: 0 in eval mode or without dropout."""
+    drop = getattr(adapter, "dropout", None)
+    return float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+
+
+def row_dropout(x3: torch.Tensor, adapters: list, slot: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """x3 (B, T, in) with row i dropped at the rate of its adapter, adapters[slot[i]] (inverted dropout, as
+    nn.Dropout: kept entries scaled by 1/(1-p), p = 1 drops everything); rows with active[i] = 0 untouched.
+
+    One mask for the whole batch, drawn from torch's RNG, so gradient checkpointing's recomputation (which
+    restores the RNG state) draws the same mask."""
+    rates = [dropout_rate(a) for a in adapters]
+    if not any(rates):
+        return x3
+    rate = torch.tensor(rates, dtype=torch.float32, device=x3.device)[slot] * active.float()  # (B,)
+    keep = (1.0 - rate)[:, None, None]  # (B, 1, 1)
+    scale = torch.where(keep > 0, 1.0 / keep.clamp_min(1e-12), torch.zeros_like(keep))
+    mask = torch.empty_like(x3).bernoulli_(keep.expand(x3.shape).to(x3.dtype))
+    return x3 * (mask * scale.to(x3.dtype))
+
+
 def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: torch.Tensor,
                       groups: dict[str, list[int]]) -> torch.Tensor:
     basis = layer.bases[key]
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
     dtype = x.dtype  # adapters and bases may be held wider (float32 on a bf16 base): compute in x's dtype
-    h = torch.matmul(x3, basis.down.to(dtype).T)  # (B, T, r_max): one projection for every row
     slot, active = _row_index(groups, batch, x.device, dtype)
     adapters = [layer.adapters[n] for n in groups]
+    h = torch.matmul(row_dropout(x3, adapters, slot, active), basis.down.to(dtype).T)  # (B, T, r_max): one projection
     if adapters[0].method == "lora_xs":
         r_max = basis.rank
         cores = []
@@ -167,8 +192,9 @@ def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
     picked = None if torch.is_grad_enabled() or layer.training else _stacked_rows(layer, groups, batch, x, cache)
     if picked is None:  # training (gradients must reach each adapter's own parameters), or no common stack
         adapters = [layer.adapters[n] for n in groups]
-        a_rows, b_rows = _gathered_lora(adapters, groups, batch, x.device, x.dtype)
-        h = torch.bmm(adapters[0].dropout(x3), a_rows.transpose(1, 2))  # (B, T, r)
+        slot, active = _row_index(groups, batch, x.device, x.dtype)
+        a_rows, b_rows = _gathered_lora(adapters, slot, active)
+        h = torch.bmm(row_dropout(x3, adapters, slot, active), a_rows.transpose(1, 2))  # (B, T, r)
         return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)
     a_rows, b_rows, coef = picked
     h = torch.bmm(x3, a_rows).mul_(coef)  # (B, T, r), scaled per row (0 for rows of other kinds)
@@ -213,11 +239,11 @@ def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: i
     return picked
 
 
-def _gathered_lora(adapters: list, groups: dict[str, list[int]], batch: int, device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's A (B, r, in) and scaled B (B, out, r) in the activations' `dtype`, lower ranks zero-padded
-    (exact), built from the adapters' own parameters so that gradients reach them (through the cast too)."""
-    slot, active = _row_index(groups, batch, device, dtype)
+def _gathered_lora(adapters: list, slot: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's A (B, r, in) and scaled B (B, out, r) in the activations' dtype (`active`'s), lower ranks
+    zero-padded (exact), built from the adapters' own parameters so that gradients reach them (through the
+    cast too; row i uses adapters[slot[i]], 0 where not active)."""
+    dtype = active.dtype
     r_max = max(a.r for a in adapters)
     pad = torch.nn.functional.pad
     a_rows = torch.stack([pad(a.lora_A.to(dtype), (0, 0, 0, r_max - a.r)) for a in adapters])[slot]  # (B, r, in)

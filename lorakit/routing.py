@@ -7,16 +7,24 @@ eight adapters through one model at once. Setting a route touches no layer: it c
     with use_adapter(model, "french"):          # every row uses "french"
     with use_adapter(model, ["a", None, "b"]):  # row i uses names[i]; None = the base model
     with disable_adapters(model):               # base model only (merged adapters are subtracted)
+
+Gradient checkpointing recomputes a layer during backward(), usually after the `with` block has closed
+(lorakit's trainer and HF-Trainer-style loops call backward() outside it). The routes current at forward
+time must hold then too: `RouteCarrier` wraps a checkpoint function so the function it checkpoints
+re-installs them, and `attach` installs it on transformers' checkpointed layers. Plain
+torch.utils.checkpoint users call `checkpoint_with_route` (or pass `context_fn=route_context`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
+
+from torch.utils.checkpoint import checkpoint
 
 from lorakit.errors import AdapterNotFoundError, RoutingError
 
@@ -106,3 +114,94 @@ def disable_adapters(model: "nn.Module"):
     from lorakit.registry import get_registry
 
     return route_for(get_registry(model), None)
+
+
+# -- gradient checkpointing: the forward's routes hold for the recomputation -----------------------------
+RouteSnapshot = Mapping[int, Route]
+
+
+def current_routes() -> RouteSnapshot:
+    """Every route set in this context (all models), as an immutable snapshot to re-install later."""
+    return _ROUTES.get()
+
+
+@contextmanager
+def routes_installed(snapshot: RouteSnapshot) -> Iterator[None]:
+    """Make `snapshot` (from `current_routes`) the routes of this context for the block. The Route objects
+    themselves are re-entered, so their caches (row groups, gathered slots) are reused, not rebuilt."""
+    token = _ROUTES.set(snapshot)
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)
+
+
+def with_routes(function: Callable[..., Any], snapshot: RouteSnapshot | None = None) -> Callable[..., Any]:
+    """`function`, run under the routes current now (or `snapshot`) wherever and whenever it is called."""
+    routes = current_routes() if snapshot is None else snapshot
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with routes_installed(routes):
+            return function(*args, **kwargs)
+
+    return run
+
+
+class RouteCarrier:
+    """Wraps a checkpoint function `inner(function, *args, **kwargs)` (transformers' per-layer
+    `_gradient_checkpointing_func`): the routes current at each call travel with `function`, so
+    torch.utils.checkpoint's recomputation during backward() sees the forward's routes, per-row included."""
+
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.inner(with_routes(function), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"RouteCarrier({self.inner!r})"
+
+
+def checkpoint_with_route(function: Callable[..., Any], *args: Any, use_reentrant: bool = False,
+                          **kwargs: Any) -> Any:
+    """torch.utils.checkpoint.checkpoint(function, *args) whose recomputation runs under the routes of
+    this call, so backward() may run after the `use_adapter` block has closed."""
+    return checkpoint(with_routes(function), *args, use_reentrant=use_reentrant, **kwargs)
+
+
+def route_context() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """A `context_fn` for non-reentrant torch.utils.checkpoint: the recomputation runs under the routes
+    current at forward time. `checkpoint(f, x, use_reentrant=False, context_fn=lorakit.route_context)`."""
+    return nullcontext(), routes_installed(current_routes())
+
+
+CHECKPOINT_FUNC_ATTR = "_gradient_checkpointing_func"  # transformers' per-module checkpoint function
+CHECKPOINTED_ATTR = "lorakit_checkpointed"  # on a hooked module: the checkpointable modules at or below it
+
+
+def _wrap_checkpoint_funcs(module: "nn.Module", args: tuple) -> None:
+    """Forward pre-hook: make the checkpoint functions at or below `module` RouteCarriers before they are used.
+    Checked per call, since gradient_checkpointing_enable() may set new functions at any time."""
+    for target in getattr(module, CHECKPOINTED_ATTR, ()):
+        func = getattr(target, CHECKPOINT_FUNC_ATTR, None)
+        if func is not None and not isinstance(func, RouteCarrier):
+            setattr(target, CHECKPOINT_FUNC_ATTR, RouteCarrier(func))
+
+
+def carry_routes_through_checkpointing(model: "nn.Module") -> None:
+    """Hook the modules transformers may checkpoint (those with a `gradient_checkpointing` flag:
+    GradientCheckpointingLayer blocks, older-style backbones) so that model.gradient_checkpointing_enable()
+    works with `use_adapter` around the forward only.
+
+    transformers 5.24 checkpoints a block's `forward`, after its pre-hooks; 4.56-5.17 checkpoint
+    `super().__call__` from `__call__`, before them. So the model itself is hooked too, and each hook wraps
+    every checkpointable module at or below it: the outermost module called wraps them all in time.
+    Idempotent (re-run by every attach); costs a few attribute reads per block and call."""
+    for module in model.modules():
+        if module is not model and not hasattr(module, "gradient_checkpointing"):
+            continue
+        below = tuple(m for m in module.modules() if hasattr(m, "gradient_checkpointing"))
+        first = CHECKPOINTED_ATTR not in module.__dict__
+        module.__dict__[CHECKPOINTED_ATTR] = below  # a plain tuple, not registered as submodules
+        if first:
+            module.register_forward_pre_hook(_wrap_checkpoint_funcs)

@@ -40,8 +40,9 @@ class LoraAdapter(nn.Module):
         return F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
 
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: None = None, sign: float = 1.0) -> None:
-        """out += sign·Δ(x) in place: one fused addmm instead of matmul, scale and add passes."""
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        """out += sign·Δ(x) in place: one fused addmm instead of matmul, scale and add passes.
+        A negative sign undoes a merge (rows not routed to a merged adapter): exact, so never dropped."""
+        h = F.linear(self.dropout(x) if sign > 0 else x, self.lora_A.to(x.dtype))  # (..., r)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), self.lora_B.to(out.dtype).T, alpha=sign * self.scaling)
 
     def factors(self, basis: None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,9 +61,10 @@ class LoraXSAdapter(nn.Module):
         return F.linear(F.linear(h, self.lora_R.to(x.dtype)), up.to(x.dtype)) * self.scaling
 
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
-        """out += sign·Δ(x) in place; R is folded into B first (an out×r×r product, tiny)."""
+        """out += sign·Δ(x) in place; R is folded into B first (an out×r×r product, tiny).
+        A negative sign undoes a merge (rows not routed to a merged adapter): exact, so never dropped."""
         down, up = basis.sliced(self.r)
-        h = F.linear(self.dropout(x), down.to(x.dtype))  # (..., r)
+        h = F.linear(self.dropout(x) if sign > 0 else x, down.to(x.dtype))  # (..., r)
         up_r = up.to(out.dtype) @ self.lora_R.to(out.dtype)  # (out, r), in the activations' dtype
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_r.T, alpha=sign * self.scaling)
 

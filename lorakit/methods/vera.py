@@ -79,8 +79,9 @@ class VeraAdapter(nn.Module):
         return F.linear(h, basis.up.to(x.dtype)) * self.vera_lambda_b.to(x.dtype)
 
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
-        """out += sign·Δ(x) in place; b is folded into B (out×r) and d into the r-wide activations."""
-        h = F.linear(self.dropout(x), basis.down.to(x.dtype)) * self.vera_lambda_d.to(x.dtype)  # (..., r)
+        """out += sign·Δ(x) in place; b is folded into B (out×r) and d into the r-wide activations.
+        A negative sign undoes a merge (rows not routed to a merged adapter): exact, so never dropped."""
+        h = F.linear(self.dropout(x) if sign > 0 else x, basis.down.to(x.dtype)) * self.vera_lambda_d.to(x.dtype)  # (..., r)
         up_b = basis.up.to(out.dtype) * self.vera_lambda_b.to(out.dtype)[:, None]  # (out, r)
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_b.T, alpha=sign)
 
