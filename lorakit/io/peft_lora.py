@@ -27,7 +27,7 @@ from lorakit.attach import adapted_layers, attach
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
-from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, check_finite
+from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite
 from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
 from lorakit.layer import AdaptedLinear
 
@@ -208,7 +208,10 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
         pairs = {m: p for m, p in pairs.items() if m in present}
         if not pairs:
             raise AdapterMismatchError(f"{where}: none of the adapter's modules exist in {type(model).__name__}")
-    shapes = target_shapes(model, list(pairs), where)
+    try:
+        shapes = target_shapes(model, list(pairs), where)
+    except AdapterMismatchError as exc:  # modules this model lacks: a non-strict load skips them
+        raise AdapterMismatchError(f"{exc} ({NOT_STRICT_HINT})") from None
     plan = {}
     for module, pair in pairs.items():
         a, b = pair["A"], pair["B"]
