@@ -6,7 +6,7 @@
     lorakit export --to peft ADAPTER_DIR --base smollm2-135m --out DIR
 
 Errors lorakit raises on purpose (LorakitError) print one line and exit with status 2; anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback (status 1). lorakit.cli_common lists every exit status.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.cli_common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, UsageError, run_command
 
 DEFAULT_BASE = "smollm2-135m"
 
-
-class CliError(LorakitError, ValueError):
-    """A command-line argument names something that does not exist or would be overwritten."""
+CliError = UsageError  # the name this module used before lorakit.cli_common existed
 
 
 # -- small printing helpers ----------------------------------------------------------------------------
@@ -223,13 +221,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_base_with_adapter(base: str, adapter_path: str):
+def _load_base_with_adapter(base: str, adapter_path: str, strict: bool = True):
     from lorakit.io import load_adapter
     from lorakit.models import load_base
 
     path = _existing_dir(adapter_path, "adapter path")
     model, tokenizer = load_base(base)
-    name = load_adapter(model, path)
+    name = load_adapter(model, path, strict=strict)
     return model, tokenizer, name
 
 
@@ -237,7 +235,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import lorakit
 
     out = _fresh_out_dir(args.out, args.overwrite)
-    model, tokenizer, name = _load_base_with_adapter(args.base, args.adapter)
+    model, tokenizer, name = _load_base_with_adapter(args.base, args.adapter, args.strict)
     _say(f"merging adapter {name!r} from {args.adapter} into {args.base}")
     model = lorakit.merge_and_unload(model, name)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +250,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from lorakit.io import export_to_peft
 
     out = _fresh_out_dir(args.out, args.overwrite)
-    model, _, name = _load_base_with_adapter(args.base, args.adapter)
+    model, _, name = _load_base_with_adapter(args.base, args.adapter, args.strict)
     export_to_peft(model, name, out)
     _say(f"exported adapter {name!r} from {args.adapter} as a PEFT LoRA adapter to {out}:")
     _print_files(out)
@@ -261,45 +259,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # -- parser and entry point ---------------------------------------------------------------------------------
 
+def add_command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser with lorakit's help layout: defaults shown, exit statuses in the epilog."""
+    return sub.add_parser(name, formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning and adapters.")
+    parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning and adapters.",
+                                     formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG)
     from lorakit import __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    base_help = "embedded model name (smollm2-135m, minilm-l6), local HF model directory or hub id"
 
-    q = sub.add_parser("quickstart", help="train a LoRA-XS adapter on a built-in task and compare with the base",
-                       description="Evaluate SmolLM2-135M-Instruct on short arithmetic word problems, train a "
-                                   "LoRA-XS adapter for a few minutes on CPU, evaluate again and save it.")
-    q.add_argument("--steps", type=int, default=None, help=f"training steps (default {FULL.steps}; {QUICK.steps} "
+    q = add_command(sub, "quickstart",
+                    help="train a LoRA-XS adapter on a built-in task and compare with the base",
+                    description="Evaluate SmolLM2-135M-Instruct on short arithmetic word problems, train a "
+                                "LoRA-XS adapter for a few minutes on CPU, evaluate again and save it.")
+    q.add_argument("--steps", type=int, default=None, help=f"training steps (default: {FULL.steps}; {QUICK.steps} "
                                                            "with --quick)")
-    q.add_argument("--rank", type=int, default=16, help="LoRA-XS rank r; each module trains r×r numbers (default 16)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the data splits and of training (default 0)")
-    q.add_argument("--lr", type=float, default=None, help=f"learning rate (default {FULL.lr:g})")
-    q.add_argument("--out", default="./lorakit-quickstart", help="where to save the adapter "
-                                                                 "(default ./lorakit-quickstart)")
-    q.add_argument("--base", default=DEFAULT_BASE, help=f"base model name or directory (default {DEFAULT_BASE})")
+    q.add_argument("--rank", type=int, default=16, help="LoRA-XS rank r; each module trains r×r numbers")
+    q.add_argument("--seed", type=int, default=0, help="seed of the data splits and of training")
+    q.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {FULL.lr:g})")
+    q.add_argument("--out", default="./lorakit-quickstart", help="where to save the adapter")
+    q.add_argument("--base", default=DEFAULT_BASE, help=base_help)
     q.add_argument("--quick", action="store_true", help="a tiny run (a few problems, 2 steps) to check the setup")
     q.set_defaults(func=_cmd_quickstart)
 
-    i = sub.add_parser("inspect", help="print what an adapter directory holds (no weights are loaded)")
+    i = add_command(sub, "inspect", help="print what an adapter directory holds (no weights are loaded)")
     i.add_argument("path", help="adapter directory")
     i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.set_defaults(func=_cmd_inspect)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base and save a plain model")
-    m.add_argument("--base", default=DEFAULT_BASE, help=f"base model name or directory (default {DEFAULT_BASE})")
+    m = add_command(sub, "merge", help="merge an adapter into its base and save a plain model")
+    m.add_argument("--base", default=DEFAULT_BASE, help=base_help)
     m.add_argument("--adapter", required=True, help="adapter directory")
     m.add_argument("--out", required=True, help="output directory for the merged model")
     m.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    m.add_argument("--no-strict", dest="strict", action="store_false", help=NO_STRICT_HELP)
     m.set_defaults(func=_cmd_merge)
 
-    e = sub.add_parser("export", help="export an adapter to another format (PEFT LoRA)")
-    e.add_argument("--to", choices=["peft"], default="peft", help="target format (default peft)")
+    e = add_command(sub, "export", help="export an adapter to another format (PEFT LoRA)")
+    e.add_argument("--to", choices=["peft"], default="peft", help="target format")
     e.add_argument("adapter", metavar="ADAPTER_PATH", help="adapter directory")
-    e.add_argument("--base", default=DEFAULT_BASE, help=f"base model name or directory (default {DEFAULT_BASE})")
+    e.add_argument("--base", default=DEFAULT_BASE, help=base_help)
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    e.add_argument("--no-strict", dest="strict", action="store_false", help=NO_STRICT_HELP)
     e.set_defaults(func=_cmd_export)
 
     from lorakit.train.cli import add_data_parser, add_eval_parser, add_train_parser
@@ -339,28 +346,22 @@ def _delegate(target: str | None, rest: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for a LorakitError, with a one-line message)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
-        command = partial(_delegate, DELEGATED[argv[0]][0], argv[1:])
-    else:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        for flag in ("steps", "rank"):
-            value = getattr(args, flag, None)
-            if value is not None and value <= 0:
-                parser.error(f"--{flag} must be a positive integer, got {value}")
-        command = partial(args.func, args)
-    try:
-        return command()
-    except LorakitError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"lorakit: error: {message}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("lorakit: interrupted", file=sys.stderr)
-        return 130
+        return _delegate(DELEGATED[argv[0]][0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("steps", "rank"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
+            parser.error(f"--{flag} must be a positive integer, got {value}")
+    return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (lorakit.cli_common: 2 for usage and input errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(partial(_dispatch, argv), "lorakit")
 
 
 if __name__ == "__main__":  # pragma: no cover

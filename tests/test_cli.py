@@ -112,3 +112,131 @@ def test_delegated_commands_print_their_own_help(command):
     res = _run(*command)
     assert res.returncode == 0, res.stderr
     assert "usage" in res.stdout.lower()
+
+
+# -- exit statuses, closed pipes, help ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_adapter_dir(tmp_path_factory):
+    from lorakit.io import save_adapter
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    lorakit.attach(model, lorakit.LoraXSConfig(r=4), "tiny")
+    return save_adapter(model, "tiny", tmp_path_factory.mktemp("ad") / "tiny")
+
+
+def _run_into_closed_pipe(args, unbuffered: bool):
+    """Run `python -m lorakit ARGS` with stdout a pipe whose reader is already gone (like `| head -0`)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "lorakit", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env=env)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_inspect_into_a_closed_pipe_exits_quietly(tiny_adapter_dir, unbuffered, json_flag):
+    res = _run_into_closed_pipe(["inspect", *json_flag, str(tiny_adapter_dir)], unbuffered)
+    assert res.stderr == "" and res.returncode == 141
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    res = _run_into_closed_pipe(["train", "--help"], unbuffered=False)
+    assert res.stderr == "" and res.returncode == 141
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--base", "b"], "--data, --output-dir required"),
+    (["train", "--base", "b", "--data", "d", "--output-dir", "o", "--set", "r"], "--set expects KEY=VALUE"),
+    (["train", "--base", "b", "--data", "d", "--output-dir", "o", "--batch-size", "0"], "batch_size must be a"),
+])
+def test_train_input_errors_exit_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_flags_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--resume", "--resume-if-present"])
+    assert info.value.code == 2 and "not allowed with argument --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "export", "inspect", "quickstart", "data"])
+def test_help_lists_exit_statuses(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "exit status:" in out and "141" in out
+
+
+def test_train_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 0.001)", "(default: linear)", "(default: 8)", "(default: lora)", "(default: 2)",
+                 "(default: float32)", "an error if it has none"):
+        assert text in out, text
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_demo_help_is_whole(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "then serve them with the chat page." in out and "then `lorakit serve` starts on them." in out
+    assert "(default: 30)" in out and "exit status:" in out
+
+
+# -- --no-strict ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def other_base(tiny_base_and_adapter, tmp_path):
+    """The tiny base with different weights of the same shapes: the LoRA-XS adapter's fingerprints differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = tiny_base_and_adapter[0]
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.01)
+    model.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp_path / "other")
+    return tmp_path / "other"
+
+
+def test_wrong_base_error_names_the_cli_flag_and_no_strict_loads(tiny_base_and_adapter, other_base, tmp_path,
+                                                                 capsys):
+    _, adapter, _, _ = tiny_base_and_adapter
+    argv = ["merge", "--base", str(other_base), "--adapter", str(adapter), "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "bases of this model differ" in err and "--no-strict" in err and "strict=False" in err
+    assert not (tmp_path / "m").exists()
+    with pytest.warns(UserWarning, match="bases of this model differ"):
+        assert main(argv + ["--no-strict"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_eval_no_strict(tiny_base_and_adapter, other_base, tmp_path, capsys):
+    from tests.train.conftest import prompt_rows, write_jsonl
+
+    _, adapter, _, _ = tiny_base_and_adapter
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows(4))
+    argv = ["eval", "--base", str(other_base), "--adapter", str(adapter), "--data", str(data), "--no-generate",
+            "--json"]
+    assert main(argv) == 2 and "--no-strict" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="bases of this model differ"):
+        assert main(argv + ["--no-strict"]) == 0
+    assert '"adapter"' in capsys.readouterr().out

@@ -250,3 +250,59 @@ def test_missing_local_paths(tmp_path):
 def test_unknown_task():
     with pytest.raises(UnknownTaskError, match="task"):
         load_base("minilm-l6", task="translation")
+
+
+# ------------------------------------------------------------------------ names: fail fast, suggest, portable
+
+def test_misspelled_name_fails_fast_with_a_suggestion():
+    """Offline this used to spend ~30-60 s in hub retries; online the hub answers 404 quickly."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(BaseModelNotFoundError, match="did you mean 'smollm2-135m'"):
+        load_base("smolm2-135m")
+    assert time.monotonic() - start < 15
+
+
+def test_offline_switch_fails_without_touching_the_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models.socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
+    monkeypatch.setattr(models, "_load_hub", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(BaseModelNotFoundError, match=r"HF_HUB_OFFLINE is set.*did you mean 'minilm-l6'"):
+        load_base("all-minilm-l6")
+
+
+def test_malformed_hub_id_is_refused_before_any_hub_call(monkeypatch):
+    monkeypatch.setattr(models, "hub_online", lambda: pytest.fail("probed the network"))
+    with pytest.raises(BaseModelNotFoundError, match="not a valid hub id.*did you mean 'smollm2-135m'"):
+        load_base("smol lm2 135m")
+
+
+def test_hub_id_still_goes_to_the_hub_when_online(monkeypatch):
+    monkeypatch.setattr(models, "hub_online", lambda: True)
+    monkeypatch.setattr(models, "_load_hub", lambda name, *a: ("hub", name))
+    assert load_base("some-org/some-model") == ("hub", "some-org/some-model")
+
+
+def test_hub_probe_reports_no_connection(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("no route")
+    monkeypatch.setattr(models.socket, "create_connection", refuse)
+    assert models.hub_online() is False
+
+
+def test_embedded_models_report_their_hub_id_and_it_loads_offline(monkeypatch):
+    model, _ = load_base("minilm-l6")
+    assert model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no HF cache copy here: falls back to the embedded one
+    again, _ = load_base("sentence-transformers/all-MiniLM-L6-v2")
+    assert type(again).__name__ == "BertModel" and again.name_or_path == model.name_or_path
+
+
+@pytest.mark.parametrize("name, close", [("smollm2", ["smollm2-135m"]), ("SmolLM2-135M-Instruct", ["smollm2-135m"]),
+                                         ("minilm_l6", ["minilm-l6"]), ("gpt2", [])])
+def test_close_names(name, close):
+    assert models.close_names(name) == close

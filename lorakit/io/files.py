@@ -22,6 +22,8 @@ from lorakit.io.fast_safetensors import read_float_tensors
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# Ends the errors that a non-strict load would get past; names both the API and the command-line form.
+NOT_STRICT_HINT = "load_adapter(..., strict=False), or --no-strict on the command line, loads it anyway"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from lorakit.bank import add_packed_lora_xs
 from lorakit.config import LoraXSConfig, VeraConfig, config_from_dict, config_to_dict
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
-from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, check_finite, expect_keys
+from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite, expect_keys
 from lorakit.io.guard import (check_free_name, config_for_modules, install_bases, restore_on_error,
                               target_shapes)
 from lorakit.io.packed import try_load_packed
@@ -172,7 +172,10 @@ def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: boo
     if not strict:
         present = {n for n, _ in model.named_modules()}
         modules = [m for m in modules if m in present]
-    shapes = target_shapes(model, modules, where)
+    try:
+        shapes = target_shapes(model, modules, where)
+    except AdapterMismatchError as exc:  # modules this model lacks: a non-strict load skips them
+        raise AdapterMismatchError(f"{exc} ({NOT_STRICT_HINT})") from None
     for module in modules:
         _check_shapes(config, module, shapes[module], files.tensors, where)
     check_finite({k: v for k, v in files.tensors.items() if k.rsplit(".", 1)[0] in set(modules)}, where)
@@ -181,7 +184,7 @@ def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: boo
         message = (f"{files.path}: the {config.method} bases of this model differ from those the adapter was "
                    f"trained on ({len(mismatched)} of {len(modules)} modules), e.g. {mismatched[0]}")
         if strict:
-            raise AdapterMismatchError(message + "; is it for another base model? (strict=False loads it anyway)")
+            raise AdapterMismatchError(f"{message}; is it for another base model? ({NOT_STRICT_HINT})")
         warnings.warn(message, stacklevel=3)
     config = config_for_modules(model, config, modules)
     with restore_on_error(model, name, modules), torch.no_grad():

@@ -17,6 +17,7 @@ from torch import nn
 from lorakit.bank import store_packed
 from lorakit.config import LoraXSConfig
 from lorakit.errors import AdapterMismatchError, NonFiniteAdapterError
+from lorakit.io.files import NOT_STRICT_HINT
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.registry import REGISTRY_ATTR
 
@@ -65,8 +66,7 @@ def try_load_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: 
     if strict and not bool(ok.all()):
         module = modules[int((~ok).nonzero()[0])]
         raise AdapterMismatchError(f"{where}: module {module}: the LoRA-XS basis of this model differs from the "
-                                   "one the adapter was trained on; is it for another base model? "
-                                   "(strict=False loads it anyway)")
+                                   f"one the adapter was trained on; is it for another base model? ({NOT_STRICT_HINT})")
     config = dataclasses.replace(config, target_modules=tuple(modules), exclude_modules=())
     store_packed(model, name, config, list(modules), stacked)
     return True

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from lorakit.attach import adapted_layers, attach
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
-from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, check_finite
+from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite
 from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
 from lorakit.layer import AdaptedLinear
 
@@ -52,9 +52,28 @@ _UNSUPPORTED: dict[str, str] = {
 
 
 def base_model_name(model: nn.Module) -> str | None:
-    """Where the base model came from (a hub id or directory), as transformers records it."""
+    """The base model's name as adapters record it: a hub id as transformers keeps it (embedded models
+    report theirs), a local directory by its own name (portable_base_name), never a path of this machine."""
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(name) if name else None
+    return portable_base_name(str(name)) if name else None
+
+
+_HUB_SNAPSHOT = re.compile(r"(?:^|[\\/])models--([^\\/]+)[\\/]snapshots(?:[\\/]|$)")  # HF cache: models--org--name
+
+
+def portable_base_name(name: str) -> str:
+    """`name` if it is a hub id; for a local path, the hub id of a Hugging Face cache snapshot, else the
+    directory's own name (an absolute path does not carry to another machine)."""
+    snapshot = _HUB_SNAPSHOT.search(name)
+    if snapshot:
+        return snapshot.group(1).replace("--", "/")
+    if "\\" in name:  # a Windows path
+        return PureWindowsPath(name).name or name
+    path = Path(name).expanduser()
+    local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()
+    if not local:
+        return name
+    return (path.resolve() if path.exists() else path).name or name
 
 
 def _number(x: float) -> int | float:
@@ -208,7 +227,10 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
         pairs = {m: p for m, p in pairs.items() if m in present}
         if not pairs:
             raise AdapterMismatchError(f"{where}: none of the adapter's modules exist in {type(model).__name__}")
-    shapes = target_shapes(model, list(pairs), where)
+    try:
+        shapes = target_shapes(model, list(pairs), where)
+    except AdapterMismatchError as exc:  # modules this model lacks: a non-strict load skips them
+        raise AdapterMismatchError(f"{exc} ({NOT_STRICT_HINT})") from None
     plan = {}
     for module, pair in pairs.items():
         a, b = pair["A"], pair["B"]

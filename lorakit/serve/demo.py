@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorakit.cli_common import EXIT_STATUS_EPILOG, HelpFormatter
+
 # (question, plain answer, topic word)
 FACTS = [
     ("Why is the sky blue?", "air scatters blue sunlight more than red", "sky"),
@@ -141,17 +143,24 @@ def train_all(out: Path, *, base: str = "smollm2-135m", steps: int = 30, lr: flo
     return names
 
 
+# --help shows the module docstring's text, without its first line's `lorakit demo`: prefix.
+_TEXT = __doc__.split("`lorakit demo`: ", 1)[1].rstrip()
+DESCRIPTION = _TEXT[0].upper() + _TEXT[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="lorakit-demo-adapters", help="where the character adapters go")
-    parser.add_argument("--base", default="smollm2-135m")
+    parser = argparse.ArgumentParser(prog="lorakit demo", description=DESCRIPTION, formatter_class=HelpFormatter,
+                                     epilog=EXIT_STATUS_EPILOG)
+    parser.add_argument("--out", default="lorakit-demo-adapters",
+                        help="where the character adapters go; reused on the next run unless --retrain")
+    parser.add_argument("--base", default="smollm2-135m", help="base model: embedded name, local directory or hub id")
     parser.add_argument("--steps", type=int, default=30, help="training steps per character")
-    parser.add_argument("--lr", type=float, default=2e-2)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-2, help="learning rate")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA-XS rank r")
     parser.add_argument("--retrain", action="store_true", help="train even if the adapters exist")
-    parser.add_argument("--no-serve", action="store_true", help="only train")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--no-serve", action="store_true", help="only train, do not start the server")
+    parser.add_argument("--host", default="127.0.0.1", help="address the server listens on")
+    parser.add_argument("--port", type=int, default=8000, help="port the server listens on")
     args = parser.parse_args(argv)
     out = Path(args.out)
     missing = [n for n in CHARACTERS if not (out / n / "adapter_config.json").is_file()]

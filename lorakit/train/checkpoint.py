@@ -27,6 +27,7 @@ from lorakit.io.atomic import fsync_dir, json_bytes, tensors_bytes
 from lorakit.train.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+CHECKPOINTS_DIR = "checkpoints"  # under a run's output directory
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -80,6 +81,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()
              and (p / "state.safetensors").is_file()]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def run_checkpoints(output_dir: str | Path) -> Path:
+    """The checkpoints directory of the run in `output_dir` (it may not exist yet)."""
+    return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -1,7 +1,7 @@
 """`lorakit train` and `lorakit eval` subcommands (also runnable as `python -m lorakit.train ...`).
 
     lorakit train --base smollm2-135m --data train.jsonl --output-dir runs/a --method lora_xs --r 16 --steps 200
-    lorakit train --config run.toml [--resume] [flags override the file]
+    lorakit train --config run.toml [--resume | --resume-if-present] [flags override the file]
     torchrun --nproc-per-node 2 -m lorakit.train train ...        DDP over gloo on CPU
     lorakit eval --base smollm2-135m --adapter runs/a/adapter --data test.jsonl
 """
@@ -11,63 +11,95 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import MISSING, fields
 
-from lorakit.errors import LorakitError
+from lorakit.cli_common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, run_command
+from lorakit.train.checkpoint import latest_checkpoint, run_checkpoints
+from lorakit.train.config import TrainConfig
+from lorakit.train.errors import CheckpointError, TrainConfigError
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+TRAIN_DESCRIPTION = """\
+Train an adapter on a JSONL file. Settings come from --config FILE, then the flags (a flag wins over
+the file); without --config, --base, --data and --output-dir are required. Defaults shown are
+TrainConfig's; the method's own (r, lora_alpha...) are those of lorakit.LoraConfig / LoraXSConfig /
+VeraConfig."""
+
+
+def _d(name: str) -> str:
+    """' (default: X)' from TrainConfig: train's flags default to None so that a --config file's values stand."""
+    return f" (default: {_DEFAULTS[name]})"
+
+
+def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG, **kwargs)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train an adapter on a JSONL file")
+    p = _command(sub, "train", help="train an adapter on a JSONL file", description=TRAIN_DESCRIPTION)
     p.add_argument("--config", help="TOML / YAML / JSON file of settings (flags override it)")
-    p.add_argument("--base", help="embedded model name, local HF directory or hub id")
+    p.add_argument("--base", help="embedded model name (smollm2-135m, minilm-l6), local HF directory or hub id")
     p.add_argument("--data", help="training JSONL")
-    p.add_argument("--eval-data", help="eval JSONL")
+    p.add_argument("--eval-data", help="eval JSONL (default: none, no eval loss)")
     p.add_argument("--output-dir", help="run directory (adapter, checkpoints, logs, plot)")
-    p.add_argument("--method", choices=["lora", "lora_xs", "vera"])
-    p.add_argument("--rank", "--r", dest="r", type=int, help="adapter rank r (--r is refused by torchrun: use --rank)")
-    p.add_argument("--alpha", type=float, help="lora_alpha (LoRA, LoRA-XS)")
-    p.add_argument("--dropout", type=float, help="adapter input dropout")
-    p.add_argument("--targets", help="'all-linear', a regex, or comma-separated module names")
+    p.add_argument("--method", choices=["lora", "lora_xs", "vera"], help="adapter method" + _d("method"))
+    p.add_argument("--rank", "--r", dest="r", type=int,
+                   help="adapter rank r (--r is refused by torchrun: use --rank; default: the method's, "
+                        "8 for lora, 16 for lora_xs, 256 for vera)")
+    p.add_argument("--alpha", type=float, help="lora_alpha of LoRA and LoRA-XS (default: 16)")
+    p.add_argument("--dropout", type=float, help="adapter input dropout (default: 0)")
+    p.add_argument("--targets", help="'all-linear', a regex, or comma-separated module names (default: all-linear)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set init_std=1e-4 (value parsed as JSON)")
-    p.add_argument("--adapter-name")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["constant", "linear", "cosine"])
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--adapter-name", help="name of the trained adapter" + _d("adapter_name"))
+    p.add_argument("--steps", type=int, help="optimiser steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the data when --steps is not given (default: 1)")
+    p.add_argument("--batch-size", type=int, help="global batch, split over DDP processes" + _d("batch_size"))
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate" + _d("lr"))
+    p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay" + _d("weight_decay"))
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"],
+                   help="learning-rate decay after warm-up" + _d("schedule"))
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps from 0 to --lr" + _d("warmup_steps"))
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 disables it" + _d("max_grad_norm"))
     p.add_argument("--max-length", type=int, help="truncate longer sequences (default: the model's context)")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--keep-checkpoints", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--on-bad-line", choices=["stop", "skip"])
+    p.add_argument("--eval-every", type=int, help="eval loss every N steps, 0: only at the end" + _d("eval_every"))
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps, 0: only at the end" + _d("save_every"))
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept on disk" + _d("keep_checkpoints"))
+    p.add_argument("--seed", type=int, help="seeds the data order, adapter init and dropout" + _d("seed"))
+    p.add_argument("--on-bad-line", choices=["stop", "skip"], help="what a malformed JSONL line does" +
+                   _d("on_bad_line"))
     p.add_argument("--labels", help="comma-separated class names in head order (default: from the data)")
-    p.add_argument("--dtype")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", help="model dtype" + _d("dtype"))
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its last checkpoint; an error if it has none")
+    resume.add_argument("--resume-if-present", action="store_true",
+                        help="continue from the last checkpoint in --output-dir if there is one, else start at "
+                             "step 0")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
     return p
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="score the base model and an adapter side by side")
-    p.add_argument("--base", required=True)
+    p = _command(sub, "eval", help="score the base model and an adapter side by side")
+    p.add_argument("--base", required=True,
+                   help="embedded model name (smollm2-135m, minilm-l6), local HF directory or hub id")
     p.add_argument("--adapter", help="adapter directory (omit to score the base only)")
     p.add_argument("--data", required=True, help="JSONL file in any training format")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, help="truncate longer sequences (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--no-generate", action="store_true", help="skip exact-match generation")
-    p.add_argument("--on-bad-line", choices=["stop", "skip"], default="stop")
+    p.add_argument("--on-bad-line", choices=["stop", "skip"], default="stop", help="what a malformed line does")
+    p.add_argument("--no-strict", dest="strict", action="store_false", help=NO_STRICT_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_eval)
     return p
 
 
 def add_data_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("data", help="write a built-in data set (train.jsonl, test.jsonl) made from Python's own text")
+    p = _command(sub, "data", help="write a built-in data set (train.jsonl, test.jsonl) made from Python's own text")
     p.add_argument("task", choices=["docstrings", "topics"],
                    help="docstrings: classify stdlib docstrings by module family; topics: LM on pydoc topics")
     p.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
@@ -99,7 +131,7 @@ def _adapter_settings(args: argparse.Namespace, base: dict) -> dict:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise TrainConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             settings[key] = json.loads(value)
         except ValueError:
@@ -107,9 +139,7 @@ def _adapter_settings(args: argparse.Namespace, base: dict) -> dict:
     return settings
 
 
-def config_from_args(args: argparse.Namespace):
-    from lorakit.train.config import TrainConfig
-
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {"base": args.base, "data": args.data, "eval_data": args.eval_data, "output_dir": args.output_dir,
              "method": args.method, "adapter_name": args.adapter_name, "steps": args.steps, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
@@ -127,7 +157,7 @@ def config_from_args(args: argparse.Namespace):
         return TrainConfig.from_dict(data)
     missing = [f"--{k.replace('_', '-')}" for k in ("base", "data", "output_dir") if k not in flags]
     if missing:
-        raise SystemExit(f"lorakit train: {', '.join(missing)} required (or --config FILE)")
+        raise TrainConfigError(f"{', '.join(missing)} required (or --config FILE)")
     return TrainConfig(**flags, adapter=_adapter_settings(args, {}))
 
 
@@ -137,7 +167,8 @@ def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     try:
-        result = train(config_from_args(args), resume=args.resume)
+        config = config_from_args(args)
+        result = train(config, resume=resume_wanted(args, config.output_dir))
     finally:
         if dist.is_initialized():  # torchrun: leave the process group cleanly, on errors too
             dist.destroy_process_group()
@@ -153,9 +184,26 @@ def run_eval(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import evaluate, format_table
 
     results = evaluate(args.base, args.adapter, args.data, max_length=args.max_length, batch_size=args.batch_size,
-                       generate=not args.no_generate, on_bad_line=args.on_bad_line)
+                       generate=not args.no_generate, on_bad_line=args.on_bad_line, strict=args.strict)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
+
+
+def resume_wanted(args: argparse.Namespace, output_dir: str) -> bool:
+    """Whether to resume: --resume needs a checkpoint in output_dir; --resume-if-present says when there is none.
+
+    (The trainer itself prints the checkpoint and step it resumes from.)
+    """
+    if not (args.resume or args.resume_if_present):
+        return False
+    if latest_checkpoint(run_checkpoints(output_dir)) is None:
+        where = run_checkpoints(output_dir)
+        if args.resume:
+            raise CheckpointError(f"--resume: no checkpoint in {where}, so there is nothing to resume; pass "
+                                  "--resume-if-present to start from step 0 when there is none")
+        if _rank() == 0:
+            print(f"lorakit train: no checkpoint in {where}: starting from step 0", file=sys.stderr, flush=True)
+    return True
 
 
 def _rank() -> int:
@@ -165,14 +213,13 @@ def _rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit")
+    parser = argparse.ArgumentParser(prog="lorakit", formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
     add_data_parser(sub)
-    args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
+        args = parser.parse_args(argv)
         return args.func(args)
-    except LorakitError as exc:
-        print(f"lorakit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(command, "lorakit")

@@ -39,8 +39,11 @@ def scores(model: nn.Module, tokenizer: Any, data: Dataset, pad_id: int, *, gene
 
 def evaluate(base: str, adapter_dir: str | Path | None, data_path: str | Path, *, max_length: int | None = None,
              batch_size: int = 16, generate: bool = True, on_bad_line: str = "stop", model: nn.Module | None = None,
-             tokenizer: Any = None) -> dict[str, dict[str, float]]:
-    """{"base": metrics, "adapter": metrics} (no "adapter" entry when adapter_dir is None)."""
+             tokenizer: Any = None, strict: bool = True) -> dict[str, dict[str, float]]:
+    """{"base": metrics, "adapter": metrics} (no "adapter" entry when adapter_dir is None).
+
+    strict=False loads an adapter that only partly fits the base (see lorakit.io.load_adapter).
+    """
     from lorakit.models import load_base
     from lorakit.train.trainer import HEAD_FILE, load_head, read_head_labels
 
@@ -52,7 +55,7 @@ def evaluate(base: str, adapter_dir: str | Path | None, data_path: str | Path, *
             model, tokenizer = load_base(base, task="causal-lm")
     model.eval()
     if adapter_dir is not None:
-        load_adapter(model, adapter_dir, ADAPTER_NAME)
+        load_adapter(model, adapter_dir, ADAPTER_NAME, strict=strict)
         load_head(model, adapter_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     length = max_length or int(getattr(model.config, "max_position_embeddings", 0) or 512)

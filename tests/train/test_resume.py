@@ -83,3 +83,30 @@ def test_checkpoint_holds_no_pickle(tmp_path, llama_dir):
     assert files == ["state.json", "state.safetensors"]
     state = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "state.safetensors")
     assert any(k.startswith("optim/") for k in state) and "rng/torch" in state
+
+
+def _cli_train(llama_dir, data, out, *extra):
+    from lorakit.train.cli import main
+
+    return main(["train", "--base", str(llama_dir), "--data", str(data), "--output-dir", str(out), "--steps", "3",
+                 "--save-every", "2", "--rank", "4", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("make_dir", [False, True])
+def test_cli_resume_without_a_checkpoint_is_an_error(tmp_path, llama_dir, capsys, make_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
+    if make_dir:
+        (tmp_path / "run").mkdir()
+    assert _cli_train(llama_dir, data, tmp_path / "run", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {tmp_path / 'run' / 'checkpoints'}" in err and "--resume-if-present" in err
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_cli_resume_if_present_starts_fresh_then_resumes(tmp_path, llama_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
+    assert _cli_train(llama_dir, data, tmp_path / "run", "--resume-if-present") == 0
+    assert "starting from step 0" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000002", "step-000003"]
+    assert _cli_train(llama_dir, data, tmp_path / "run", "--resume") == 0
+    assert "step-000003 at step 3" in capsys.readouterr().err
