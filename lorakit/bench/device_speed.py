@@ -47,6 +47,7 @@ class Sizes:
     resident_rows: int  # rows (each a distinct adapter) decoded with `resident` adapters resident
     train: tuple[int, int]  # rows × tokens of a training step
     repeats: int  # timed rounds per scenario (decode scenarios use fewer, see `decode_repeats`)
+    lora_adapters: int  # LoRA adapters attached to lorakit's and PEFT's copies (rows cycle through them)
 
     @property
     def decode_repeats(self) -> int:
@@ -54,9 +55,9 @@ class Sizes:
 
 
 FULL = Sizes(prefill=(8, 512), mixed=(32, 128), prompt=32, new_tokens=64, peft_tokens=4, resident=1024,
-             resident_rows=64, train=(4, 512), repeats=5)
+             resident_rows=64, train=(4, 512), repeats=5, lora_adapters=32)
 QUICK = Sizes(prefill=(2, 32), mixed=(4, 16), prompt=8, new_tokens=4, peft_tokens=2, resident=16, resident_rows=8,
-              train=(2, 32), repeats=2)
+              train=(2, 32), repeats=2, lora_adapters=4)
 
 
 @dataclass
@@ -92,16 +93,16 @@ def timed(cases: dict[str, Callable[[], object]], repeats: int, device: torch.de
 
 
 class Bench:
-    """lorakit's copy of the base with 32 LoRA adapters (and LoRA-XS on demand), PEFT's copy with equal weights."""
+    """lorakit's copy of the base with LoRA adapters (and LoRA-XS on demand), PEFT's copy with equal weights."""
 
-    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, sizes: Sizes, n_lora: int = 32) -> None:
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype, sizes: Sizes) -> None:
         self.spec, self.device, self.dtype, self.sizes = spec, device, dtype, sizes
         self.config = read_config(spec) if is_config_spec(spec) else None
         reference = self._fresh(torch.float32)  # the fp32 reference PEFT is compared with
         self.vocab = reference.config.vocab_size
         self.ours = copy.deepcopy(reference).to(dtype)
         peft_base = copy.deepcopy(reference).to(dtype)
-        self.lora_names = [f"l{i}" for i in range(n_lora)]
+        self.lora_names = [f"l{i}" for i in range(max(2, sizes.lora_adapters))]
         for name in self.lora_names:
             lorakit.attach(self.ours, lorakit.LoraConfig(r=RANK, lora_alpha=2 * RANK), name)
         gen = torch.Generator().manual_seed(0)
