@@ -14,6 +14,7 @@ import copy
 import gc
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -26,11 +27,12 @@ import lorakit
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
 from lorakit.bench.llama_config import build_llama, is_config_spec, read_config
 from lorakit.bench.timing import interleaved
+from lorakit.io import load_adapter, save_adapter
 from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 from lorakit.versions import check_version
 
 RANK = 16
-DEVICE_SCENARIOS = ("bases", "agreement", "prefill", "prefill-mixed", "decode-mixed", "prefill-xs", "decode-xs",
+DEVICE_SCENARIOS = ("bases", "agreement", "xs-check", "prefill", "prefill-mixed", "decode-mixed", "prefill-xs", "decode-xs",
                     "decode-resident", "training")
 
 
@@ -113,6 +115,8 @@ class Bench:
         self.n_modules = len(lorakit.adapted_layers(self.ours))
         self.adapter_dtype = str(next(iter(lorakit.adapter_parameters(self.ours, "l0"))).dtype).replace("torch.", "")
         self.agreement_ids = self.ids(2, 64, seed=1)
+        with torch.inference_mode():
+            self.reference_base_logits = reference(input_ids=self.agreement_ids).logits.float()
         self.reference_logits = self._peft_logits(reference, ["l1"], self.agreement_ids)
         del reference
         self._free()
@@ -245,6 +249,42 @@ def bench_agreement(b: Bench) -> list[Measure]:
                     ours_vs_peft, None, peft_own, f"≤ PEFT's own {_name(b.dtype)}-vs-fp32 difference",
                     ours_vs_peft <= limit,
                     note=f"PEFT column: PEFT {_name(b.dtype)} vs PEFT fp32; lorakit vs PEFT fp32: {ours_vs_fp32:.3e}")]
+
+
+def bench_xs_check(b: Bench) -> list[Measure]:
+    """LoRA-XS on this device and dtype: attach, save, load packed, and a mixed batch [module, packed, base]
+    equal row by row to each alone, within the base's own rounding in this dtype (its distance from fp32)."""
+    b.ensure_xs(0)
+    lorakit.attach(b.ours, lorakit.LoraXSConfig(r=RANK, init_std=1e-2), "xs_module")
+    try:
+        with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
+            save_adapter(b.ours, "xs_module", tmp)
+            start = time.perf_counter()
+            load_adapter(b.ours, tmp, "xs_packed", packed=True)
+            if b.device.type == "cuda":
+                torch.cuda.synchronize(b.device)
+            load_s = time.perf_counter() - start
+        ids = b.agreement_ids[:1]  # (1, T)
+        with torch.inference_mode():
+            with lorakit.use_adapter(b.ours, ["xs_module", "xs_packed", None]):
+                mixed = b.ours(input_ids=ids.repeat(3, 1)).logits.float()  # (3, T, V)
+            with lorakit.use_adapter(b.ours, "xs_module"):
+                alone = b.ours(input_ids=ids).logits.float()[0]
+            with lorakit.disable_adapters(b.ours):
+                base = b.ours(input_ids=ids).logits.float()[0]
+        worst = max(float((mixed[0] - alone).abs().max()), float((mixed[1] - alone).abs().max()),
+                    float((mixed[2] - base).abs().max()))
+        effect = float((alone - base).abs().max())
+        rounding = max(float((base - b.reference_base_logits[0]).abs().max()), 1e-4)
+    finally:
+        for name in ("xs_module", "xs_packed"):
+            if name in lorakit.adapter_names(b.ours):
+                lorakit.delete_adapter(b.ours, name)
+    return [Measure("xs-check", "LoRA-XS mixed batch [module, packed, base] vs each row alone, max |logit diff|",
+                    "", worst, None, None, f"≤ base's {_name(b.dtype)}-vs-fp32 difference ({rounding:.3e})",
+                    worst <= rounding and effect > 0, f"adapter's own effect on the logits: {effect:.3e}"),
+            Measure("xs-check", "LoRA-XS adapter load from disk, packed, onto the device", "ms", load_s * 1e3,
+                    note="one timing")]
 
 
 def bench_prefill(b: Bench) -> list[Measure]:
@@ -381,7 +421,7 @@ def _name(dtype: torch.dtype) -> str:
 
 
 STEPS: dict[str, Callable[[Bench], list[Measure]]] = {
-    "bases": bench_bases, "agreement": bench_agreement, "prefill": bench_prefill,
+    "bases": bench_bases, "agreement": bench_agreement, "xs-check": bench_xs_check, "prefill": bench_prefill,
     "prefill-mixed": bench_prefill_mixed, "decode-mixed": bench_decode_mixed, "prefill-xs": bench_prefill_xs,
     "decode-xs": bench_decode_xs, "decode-resident": bench_decode_resident, "training": bench_training}
 

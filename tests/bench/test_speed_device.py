@@ -90,3 +90,28 @@ def test_synced_waits_only_on_cuda():
     if torch.cuda.is_available():
         wrapped()
         assert calls == [1]
+
+
+@pytest.mark.parametrize("argv, expected", [(["--quick"], "cpu benchmark"),
+                                            (["--device", "cpu"], "device benchmark"),
+                                            (["--dtype", "bfloat16"], "device benchmark"),
+                                            (["--model", "my.json"], "device benchmark"),
+                                            (["--model", "tiny-llama-random"], "device benchmark")])
+def test_device_flags_or_a_config_pick_the_device_benchmark(monkeypatch, argv, expected):
+    """The CPU benchmark's scenarios stay as they were; --device/--dtype or a config model select the new one."""
+    picked = []
+    monkeypatch.setattr(speed, "run", lambda args: picked.append("cpu benchmark"))
+    monkeypatch.setattr(device_speed, "run", lambda args: picked.append("device benchmark"))
+    speed.main(argv)
+    assert picked == [expected]
+
+
+def test_xs_check_finds_mixed_rows_equal_to_each_alone(config_file, tmp_path, device):
+    out = tmp_path / "out"
+    speed.main(["--device", device.type, "--dtype", "float32", "--model", str(config_file), "--quick",
+                "--out", str(out), "--only", "xs-check"])
+    report = json.loads((out / "bench_speed_device.json").read_text())
+    assert report["failures"] == []
+    check, load = report["results"]
+    assert check["met"] is True and check["ours"] <= 1e-4 and load["unit"] == "ms" and load["ours"] > 0
+    assert float(check["note"].rsplit(" ", 1)[1]) > 1e-3  # the adapter changed the logits: the check can fail
