@@ -32,8 +32,9 @@ from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 from lorakit.versions import check_version
 
 RANK = 16
-DEVICE_SCENARIOS = ("bases", "agreement", "xs-check", "prefill", "prefill-mixed", "decode-mixed", "prefill-xs", "decode-xs",
-                    "decode-resident", "training")
+# Goals and short scenarios first: if a time limit stops the run, the report (rewritten after each) keeps them.
+DEVICE_SCENARIOS = ("bases", "agreement", "xs-check", "prefill", "prefill-mixed", "prefill-xs", "training",
+                    "decode-mixed", "decode-xs", "decode-resident")
 
 
 @dataclass(frozen=True)
