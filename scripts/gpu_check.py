@@ -10,7 +10,7 @@ and the next part runs; nothing here waits without a limit. Settings (environmen
   MODEL=...              a Llama config .json or preset (default TinyLlama-1.1B shape; tiny on cpu)
   TESTS_K=...            pytest -k expression (default "cuda"; "cpu and bfloat16" on cpu)
   TESTS=tests            what pytest collects
-  TESTS_TIMEOUT=180 BENCH_TIMEOUT=270   seconds per part (defaults 60/120 on cpu)
+  TESTS_TIMEOUT=170 BENCH_TIMEOUT=250   seconds per part (defaults 60/120 on cpu)
   QUICK=0|1              bench speed --quick (default 1 on cpu)
   BENCH_ARGS=...         more flags for `lorakit bench speed` (e.g. "--only prefill training")
 """
@@ -40,8 +40,8 @@ def settings(env: dict[str, str]) -> dict:
             "model": env.get("MODEL", "scripts/configs/tiny-llama.json" if cpu else "scripts/configs/tinyllama-1.1b.json"),
             "tests_k": env.get("TESTS_K", "cpu and bfloat16" if cpu else "cuda"),
             "tests": env.get("TESTS", "tests"),
-            "tests_timeout": int(env.get("TESTS_TIMEOUT", "60" if cpu else "180")),
-            "bench_timeout": int(env.get("BENCH_TIMEOUT", "120" if cpu else "270")),
+            "tests_timeout": int(env.get("TESTS_TIMEOUT", "60" if cpu else "170")),
+            "bench_timeout": int(env.get("BENCH_TIMEOUT", "120" if cpu else "250")),
             "quick": env.get("QUICK", "1" if cpu else "0") == "1",
             "bench_args": shlex.split(env.get("BENCH_ARGS", "")),
             "out": env.get("OUT") or "gpu_out"}
