@@ -475,12 +475,15 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     report = {"command": " ".join(["lorakit bench speed", *getattr(args, "argv", [])]), "device": str(device),
               "dtype": _name(dtype), "model": args.model, "sizes": asdict(sizes), "machine": machine(device),
-              "results": [], "failures": [], "seconds": 0.0, "modules": 0, "adapter_dtype": "?"}
+              "results": [], "failures": [], "seconds": 0.0, "scenario_seconds": {}, "modules": 0, "adapter_dtype": "?"}
     bench = Bench(args.model, device, dtype, sizes)
+    report["setup_seconds"] = round(time.perf_counter() - start, 1)
     report.update(modules=bench.n_modules, adapter_dtype=bench.adapter_dtype)
     only = args.only or DEVICE_SCENARIOS
     for label in [k for k in DEVICE_SCENARIOS if k in only]:
-        print(f"lorakit bench speed: {label} ...", file=sys.stderr, flush=True)
+        print(f"lorakit bench speed: {label} ... ({time.perf_counter() - start:.0f} s so far)", file=sys.stderr,
+              flush=True)
+        began = time.perf_counter()
         try:
             report["results"] += [asdict(m) for m in STEPS[label](bench)]
         except Exception as exc:  # noqa: BLE001 - one broken scenario must not lose the others' figures
@@ -488,6 +491,7 @@ def run(args: argparse.Namespace) -> dict:
                                        "where": traceback.format_exc(limit=-3)})
             print(f"lorakit bench speed: scenario {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             bench._free()
+        report["scenario_seconds"][label] = round(time.perf_counter() - began, 1)
         report["seconds"] = time.perf_counter() - start
         atomic_write_json(out_dir / "bench_speed_device.json", report)
         atomic_write_bytes(out_dir / "bench_speed_device.md", render(report).encode("utf-8"))
