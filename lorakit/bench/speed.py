@@ -26,6 +26,8 @@ from tqdm import tqdm
 import lorakit
 from lorakit.versions import check_version
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
+from lorakit.bench import device_speed
+from lorakit.bench.llama_config import is_config_spec
 from lorakit.bench.timing import interleaved, per_call
 from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 from lorakit.perf import keep_freed_memory
@@ -524,7 +526,9 @@ def _non_negative(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="base model (default: the embedded SmolLM2-135M); a Llama config .json or a preset "
+                             "(tinyllama-1.1b-random, tiny-llama-random) builds random weights, no download")
     parser.add_argument("--quick", action="store_true", help="fewer adapters and repeats (a few minutes)")
     parser.add_argument("--repeats", type=_non_negative, default=0,
                         help="timed rounds per scenario (default, or 0: 5, quick 3)")
@@ -532,7 +536,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distinct adapters per mixed batch (default 1 8 32 64 128; quick 1 8 32)")
     parser.add_argument("--seq", type=_positive, default=32, help="tokens per row in the mixed-batch scenarios")
     parser.add_argument("--out", default="docs", help="where bench_speed.md/.json/.png are written")
-    parser.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS + device_speed.DEVICE_SCENARIOS,
+                        help=f"run only these scenarios (CPU benchmark: {', '.join(SCENARIOS)}; device benchmark: "
+                             f"{', '.join(device_speed.DEVICE_SCENARIOS)})")
+    device_speed.add_arguments(parser)
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                         help="keep (as `lorakit serve` does): glibc keeps freed memory for reuse, for base, PEFT "
                              "and lorakit alike; default: the C library's own behaviour")
@@ -543,7 +550,15 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    run(args)
+    device_bench = args.device is not None or args.dtype is not None or is_config_spec(args.model)
+    wrong = [o for o in args.only or () if o not in (device_speed.DEVICE_SCENARIOS if device_bench else SCENARIOS)]
+    if wrong:
+        parser.error(f"--only {' '.join(wrong)}: not a scenario of the "
+                     + ("device benchmark (--device/--dtype/config model)" if device_bench else "CPU benchmark"))
+    if device_bench:
+        device_speed.run(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
