@@ -34,7 +34,7 @@ from lorakit.errors import (AdapterExistsError, AdapterNotFoundError, LorakitErr
                             RoutingError)
 from lorakit.methods.prefix import PrefixAdapter, PrefixShape, check_fits, prefix_shape
 from lorakit.registry import AS_STORED, AdapterRegistry, get_registry
-from lorakit.routing import current_route
+from lorakit.routing import carry_routes_through_checkpointing, current_route
 from lorakit.versions import SUPPORTED_TRANSFORMERS
 
 STORE_NAME = "lorakit_prefix"  # the child module of the model that holds its prefix adapters
@@ -316,6 +316,7 @@ def attach_prefix(model: nn.Module, config: PrefixConfig, name: str = "default")
     registry.configs[name] = config
     registry.version += 1
     freeze_base(model)
+    carry_routes_through_checkpointing(model)  # the prefix cache must reach recomputed layers too
     return model
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+import contextvars
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -137,11 +138,21 @@ def routes_installed(snapshot: RouteSnapshot) -> Iterator[None]:
 
 
 def with_routes(function: Callable[..., Any], snapshot: RouteSnapshot | None = None) -> Callable[..., Any]:
-    """`function`, run under the routes current now (or `snapshot`) wherever and whenever it is called."""
-    routes = current_routes() if snapshot is None else snapshot
+    """`function`, run under the routes current now (or `snapshot`) wherever and whenever it is called.
+
+    Without a snapshot the whole context travels (contextvars.copy_context): the routes, and any other
+    per-call state set around the forward, such as the prefix cache of lorakit.prefix_hook, which a
+    checkpointed layer needs again when it is recomputed during backward()."""
+    if snapshot is None:
+        context = contextvars.copy_context()
+
+        def run_in_context(*args: Any, **kwargs: Any) -> Any:
+            return context.copy().run(function, *args, **kwargs)  # a fresh copy per run: re-entry is allowed
+
+        return run_in_context
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with routes_installed(routes):
+        with routes_installed(snapshot):
             return function(*args, **kwargs)
 
     return run
