@@ -11,15 +11,15 @@ import re
 import torch
 from torch import nn
 
+from lorakit.basis_setup import lora_xs_bases_for, weight_as_out_in
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
 from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
-from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
+from lorakit.methods.lora_xs import LoraXSAdapter
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_projections
-from lorakit.quant import quantized_base
 from lorakit.registry import AdapterRegistry, get_registry
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
@@ -105,13 +105,7 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     return w.shape[0], w.shape[1]  # Conv1D: (in, out)
 
 
-def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    quant = module.quant if isinstance(module, AdaptedLinear) else quantized_base(module)
-    if quant is not None:  # a quantized base: its dequantized weight (LoRA-XS takes its SVD from it)
-        return quant.dequantize(module.weight)
-    fan_in_fan_out = isinstance(module, AdaptedLinear) and module.fan_in_fan_out or (
-        not isinstance(module, (AdaptedLinear, nn.Linear)))
-    return module.weight.T if fan_in_fan_out else module.weight
+_weight_as_out_in = weight_as_out_in  # the old private name, still imported elsewhere
 
 
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
@@ -143,6 +137,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     # Build everything first: nothing below touches the model until all of it succeeded.
     built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
     vera_shared = _vera_shared(model, config, registry) if isinstance(config, VeraConfig) else None
+    xs_bases = lora_xs_bases_for(model, targets, config.r) if isinstance(config, LoraXSConfig) else {}
     for target in targets:
         module = modules[target]
         in_f, out_f = _shape(module)
@@ -153,9 +148,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
             adapter: nn.Module = LoraAdapter(in_f, out_f, config, dtype)
         elif isinstance(config, LoraXSConfig):
             adapter = LoraXSAdapter(config, dtype)
-            have = module.basis("lora_xs") if isinstance(module, AdaptedLinear) else None
-            if have is None or have.rank < config.r:
-                new_basis = ("lora_xs", svd_basis(_weight_as_out_in(module), config.r))
+            if target in xs_bases:  # computed (or read from the bases cache) for layers that lack one
+                new_basis = ("lora_xs", xs_bases[target])
         else:
             adapter = VeraAdapter(out_f, config, dtype)
             key = vera_basis_key(config)
