@@ -12,6 +12,7 @@ Files are written to a temp name and renamed, so a reader never sees half of one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -95,7 +96,8 @@ class BasesCache:
         except OSError as exc:  # read-only home, full disk: the bases are still correct, just not kept
             warnings.warn(f"could not write LoRA-XS bases cache {path}: {exc}", stacklevel=3)
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def default_cache() -> BasesCache | None:

@@ -77,7 +77,7 @@ def lora_xs_bases_for(model: nn.Module, module_names: Iterable[str], r: int, *,
                 if basis is not None:
                     found[name] = basis
     missing = [n for n in wanted if n not in found]
-    with _bar(len(missing), progress) as bar:
+    with progress_bar(len(missing), progress) as bar:
         for batch in _batches(missing, wanted):
             for name, basis in zip(batch, lora_xs_bases([wanted[n] for n in batch], r)):
                 found[name] = basis
@@ -96,7 +96,9 @@ def _batches(names: list[str], weights: dict[str, torch.Tensor]) -> list[list[st
     return [g[i:i + BATCH] for g in groups.values() for i in range(0, len(g), BATCH)]
 
 
-def _bar(total: int, progress: bool | None) -> tqdm:
+def progress_bar(total: int, progress: bool | None) -> tqdm:
+    """A stderr bar: shown at once (True), never (False), or after a second of work (None, unless
+    LORAKIT_PROGRESS=0)."""
     quiet = os.environ.get(PROGRESS_ENV, "1").strip().lower() in {"0", "false", "no", "off"}
     disable = total == 0 or progress is False or (progress is None and quiet)
     return tqdm(total=total, desc="LoRA-XS bases (SVD)", unit="module", file=sys.stderr, disable=disable,
