@@ -13,6 +13,7 @@ from lorakit.basis_setup import lora_xs_bases_for
 from lorakit.methods import lora_xs
 from lorakit.methods.basis import fingerprints_match, probe_vector
 from lorakit.methods.lora_xs import basis_fingerprint, basis_residuals, lora_xs_bases, svd_basis
+from lorakit.methods import svd
 from lorakit.methods.svd import top_singular
 from tests.conftest import MODEL_FACTORIES
 
@@ -121,3 +122,28 @@ def test_progress_bar_shows_on_stderr_unless_quiet(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     monkeypatch.setenv(basis_setup.PROGRESS_ENV, "0")
     assert basis_setup.progress_bar(100, None).disable
+
+
+@pytest.mark.parametrize("shape", [(128, 200), (200, 128)])  # Gram 128², block 28 columns
+def test_subspace_iteration_path_equals_svd(monkeypatch, shape, device):
+    """Big Gram matrices on a GPU go through block subspace iteration (matmuls, not a latency-bound eigh);
+    its accepted vectors equal the SVD's, a matrix it cannot finish falls back to eigh."""
+    monkeypatch.setattr(svd, "ITERATE_MIN_N", 64)
+    monkeypatch.setattr(svd, "ITERATE_ON_CPU", True)  # (on by default only on accelerators)
+    weights = torch.stack([decaying(*shape, seed) for seed in range(3)])
+    low_rank = decaying(shape[0], 10, 9) @ decaying(10, shape[1], 8)  # rank 10 < the 28-column block
+    direct = []
+    real = svd.eigh_top
+    monkeypatch.setattr(svd, "eigh_top", lambda g, r: direct.append(g.shape[0]) or real(g, r))
+    for rounds in (svd.MAX_ROUNDS, 0):  # 0: nothing converges, everything falls back to eigh
+        monkeypatch.setattr(svd, "MAX_ROUNDS", rounds)
+        for w in (weights, low_rank[None]):
+            u, s, vh = (t.cpu() for t in top_singular(w.to(device), 6))
+            for i in range(w.shape[0]):
+                ru, rs, rvh = reference(w[i], 6)
+                torch.testing.assert_close(s[i], rs, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(u[i], ru, rtol=0, atol=1e-7)
+                torch.testing.assert_close(vh[i], rvh, rtol=0, atol=1e-7)
+        # converging: no eigh but for the rank-10 matrix (its block loses rank); else all fall back
+        assert direct == ([1] if rounds else [3, 1])
+        direct.clear()
