@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from lorakit.basis_setup import lora_xs_bases_for, weight_as_out_in
+from lorakit.basis_setup import layer_shape, lora_xs_bases_for, weight_as_out_in
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
@@ -95,17 +95,8 @@ def _suffix_summary(names: list[str]) -> str:
     return ", ".join(suffixes) if suffixes else "none"
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, Conv1D or AdaptedLinear."""
-    if isinstance(module, AdaptedLinear):
-        return module.in_features, module.out_features
-    w = module.weight
-    if isinstance(module, nn.Linear):  # in_features, not the weight's shape: a 4-bit weight is packed
-        return module.in_features, module.out_features
-    return w.shape[0], w.shape[1]  # Conv1D: (in, out)
-
-
-_weight_as_out_in = weight_as_out_in  # the old private name, still imported elsewhere
+_shape = layer_shape  # old private names, still imported elsewhere
+_weight_as_out_in = weight_as_out_in
 
 
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:

@@ -54,7 +54,7 @@ def lora_xs_bases_for(model: nn.Module, module_names: Iterable[str], r: int, *,
     if cache is _DEFAULT:
         cache = default_cache()
     modules = dict(model.named_modules())
-    wanted: dict[str, torch.Tensor] = {}
+    wanted: dict[str, nn.Module] = {}
     for name in module_names:
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
@@ -62,16 +62,19 @@ def lora_xs_bases_for(model: nn.Module, module_names: Iterable[str], r: int, *,
         have = module.basis(KEY) if isinstance(module, AdaptedLinear) else None
         if have is not None and have.rank >= r:
             continue
-        weight = weight_as_out_in(module).detach()  # (out, in)
-        if r > min(weight.shape):
-            raise AdapterConfigError(f"rank r={r} exceeds min(in, out)={min(weight.shape)} of module {name} "
-                                     f"({weight.shape[1]}->{weight.shape[0]})")
-        wanted[name] = weight
+        in_f, out_f = layer_shape(module)
+        if r > min(in_f, out_f):
+            raise AdapterConfigError(f"rank r={r} exceeds min(in, out)={min(in_f, out_f)} of module {name} "
+                                     f"({in_f}->{out_f})")
+        wanted[name] = module
+    # weights are read per module / per batch: a 4-bit base is dequantized a few layers at a time
     found: dict[str, Basis] = {}
     keys: dict[str, str] = {}
     if cache is not None:
-        for name, weight in wanted.items():
-            if weight.numel() >= MIN_NUMEL:
+        for name, module in wanted.items():
+            in_f, out_f = layer_shape(module)
+            if in_f * out_f >= MIN_NUMEL:
+                weight = weight_as_out_in(module).detach()  # (out, in)
                 keys[name] = weight_key(weight)
                 basis = cache.get(weight, r, keys[name])
                 if basis is not None:
@@ -79,20 +82,28 @@ def lora_xs_bases_for(model: nn.Module, module_names: Iterable[str], r: int, *,
     missing = [n for n in wanted if n not in found]
     with progress_bar(len(missing), progress) as bar:
         for batch in _batches(missing, wanted):
-            for name, basis in zip(batch, lora_xs_bases([wanted[n] for n in batch], r)):
+            weights = [weight_as_out_in(wanted[n]).detach() for n in batch]
+            for name, weight, basis in zip(batch, weights, lora_xs_bases(weights, r)):
                 found[name] = basis
                 if cache is not None and name in keys:
-                    cache.put(wanted[name], basis, keys[name])
+                    cache.put(weight, basis, keys[name])
             bar.update(len(batch))
     return {n: found[n] for n in wanted}
 
 
-def _batches(names: list[str], weights: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Names grouped by (shape, device, dtype), in chunks of BATCH: one batched eigh each."""
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or AdaptedLinear (a 4-bit weight is packed, so
+    never its weight's shape for a Linear)."""
+    if isinstance(module, (AdaptedLinear, nn.Linear)):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D: (in, out)
+
+
+def _batches(names: list[str], modules: dict[str, nn.Module]) -> list[list[str]]:
+    """Names grouped by (shape, device), in chunks of BATCH: one batched decomposition each."""
     groups: dict[tuple, list[str]] = {}
     for name in names:
-        w = weights[name]
-        groups.setdefault((tuple(w.shape), w.device, w.dtype), []).append(name)
+        groups.setdefault((layer_shape(modules[name]), modules[name].weight.device), []).append(name)
     return [g[i:i + BATCH] for g in groups.values() for i in range(0, len(g), BATCH)]
 
 

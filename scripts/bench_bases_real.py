@@ -18,7 +18,7 @@ from lorakit.bases_cache import BasesCache
 from lorakit.methods import lora_xs as lora_xs_module
 from lorakit.methods.basis import fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
-from lorakit.models import load_base
+from lorakit.models import cache_root, load_base
 from scripts.bench_bases import old_svd_basis
 
 
@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--old", action="store_true", help="also time the old per-module float32 SVD on all modules")
     args = p.parse_args()
-    model, _ = load_base("smollm2-135m")
+    models = cache_root()  # (the bases cache below moves $LORAKIT_CACHE; converted models stay put)
+    model, _ = load_base("smollm2-135m", cache_dir=models)
     targets = lk.find_targets(model, lk.LoraXSConfig(r=args.rank))
     print(f"{len(targets)} modules, r={args.rank}, torch threads {torch.get_num_threads()}")
     if args.old:
@@ -49,11 +50,11 @@ def main() -> None:
         real = lora_xs_module.top_singular
         lora_xs_module.top_singular = lambda *a, **k: calls.append(1) or real(*a, **k)
         for _ in range(2):
-            fresh, _ = load_base("smollm2-135m")
+            fresh, _ = load_base("smollm2-135m", cache_dir=models)
             t0 = time.perf_counter()
             io.load_adapter(fresh, f"{tmp}/ad", "a")
             print(f"load_adapter on a fresh base with the bases cache: {time.perf_counter() - t0:.2f} s "
-                  f"({len(calls)} SVD batches computed; {len(list(BasesCache(tmp + '/bases').directory.iterdir()))} "
+                  f"({len(calls)} batched SVDs computed; {len(list(BasesCache(tmp + '/bases').directory.iterdir()))} "
                   "cache files)")
 
 
