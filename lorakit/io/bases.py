@@ -6,6 +6,8 @@
 `load_bases` checks each basis against the model's own W before installing it: W·downᵀ must equal
 up·Σ² and upᵀ·W must equal down (two matmuls, much cheaper than an SVD), so bases for another model
 are refused. Afterwards attach() and load_adapter() reuse them for any LoRA-XS rank up to r_max.
+(Within one machine the per-weight bases cache, lorakit.bases_cache, does this automatically; a bases
+file is for shipping them elsewhere.)
 """
 
 from __future__ import annotations
