@@ -11,15 +11,15 @@ import re
 import torch
 from torch import nn
 
+from lorakit.basis_setup import layer_shape, lora_xs_bases_for
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
 from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
-from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
+from lorakit.methods.lora_xs import LoraXSAdapter
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
-from lorakit.quant import quantized_base
 from lorakit.registry import AdapterRegistry, get_registry
 from lorakit.routing import carry_routes_through_checkpointing
 
@@ -96,23 +96,6 @@ def _suffix_summary(names: list[str]) -> str:
     return ", ".join(suffixes) if suffixes else "none"
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, Conv1D or AdaptedLinear."""
-    if isinstance(module, AdaptedLinear):
-        return module.in_features, module.out_features
-    w = module.weight
-    if isinstance(module, nn.Linear):  # in_features, not the weight's shape: a 4-bit weight is packed
-        return module.in_features, module.out_features
-    return w.shape[0], w.shape[1]  # Conv1D: (in, out)
-
-
-def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    quant = module.quant if isinstance(module, AdaptedLinear) else quantized_base(module)
-    if quant is not None:  # a quantized base: its dequantized weight (LoRA-XS takes its SVD from it)
-        return quant.dequantize(module.weight)
-    fan_in_fan_out = isinstance(module, AdaptedLinear) and module.fan_in_fan_out or (
-        not isinstance(module, (AdaptedLinear, nn.Linear)))
-    return module.weight.T if fan_in_fan_out else module.weight
 
 
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
@@ -139,14 +122,15 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     targets = find_targets(model, config)
     modules = dict(model.named_modules())
     for target in targets:
-        _check_rank(config, target, *_shape(modules[target]))
+        _check_rank(config, target, *layer_shape(modules[target]))
 
     # Build everything first: nothing below touches the model until all of it succeeded.
     built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
     vera = VeraPlacer(model, config, registry) if isinstance(config, VeraConfig) else None
+    xs_bases = lora_xs_bases_for(model, targets, config.r) if isinstance(config, LoraXSConfig) else {}
     for target in targets:
         module = modules[target]
-        in_f, out_f = _shape(module)
+        in_f, out_f = layer_shape(module)
         dtype = adapter_dtype(module.weight.dtype, config.autocast_adapter_dtype)
         device = module.weight.device
         new_basis = None
@@ -154,9 +138,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
             adapter: nn.Module = LoraAdapter(in_f, out_f, config, dtype, device)
         elif isinstance(config, LoraXSConfig):
             adapter = LoraXSAdapter(config, dtype, device)
-            have = module.basis("lora_xs") if isinstance(module, AdaptedLinear) else None
-            if have is None or have.rank < config.r:
-                new_basis = ("lora_xs", svd_basis(_weight_as_out_in(module), config.r).to(device))
+            if target in xs_bases:  # computed (or read from the bases cache) for layers that lack one
+                new_basis = ("lora_xs", xs_bases[target])
         else:
             adapter = VeraAdapter(out_f, config, dtype, device)
             key = vera_basis_key(config)
@@ -185,7 +168,7 @@ class VeraPlacer:
     Fingerprints come from the float32 projections, so they do not depend on the model's dtype."""
 
     def __init__(self, model: nn.Module, config: VeraConfig, registry: AdapterRegistry) -> None:
-        sizes = [_shape(m) for m in model.modules() if _is_adaptable(m)]
+        sizes = [layer_shape(m) for m in model.modules() if _is_adaptable(m)]
         self.key = (config.projection_seed, config.r, max(s[0] for s in sizes), max(s[1] for s in sizes))
         self.registry = registry
         self._float32: tuple[torch.Tensor, torch.Tensor] | None = None

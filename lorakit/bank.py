@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit.basis_setup import lora_xs_bases_for
 from lorakit.config import LoraXSConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
 
@@ -206,25 +207,18 @@ def pack_adapter(model: nn.Module, name: str) -> None:
     freeze_base(model)
 
 
-def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int) -> None:
-    """Give each named layer a LoRA-XS basis of rank ≥ r (SVD once per layer; adapters then share it)."""
-    from lorakit.attach import _replace_module, _shape, _weight_as_out_in
+def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int, *,
+                         progress: bool | None = None) -> None:
+    """Give each named layer a LoRA-XS basis of rank ≥ r (computed once per layer, or read from the
+    bases cache: lorakit.basis_setup); adapters then share it. Nothing changes if a module is bad."""
+    from lorakit.attach import _replace_module
     from lorakit.layer import AdaptedLinear
-    from lorakit.methods.lora_xs import svd_basis
     from lorakit.registry import get_registry
 
+    bases = lora_xs_bases_for(model, module_names, r, progress=progress)
     registry = get_registry(model, create=True)
-    modules = dict(model.named_modules())
-    for module_name in module_names:
-        module = modules.get(module_name)
-        if module is None:
-            raise AdapterMismatchError(f"module {module_name} does not exist in {type(model).__name__}")
-        if r > min(_shape(module)):
-            raise AdapterConfigError(f"rank r={r} exceeds min(in, out) of module {module_name}")
-        have = module.basis("lora_xs") if isinstance(module, AdaptedLinear) else None
-        if have is not None and have.rank >= r:
-            continue
-        basis = svd_basis(_weight_as_out_in(module), r).to(module.weight.device)
+    for module_name, basis in bases.items():
+        module = model.get_submodule(module_name)
         if not isinstance(module, AdaptedLinear):
             module = AdaptedLinear(module, module_name, registry)
             _replace_module(model, module_name, module)

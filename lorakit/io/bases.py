@@ -6,6 +6,8 @@
 `load_bases` checks each basis against the model's own W before installing it: W·downᵀ must equal
 up·Σ² and upᵀ·W must equal down (two matmuls, much cheaper than an SVD), so bases for another model
 are refused. Afterwards attach() and load_adapter() reuse them for any LoRA-XS rank up to r_max.
+(Within one machine the per-weight bases cache, lorakit.bases_cache, does this automatically; a bases
+file is for shipping them elsewhere.)
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.attach import _weight_as_out_in, adapted_layers
+from lorakit.attach import adapted_layers
+from lorakit.basis_setup import weight_as_out_in
 from lorakit.errors import AdapterMismatchError, AdapterNotFoundError, CorruptAdapterError, LorakitError
 from lorakit.io.atomic import atomic_write_safetensors
 from lorakit.io.files import check_finite, expect_keys, parse_safetensors
 from lorakit.io.guard import install_bases, restore_on_error, target_shapes
 from lorakit.io.peft_lora import base_model_name
 from lorakit.methods.basis import Basis
+from lorakit.methods.lora_xs import basis_residuals
 
 KIND = "lora_xs"
 _PARTS = ("down", "up", "fingerprint")
@@ -45,13 +49,9 @@ def save_bases(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def _check_basis(weight: torch.Tensor, basis: Basis, module: str, where: Path) -> None:
     """Refuse a basis that is not made of singular triplets of this W."""
-    w = weight.detach().float()  # (out, in)
-    down, up, s = basis.down.float(), basis.up.float(), basis.fingerprint[: basis.rank].float()
     tol = 1e-3 if weight.dtype == torch.float32 else 3e-2
-    top = s[0].clamp_min(1e-12)
-    err_right = ((w @ down.T - up * s**2).abs().max() / top**2).item()  # W·V·Σ = U·Σ²
-    err_left = ((up.T @ w - down).abs().max() / top).item()  # Uᵀ·W = Σ·Vᵀ
-    if err_right > tol or err_left > tol:
+    err_right, err_left = basis_residuals(weight, basis)
+    if not (err_right <= tol and err_left <= tol):  # NaN fails too
         raise AdapterMismatchError(f"{where}: the basis of module {module} is not an SVD of this model's weight "
                                    f"(relative residuals {err_right:.2g}, {err_left:.2g} > {tol}): bases for "
                                    "another base model?")
@@ -78,8 +78,9 @@ def load_bases(model: nn.Module, path: str | os.PathLike) -> list[str]:
             raise AdapterMismatchError(f"{path}: module {module} ({in_f}->{out_f}) expects down (k, {in_f}), "
                                        f"up ({out_f}, k), fingerprint (2k,); file has {tuple(down.shape)}, "
                                        f"{tuple(up.shape)}, {tuple(fp.shape)}")
-        weight = _weight_as_out_in(model.get_submodule(module))
-        basis = Basis(down.to(weight.dtype), up.to(weight.dtype), fp.float())
+        weight = weight_as_out_in(model.get_submodule(module))
+        basis = Basis(down.to(weight.device, weight.dtype), up.to(weight.device, weight.dtype),
+                      fp.float().to(weight.device))
         _check_basis(weight, basis, module, path)
         bases[module] = basis
     with restore_on_error(model, "", modules):

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.attach import _is_adaptable, _replace_module, _shape, check_adapter_name, find_targets
+from lorakit.attach import _is_adaptable, _replace_module, check_adapter_name, find_targets
+from lorakit.basis_setup import layer_shape
 from lorakit.config import AdapterConfig
 from lorakit.errors import (AdapterExistsError, AdapterMismatchError, LorakitError, UnsupportedLayerError)
 from lorakit.layer import AdaptedLinear
@@ -42,7 +43,7 @@ def target_shapes(model: nn.Module, modules: Iterable[str], where: object) -> di
     if bad:
         raise UnsupportedLayerError(f"{where}: module(s) {bad[:5]} are not linear layers; lorakit adapts only "
                                     "nn.Linear and transformers' Conv1D")
-    return {m: _shape(found[m]) for m in modules}
+    return {m: layer_shape(found[m]) for m in modules}
 
 
 def config_for_modules(model: nn.Module, config: AdapterConfig, modules: list[str],

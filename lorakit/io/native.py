@@ -25,8 +25,9 @@ from torch import nn
 
 import lorakit
 from lorakit.adapters import adapter_config, adapter_state_dict
-from lorakit.attach import _is_adaptable, _shape, _weight_as_out_in, attach
+from lorakit.attach import _is_adaptable, attach
 from lorakit.bank import add_packed_lora_xs
+from lorakit.basis_setup import layer_shape, lora_xs_bases_for
 from lorakit.config import LoraXSConfig, VeraConfig, config_from_dict, config_to_dict
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
@@ -35,9 +36,8 @@ from lorakit.io.guard import (check_free_name, config_for_modules, install_bases
                               target_shapes)
 from lorakit.io.packed import try_load_packed
 from lorakit.io.peft_lora import base_model_name
-from lorakit.layer import AdaptedLinear
 from lorakit.methods.basis import Basis, fingerprints_match
-from lorakit.methods.lora_xs import basis_fingerprint, svd_basis
+from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
 
 NATIVE_FORMAT = 1
@@ -52,7 +52,7 @@ def basis_key(config: LoraXSConfig | VeraConfig) -> str:
 
 def vera_sizes(model: nn.Module) -> tuple[int, int]:
     """(max_in, max_out) over every linear layer: the size attach generates VeRA's projections at."""
-    sizes = [_shape(m) for m in model.modules() if _is_adaptable(m)]
+    sizes = [layer_shape(m) for m in model.modules() if _is_adaptable(m)]
     return max(s[0] for s in sizes), max(s[1] for s in sizes)
 
 
@@ -134,12 +134,12 @@ def _rebuild_bases(model: nn.Module, config, modules: list[str], files: AdapterF
                                        f"max_out)={want}, this {type(model).__name__} gives {have}: the adapter is "
                                        "for another base model")
         shared = vera_projections(config.projection_seed, config.r, *have)
+    else:  # one batched computation (or bases-cache read) for every layer that lacks a basis
+        fresh = lora_xs_bases_for(model, modules, config.r)
     for module in modules:
         layer = model.get_submodule(module)
         if config.method == "lora_xs":
-            basis = layer.basis("lora_xs") if isinstance(layer, AdaptedLinear) else None
-            if basis is None or basis.rank < config.r:
-                basis = fresh[module] = svd_basis(_weight_as_out_in(layer), config.r)
+            basis = fresh[module] if module in fresh else layer.basis("lora_xs")
             actual = basis_fingerprint(basis, config.r)
         else:
             dtype = layer.weight.dtype if layer.weight.is_floating_point() else torch.float32

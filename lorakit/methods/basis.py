@@ -29,10 +29,12 @@ class Basis(nn.Module):
         return self.down[:r], self.up[:, :r]
 
 
-def probe_vector(n: int, salt: int) -> torch.Tensor:
-    """A fixed, machine-independent vector (no RNG) used to fingerprint matrices."""
-    i = torch.arange(n, dtype=torch.float64)
-    return torch.cos(0.618 * i * (salt + 1) + 0.5).float()
+def probe_vector(n: int, salt: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fixed, machine-independent vector (no RNG) used to fingerprint matrices, made on `device` so it
+    multiplies the singular vectors where they are (built in float64, then cast)."""
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    return torch.cos(0.618 * i * (salt + 1) + 0.5).to(dtype)
 
 
 def fingerprints_match(expected: torch.Tensor, actual: torch.Tensor, rtol: float = 1e-3) -> bool:

@@ -6,6 +6,7 @@
 A and B belong to the base model: one `Basis` per layer serves every LoRA-XS adapter of rank ≤ r_max.
 Singular vectors are defined up to sign; `svd_basis` fixes it (largest-magnitude entry of each u_i
 positive) so a basis recomputed on another machine is the same, and a fingerprint checks that it is.
+The triplets come from lorakit.methods.svd (float64 Gram + eigh, batched over same-shape weights).
 """
 
 from __future__ import annotations
@@ -16,22 +17,47 @@ from torch.nn import functional as F
 
 from lorakit.config import LoraXSConfig
 from lorakit.methods.basis import Basis, probe_vector
+from lorakit.methods.svd import top_singular
 
 
 def svd_basis(weight: torch.Tensor, r: int) -> Basis:
     """The rank-r LoRA-XS basis of `weight` (out, in), with canonical signs and a fingerprint."""
-    w = weight.detach().to(torch.float32)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
-    u, s, vh = u[:, :r], s[:r], vh[:r]
-    pivot = u.abs().argmax(dim=0)  # (r,)
-    signs = torch.sign(u[pivot, torch.arange(r)])
-    signs[signs == 0] = 1.0
-    u = u * signs  # (out, r)
-    vh = vh * signs[:, None]  # (r, in)
-    down = (s[:, None] * vh).to(weight.dtype)  # A = Σ_r V_rᵀ, (r, in)
-    up = u.to(weight.dtype).contiguous()  # B = U_r, (out, r)
-    fingerprint = torch.cat([s, probe_vector(u.shape[0], 1) @ u])  # singular values + signed projections
-    return Basis(down.contiguous(), up, fingerprint)
+    return lora_xs_bases([weight], r)[0]
+
+
+def lora_xs_bases(weights: list[torch.Tensor], r: int) -> list[Basis]:
+    """The rank-r bases of many weights (out, in): one batched top-r SVD per (shape, device, dtype) group,
+    computed on the weights' device (lorakit.methods.svd); each basis keeps its weight's dtype."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((tuple(w.shape), w.device, w.dtype), []).append(i)
+    bases: list[Basis | None] = [None] * len(weights)
+    for (_, _, dtype), members in groups.items():
+        u, s, vh = top_singular(torch.stack([weights[i].detach() for i in members]), r)  # float64
+        for j, i in enumerate(members):
+            bases[i] = basis_from_triplets(u[j], s[j], vh[j], dtype)
+    return bases  # type: ignore[return-value]
+
+
+def basis_from_triplets(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype: torch.dtype) -> Basis:
+    """A = Σ_r V_rᵀ (r, in), B = U_r (out, r) in `dtype`; fingerprint (2r,) float32 = [s, probe·U_r]."""
+    down = (s[:, None] * vh).to(dtype).contiguous()  # (r, in)
+    up = u.to(dtype).contiguous()  # (out, r)
+    probe = probe_vector(u.shape[0], 1, device=u.device, dtype=u.dtype)  # (out,)
+    fingerprint = torch.cat([s, probe @ u]).float()  # singular values + signed projections
+    return Basis(down, up, fingerprint)
+
+
+def basis_residuals(weight: torch.Tensor, basis: Basis) -> tuple[float, float]:
+    """How far `basis` is from singular triplets of `weight`, relative to σ₁: W·downᵀ vs up·Σ² and
+    upᵀ·W vs down (two thin matmuls: a cheap check that a stored basis belongs to this weight)."""
+    w = weight.detach().float()  # (out, in)
+    down, up = basis.down.to(w), basis.up.to(w)
+    s = basis.fingerprint[: basis.rank].to(w)
+    top = s[0].clamp_min(1e-12)
+    err_right = ((w @ down.T - up * s**2).abs().max() / top**2).item()  # W·V·Σ = U·Σ²
+    err_left = ((up.T @ w - down).abs().max() / top).item()  # Uᵀ·W = Σ·Vᵀ
+    return err_right, err_left
 
 
 def basis_fingerprint(basis: Basis, r: int) -> torch.Tensor:

@@ -192,9 +192,7 @@ class ServingRegistry:
         """The LoRA-XS SVD bases the adapter needs and the model lacks, computed on the calling thread
         (reading weights only): the first LoRA-XS load on a base costs one SVD per layer, seconds on
         CPU, which must not stall the running batch. Problems are left for load_native to report."""
-        from lorakit.attach import _weight_as_out_in
-        from lorakit.layer import AdaptedLinear
-        from lorakit.methods.lora_xs import svd_basis
+        from lorakit.basis_setup import lora_xs_bases_for
 
         config = files.config
         try:
@@ -203,16 +201,10 @@ class ServingRegistry:
             return {}
         if config.get("lorakit_method") != "lora_xs":
             return {}
-        fresh = {}
-        for module in modules:
-            try:
-                layer = self.model.get_submodule(module)
-                have = layer.basis("lora_xs") if isinstance(layer, AdaptedLinear) else None
-                if have is None or have.rank < rank:
-                    fresh[module] = svd_basis(_weight_as_out_in(layer), rank)
-            except Exception:  # not a linear layer, missing, ...: load_native says what is wrong
-                continue
-        return fresh
+        try:  # one batched computation, or a bases-cache read
+            return lora_xs_bases_for(self.model, modules, rank, progress=False)
+        except Exception:  # not a linear layer, missing, rank too large...: load_native says what is wrong
+            return {}
 
     def _attach(self, files, name: str, bases: dict) -> None:
         from lorakit.io.guard import install_bases

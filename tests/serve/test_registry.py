@@ -146,11 +146,10 @@ def test_concurrent_first_use_loads_once(adapter_dir):
 
 def test_lora_xs_bases_are_computed_off_the_engine_thread(adapter_dir, monkeypatch):
     """The SVDs of a first LoRA-XS load run on the loading thread; the engine thread only attaches."""
-    import lorakit.io.native as native
     import lorakit.methods.lora_xs as lora_xs
 
     engine_threads = []
-    real_svd = lora_xs.svd_basis
+    real_svd = lora_xs.top_singular  # every LoRA-XS basis computation goes through it
 
     def watched_svd(*args, **kwargs):
         import threading as th
@@ -158,8 +157,7 @@ def test_lora_xs_bases_are_computed_off_the_engine_thread(adapter_dir, monkeypat
         engine_threads.append(th.current_thread().name)
         return real_svd(*args, **kwargs)
 
-    monkeypatch.setattr(lora_xs, "svd_basis", watched_svd)
-    monkeypatch.setattr(native, "svd_basis", watched_svd)
+    monkeypatch.setattr(lora_xs, "top_singular", watched_svd)
     model = tiny_llama()
     engine = Engine(model).start()
     try:
