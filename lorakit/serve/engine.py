@@ -370,12 +370,14 @@ class Engine:
 
     def _admit(self) -> None:
         self._admit_inbox()
-        while self._pending and len(self._batch) < self.max_batch:
+        while True:
+            self._run_calls()  # an adapter load (or cancel_all) queued meanwhile goes first
+            if not self._pending or len(self._batch) >= self.max_batch:
+                return
             request = self._pending.pop(0)
             if request.stream.cancelled.is_set():
                 self._finish(request, "cancelled")
                 continue
-            self._run_calls()  # an adapter load queued meanwhile goes first
             try:
                 self._prefill(request)
             except Exception as exc:
