@@ -23,6 +23,7 @@ from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_p
 from lorakit.quant import quantized_base
 from lorakit.registry import AdapterRegistry, get_registry
 
+
 def check_adapter_name(name: str) -> None:
     """Raise AdapterConfigError unless `name` follows lorakit.names' rule (shared with io and the server)."""
     names.check_adapter_name(name)

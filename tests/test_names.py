@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from lorakit.attach import check_adapter_name as attach_check
 from lorakit.errors import AdapterConfigError
 from lorakit.names import ADAPTER_NAME_RULE, check_adapter_name, is_valid_adapter_name
-from lorakit.attach import check_adapter_name as attach_check
 
 
 @pytest.mark.parametrize("name", ["a", "xs0", "my-adapter_2", "A" * 128])
