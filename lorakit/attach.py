@@ -11,6 +11,7 @@ import re
 import torch
 from torch import nn
 
+from lorakit import names
 from lorakit.basis_setup import layer_shape, lora_xs_bases_for
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
@@ -23,15 +24,10 @@ from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_f
 from lorakit.registry import AdapterRegistry, get_registry
 from lorakit.routing import carry_routes_through_checkpointing
 
-_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
-
 
 def check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise AdapterConfigError(f"adapter name must be 1-128 letters, digits, '_' or '-', got {name!r}")
-    if hasattr(nn.ModuleDict(), name):  # adapters live in ModuleDicts: no "train", "eval", "training", "to"...
-        raise AdapterConfigError(f"adapter name {name!r} is reserved (a torch.nn.Module attribute); "
-                                 f"pick another, e.g. {name + '_adapter'!r}")
+    """Raise AdapterConfigError unless `name` follows lorakit.names' rule (shared with io and the server)."""
+    names.check_adapter_name(name)
 
 
 def _is_adaptable(module: nn.Module) -> bool:

@@ -152,6 +152,26 @@ def _rebuild_bases(model: nn.Module, config, modules: list[str], files: AdapterF
     return fresh, mismatched
 
 
+def check_native_files(model: nn.Module, files: AdapterFiles) -> tuple[LoraXSConfig | VeraConfig, list[str]]:
+    """Every check of a native adapter that needs no SVD: method and format, that its modules exist on
+    this base and are linear, and each tensor's shape (LoRA-XS: rank <= min(in, out)). Run before any
+    basis is computed, so a config claiming r=100000 is refused in milliseconds, not after minutes of SVDs."""
+    where = files.path / WEIGHTS_NAME
+    config, modules = _read_config(files)
+    expect_keys(set(files.tensors), {f"{m}.{p}" for m in modules for p in TRAINED[config.method] + (FINGERPRINT,)},
+                where)
+    shapes = target_shapes(model, modules, where)
+    for module in modules:
+        _check_shapes(config, module, shapes[module], files.tensors, where)
+    return config, modules
+
+
+def missing_lora_xs_bases(model: nn.Module, config: LoraXSConfig, modules: list[str]) -> dict[str, Basis]:
+    """The LoRA-XS SVD bases `modules` lack at `config.r` (call check_native_files first: this is the
+    expensive part; one batched computation per weight shape, or a bases-cache read)."""
+    return lora_xs_bases_for(model, modules, config.r, progress=False)
+
+
 def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool = True,
                 packed: bool = False) -> str:
     """Attach a LoRA-XS / VeRA adapter from `files` as `name` after checking it against this base.

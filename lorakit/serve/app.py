@@ -11,8 +11,10 @@ adapter named in `model`, adapter load/unload, health, Prometheus metrics and th
     POST /v1/adapters           {"name"}: load now
     DELETE /v1/adapters/{name}  unload (deferred until its running requests finish)
 
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the `openai` client
-raises its usual exceptions.
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and OpenAI's statuses (400 for
+an invalid parameter), so the `openai` client raises its usual exceptions. A client that disconnects
+frees its row within one decode step, streamed or not; on shutdown the server drains running requests
+for at most `drain_timeout` seconds, then finishes the rest with finish_reason "shutdown".
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+import uvicorn
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,8 +49,11 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_waiting: int = 256  # requests queued beyond the running batch; more get 503
     title: str = "lorakit"  # shown on the page
+    drain_timeout: float = 30.0  # on shutdown, seconds running requests may take before they are cut off
 
     def __post_init__(self) -> None:
+        if not isinstance(self.drain_timeout, (int, float)) or not 0 <= self.drain_timeout < float("inf"):
+            raise ValueError(f"ServeConfig.drain_timeout must be a finite number >= 0, got {self.drain_timeout!r}")
         for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_waiting"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -82,11 +89,20 @@ class CompletionBody(_Sampling):
     prompt: Union[str, list[str]]
 
 
+class ContentPart(BaseModel):
+    """One OpenAI content part; only "text" parts are used, and their `text` must be a string."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Any = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, list[ContentPart], None] = None
 
 
 class ChatBody(_Sampling):
@@ -114,8 +130,8 @@ class Server:
         try:
             self.registry.path_for(model)
         except InvalidAdapterNameError as exc:
-            raise ApiError(404, f"model {model!r} not found ({exc}); available: {self.model_ids()}",
-                           code="model_not_found", param="model") from exc
+            raise ApiError(404, f"model {model!r} not found ({self.registry.client_message(exc)}); available: "
+                           f"{self.model_ids()}", code="model_not_found", param="model") from exc
         except AdapterNotFoundError as exc:
             raise ApiError(404, f"model {model!r} not found; available: {self.model_ids()}",
                            code="model_not_found", param="model") from exc
@@ -142,6 +158,8 @@ class Server:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings of up to 256 characters", param="stop")
+        for s in stop:
+            check_text(s, "stop")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   stop=tuple(stop), seed=body.seed, ignore_eos=body.ignore_eos)
@@ -155,6 +173,7 @@ class Server:
             prompt = prompt[0]
         if len(prompt) > self.config.max_body_bytes:
             raise ApiError(413, "prompt too long", param="prompt")
+        check_text(prompt, "prompt")
         ids = self.tokenizer(prompt).input_ids
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -162,10 +181,18 @@ class Server:
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         turns = []
-        for m in messages:
+        for i, m in enumerate(messages):
             content = m.content
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+                texts = []
+                for j, part in enumerate(content):
+                    if part.type == "text":
+                        if not isinstance(part.text, str):
+                            raise ApiError(400, f"messages.{i}.content.{j}.text must be a string, got "
+                                           f"{type(part.text).__name__}", param=f"messages.{i}.content.{j}.text")
+                        texts.append(part.text)
+                content = "".join(texts)
+            check_text(content or "", f"messages.{i}.content")
             turns.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -180,9 +207,10 @@ class Server:
             try:
                 await run_in_threadpool(self.registry.acquire, adapter)
             except AdapterNotFoundError as exc:
-                raise ApiError(404, f"{exc}", code="model_not_found", param="model") from exc
+                raise ApiError(404, self.registry.client_message(exc), code="model_not_found", param="model") from exc
             except AdapterLoadError as exc:
-                raise ApiError(500, f"{exc}", type_="server_error", code="adapter_load_failed") from exc
+                raise ApiError(500, self.registry.client_message(exc), type_="server_error",
+                               code="adapter_load_failed") from exc
         release = (lambda: self.registry.release(adapter)) if adapter is not None else None
         try:
             return await self.engine.submit_async(prompt_ids, adapter, params, on_finish=release)
@@ -192,19 +220,29 @@ class Server:
             raise ApiError(400, str(exc)) from exc
 
 
+def check_text(text: str, param: str) -> None:
+    """400 for text that is not valid Unicode (a lone UTF-16 surrogate, "a\\ud800b", which JSON allows
+    and the tokenizer cannot take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                       f"{exc.start}", param=param) from None
+
+
 def _error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                     param: str | None = None):
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
 
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+    # json.dumps escapes to ASCII, so a message quoting a lone surrogate still encodes
+    body = json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    return Response(body, status_code=status, media_type="application/json")
 
 
 class _BodyLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes, whether announced by content-length or not."""
-
-    class TooLarge(Exception):
-        pass
+    """ASGI middleware: 413 for bodies over `limit` bytes, whether announced by content-length or sent
+    chunked. The body is read here (at most `limit` bytes are kept) and replayed to the app, which then
+    receives the connection's later messages (a disconnect) as usual."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -212,31 +250,32 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = _error_response(413, f"request body over {self.limit} bytes", code="request_too_large")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+            return await too_large(scope, receive, send)
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyLimit.TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                return await too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyLimit.TooLarge:
-            if not started:
-                await _error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
+        await self.app(scope, replay, send)
 
 
 def create_app(server: Server):
@@ -267,13 +306,14 @@ def create_app(server: Server):
         return _error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):  # 400, as OpenAI answers (not 422)
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error_response(400, "the request body is not valid JSON", code="invalid_json")
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error_response(422, f"invalid request: {where}: {first.get('msg', 'invalid')}", param=where)
+        return _error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}", param=where,
+                               code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -282,9 +322,10 @@ def create_app(server: Server):
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
         path = request.url.path
-        if config.api_key and (path.startswith("/v1/") or path == "/metrics"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+        if config.api_key and (path.startswith("/v1/") or path in ("/metrics", app.openapi_url)):
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                     config.api_key.encode("utf-8", "replace")):
                 return _error_response(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                        code="invalid_api_key")
         response = await call_next(request)
@@ -324,9 +365,10 @@ def create_app(server: Server):
         try:
             nbytes = await run_in_threadpool(server.registry.load, body.name)
         except (AdapterNotFoundError, InvalidAdapterNameError) as exc:
-            raise ApiError(404, f"{exc}", code="adapter_not_found", param="name") from exc
+            raise ApiError(404, server.registry.client_message(exc), code="adapter_not_found", param="name") from exc
         except AdapterLoadError as exc:
-            raise ApiError(500, f"{exc}", type_="server_error", code="adapter_load_failed") from exc
+            raise ApiError(500, server.registry.client_message(exc), type_="server_error",
+                           code="adapter_load_failed") from exc
         return {"name": body.name, "bytes": nbytes, "resident": server.registry.resident()}
 
     @app.delete("/v1/adapters/{name}")
@@ -391,7 +433,7 @@ def create_app(server: Server):
                         if event.text:
                             yield f"data: {json.dumps(on_delta(event))}\n\n"
                     else:
-                        if event.reason in ("error", "cancelled"):
+                        if event.reason in ("error", "cancelled"):  # "shutdown" ends like any finish
                             err = {"error": {"message": event.error or event.reason, "type": "server_error",
                                              "param": None, "code": event.reason}}
                             yield f"data: {json.dumps(err)}\n\n"
@@ -408,10 +450,12 @@ def create_app(server: Server):
 
 
 async def _wait(stream, request) -> Finished:
-    """The request's result; cancels its row if the client disconnects first."""
+    """The request's result; cancels its row as soon as the client disconnects (the body was read, so
+    the connection's next message is the disconnect; polling request.is_disconnected() never saw it
+    behind the middlewares)."""
     async def watch():
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # not expected (the body is read); never spin
         stream.cancel()
 
     watcher = asyncio.create_task(watch())
@@ -427,7 +471,8 @@ async def _wait(stream, request) -> Finished:
 
 
 def _reason(done: Finished) -> str:
-    return "length" if done.reason == "length" else "stop"
+    """OpenAI's finish_reason; "shutdown" when the server's drain time ran out mid-request."""
+    return done.reason if done.reason in ("length", "shutdown") else "stop"
 
 
 def _usage(done: Finished) -> dict:
@@ -483,20 +528,50 @@ def make_server(model: Any, tokenizer: Any, adapter_dir: Any = None, *, config: 
     return Server(engine, registry, tokenizer, config or ServeConfig())
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a bounded drain: on SIGTERM (or SIGINT) it stops accepting connections and lets running
+    requests finish for at most `drain_timeout` seconds, then finishes what remains with reason "shutdown"
+    (clients get a last chunk or response saying so) and exits. Plain uvicorn waited for every stream."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.drain_timeout = engine, drain_timeout
+        self.cut_off_at: float | None = None  # when the remaining requests were cut off (for tests, logs)
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if self._timer is None:
+            self._timer = threading.Timer(self.drain_timeout, self._cut_off)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _cut_off(self) -> None:
+        self.cut_off_at = time.time()
+        self.engine.cancel_all("shutdown", f"the server is shutting down: its drain time ({self.drain_timeout:g} s) "
+                                           "ran out")
+
+
+def uvicorn_server(app, server: Server, **config: Any) -> DrainingServer:
+    """A DrainingServer for `app`; uvicorn itself cancels connections 5 s after the drain as a backstop."""
+    drain = server.config.drain_timeout
+    return DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=int(drain) + 5, **config), server.engine,
+                          drain)
+
+
 class BackgroundServer:
     """uvicorn serving `app` on a thread (tests, the demo): `with BackgroundServer(app) as url: ...`."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
         import socket
-        import threading
-
-        import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        server = getattr(getattr(app, "state", None), "server", None)
+        self.server = (uvicorn_server(app, server, log_level="warning", lifespan="on") if isinstance(server, Server)
+                       else uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on")))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--base-name", default=None, help="the model id of the base (no adapter)")
     parser.add_argument("--preload", action="store_true", help="load every adapter at start-up")
     parser.add_argument("--title", default="lorakit", help="title of the chat page")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds running requests may take before they are cut off with "
+                             "finish_reason 'shutdown' (default 30)")
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                         help="keep: glibc keeps freed memory for reuse (faster CPU forwards, resident size stays "
                              "near its peak; lorakit.perf); default: the C library's own behaviour")
@@ -48,10 +52,13 @@ def build_app(args: argparse.Namespace):
         raise SystemExit(f"lorakit serve: --adapters {args.adapters} is not a directory")
     if args.max_batch < 1:
         raise SystemExit(f"lorakit serve: --max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.drain_timeout < float("inf"):
+        raise SystemExit(f"lorakit serve: --drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     model, tokenizer = load_base(args.base)
     budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
-                         max_tokens_limit=args.max_tokens_limit, title=args.title)
+                         max_tokens_limit=args.max_tokens_limit, title=args.title,
+                         drain_timeout=args.drain_timeout)
     server = make_server(model, tokenizer, args.adapters, config=config, budget_bytes=budget,
                          max_batch=args.max_batch)
     if args.preload:
@@ -64,8 +71,9 @@ def build_app(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, drain (at most --drain-timeout seconds), exit 0."""
     args = build_parser().parse_args(argv)
-    import uvicorn
+    from lorakit.serve.app import uvicorn_server
 
     if args.malloc == "keep":
         from lorakit.perf import keep_freed_memory
@@ -76,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"lorakit serve: {server.config.base_name} + adapters {server.registry.available()} on "
           f"http://{args.host}:{args.port}  (chat page at /, OpenAI API at /v1)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvicorn re-raises the signal it caught once it has shut down; with the default SIGTERM handler that
+    # would kill the process (exit -15) after a clean drain, so SIGTERM's handler is a no-op from here on.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn_server(app, server, host=args.host, port=args.port, log_level="warning").run()
     return 0
 
 

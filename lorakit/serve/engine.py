@@ -80,7 +80,9 @@ class Delta:
 
 @dataclass
 class Finished:
-    """The request left the batch. reason: "stop" (eos or a stop string), "length", "cancelled", "error"."""
+    """The request left the batch. reason: "stop" (eos or a stop string), "length", "cancelled" (the client
+    left), "error" (this row failed: a model error, non-finite logits), "shutdown" (the server's drain
+    time ran out)."""
 
     reason: str
     prompt_tokens: int
@@ -306,6 +308,19 @@ class Engine:
                            params: SamplingParams | None = None, **kwargs) -> Stream:
         return self.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop(), **kwargs)
 
+    def cancel_all(self, reason: str = "shutdown", error: str | None = None) -> Future:
+        """Finish every running, waiting and queued request now with `reason` (a drain that ran out of
+        time); the engine stays open. Returns a Future of how many requests it finished."""
+        def finish_everything() -> int:
+            self._admit_inbox()
+            rows = self._batch.rows + self._pending
+            self._batch, self._pending = _Batch(), []
+            for request in rows:
+                self._finish(request, reason, error=error)
+            return len(rows)
+
+        return self.call_soon(finish_everything)
+
     def call_soon(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the engine thread between two steps (never during one); returns its Future."""
         future: Future = Future()
@@ -346,18 +361,23 @@ class Engine:
                 return
             _run_into(fn, future)
 
-    def _admit(self) -> None:
+    def _admit_inbox(self) -> None:
         while True:
             try:
                 self._pending.append(self._inbox.get_nowait())
             except queue.Empty:
-                break
-        while self._pending and len(self._batch) < self.max_batch:
+                return
+
+    def _admit(self) -> None:
+        self._admit_inbox()
+        while True:
+            self._run_calls()  # an adapter load (or cancel_all) queued meanwhile goes first
+            if not self._pending or len(self._batch) >= self.max_batch:
+                return
             request = self._pending.pop(0)
             if request.stream.cancelled.is_set():
                 self._finish(request, "cancelled")
                 continue
-            self._run_calls()  # an adapter load queued meanwhile goes first
             try:
                 self._prefill(request)
             except Exception as exc:
@@ -401,7 +421,13 @@ class Engine:
             if request.stream.cancelled.is_set():
                 self._finish(request, "cancelled")
                 continue
-            if self._emit(request, self._sample(request, logits[i])):
+            try:  # one row's bad state (NaN logits from its adapter, ...) fails that row only
+                token = self._sample(request, logits[i])
+            except Exception as exc:
+                log.warning("sampling failed for request %d: %s", request.id, exc)
+                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if self._emit(request, token):
                 keep.append(i)
         batch.keep(keep)
         self.stats.steps += 1
@@ -419,10 +445,19 @@ class Engine:
 
     # -- tokens → text -------------------------------------------------------------------------------
     def _sample(self, request: Request, logits: torch.Tensor) -> int:
+        """The next token from one row's logits (V,); EngineError when they hold NaN or +inf."""
         params = request.params
+        logits = logits.float()
+        top = logits.max()
+        if not torch.isfinite(top) or bool(torch.isnan(logits).any()):
+            raise EngineError(f"the model's logits for this request are not finite (max {top.item()}): "
+                              "a broken adapter or an overflow")
         if params.temperature == 0.0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
+        # Shift first: the top logit becomes 0, so dividing by a tiny temperature (1e-38) gives 0 and -inf,
+        # never inf - inf; the result tends to greedy as the temperature tends to 0. In float64 so that a
+        # temperature like 5e-324 is not flushed to 0 (0 / 0 = NaN).
+        probs = torch.softmax((logits - top).double() / params.temperature, dim=-1)  # (V,)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one

@@ -11,8 +11,8 @@ LoRA-XS adapters go into the packed bank (r² numbers per layer each); LoRA and 
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -22,8 +22,13 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import AdapterNotFoundError, LorakitError
+from lorakit.io.files import read_adapter_dir
+from lorakit.io.guard import install_bases
+from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
+from lorakit.io.peft_lora import load_lora
+from lorakit.names import adapter_name_problem
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+log = logging.getLogger("lorakit.serve")
 
 
 class InvalidAdapterNameError(LorakitError, ValueError):
@@ -65,12 +70,15 @@ class ServingRegistry:
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._loading: dict[str, Future] = {}
+        self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (files' signature, error): not retried
+        self._skipped: set[str] = set()  # directory entries with invalid names, logged once
 
     # -- what exists -------------------------------------------------------------------------------
     def path_for(self, name: str) -> Path:
         """The adapter directory of `name`, refusing anything that is not a plain entry of the directory."""
-        if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-            raise InvalidAdapterNameError(f"invalid adapter name {name!r}: use letters, digits, '_', '-', '.'")
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            raise InvalidAdapterNameError(f"invalid adapter name: {problem}")
         if self.directory is None:
             raise AdapterNotFoundError(f"adapter {name!r} not found: the server has no adapter directory")
         path = self.directory / name
@@ -88,10 +96,22 @@ class ServingRegistry:
         names = []
         for entry in sorted(os.listdir(self.directory)):
             path = self.directory / entry
-            if NAME_RE.match(entry) and path.resolve().parent == self.directory \
-                    and (path / "adapter_config.json").is_file():
+            if path.resolve().parent != self.directory or not (path / "adapter_config.json").is_file():
+                continue
+            problem = adapter_name_problem(entry)
+            if problem is None:
                 names.append(entry)
+            elif entry not in self._skipped:  # a race may log twice; harmless
+                self._skipped.add(entry)
+                log.warning("not serving adapter directory %r: %s", entry, problem)
         return names
+
+    def client_message(self, exc: BaseException) -> str:
+        """`exc`'s message with paths relative to the adapter directory (clients never see server paths)."""
+        text = str(exc)
+        if self.directory is not None:
+            text = text.replace(f"{self.directory}{os.sep}", "").replace(str(self.directory), "<adapter dir>")
+        return text
 
     def resident(self) -> list[str]:
         with self._lock:
@@ -113,8 +133,7 @@ class ServingRegistry:
             with self._lock:
                 entry = self._resident.get(name)
                 if entry is not None:
-                    entry.refs += 1
-                    entry.unload_requested = False
+                    entry.refs += 1  # a pending unload stays pending: it runs once refs drop to 0
                     self._resident.move_to_end(name)
                     return
                 future = self._loading.get(name)
@@ -160,10 +179,16 @@ class ServingRegistry:
 
     # -- internals -------------------------------------------------------------------------------------
     def _load(self, name: str, future: Future, pin: bool) -> None:
-        from lorakit.io.files import read_adapter_dir
-
+        signature: tuple | None = None
         try:
             path = self.path_for(name)
+            signature = _signature(path)
+            with self._lock:
+                failed = self._failed.get(name)
+            if failed is not None and failed[0] == signature:
+                signature = None  # already remembered: neither counted nor stored again
+                raise AdapterLoadError(f"{failed[1]} (this load failed before; it is retried once the "
+                                       "adapter's files change)")
             files = read_adapter_dir(path)  # on this thread: the batch keeps decoding meanwhile
             nbytes = sum(t.numel() * t.element_size() for t in files.tensors.values())
             if self.budget_bytes is not None and nbytes > self.budget_bytes:
@@ -177,40 +202,33 @@ class ServingRegistry:
                 self._resident[name] = _Entry(nbytes, refs=1 if pin else 0)
                 self.stats.loads += 1
                 self._loading.pop(name, None)
+                self._failed.pop(name, None)
             future.set_result(None)
         except BaseException as exc:
+            about_the_files = isinstance(exc, LorakitError)  # bad files fail again; OOM and the like may not
+            if not isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError, AdapterLoadError)):
+                exc = AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: "
+                                       f"{self.client_message(exc)}").with_traceback(exc.__traceback__)
             with self._lock:
                 self._loading.pop(name, None)
-                if not isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError)):
+                if signature is not None and not isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError)):
                     self.stats.load_failures += 1
+                    if about_the_files:
+                        self._failed[name] = (signature, str(exc))
             future.set_exception(exc)
-            if isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError, AdapterLoadError)):
-                raise
-            raise AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            raise exc
 
     def _precompute_bases(self, files) -> dict:
         """The LoRA-XS SVD bases the adapter needs and the model lacks, computed on the calling thread
         (reading weights only): the first LoRA-XS load on a base costs one SVD per layer, seconds on
-        CPU, which must not stall the running batch. Problems are left for load_native to report."""
-        from lorakit.basis_setup import lora_xs_bases_for
-
-        config = files.config
-        try:
-            rank, modules = int(config["config"]["r"]), [str(m) for m in config["modules"]]
-        except (KeyError, TypeError, ValueError):
+        CPU, which must not stall the running batch. The config is checked first (method, modules of
+        this base, rank <= min(in, out)), so a bad file costs no SVD at all."""
+        if "lorakit_method" not in files.config:
             return {}
-        if config.get("lorakit_method") != "lora_xs":
-            return {}
-        try:  # one batched computation, or a bases-cache read
-            return lora_xs_bases_for(self.model, modules, rank, progress=False)
-        except Exception:  # not a linear layer, missing, rank too large...: load_native says what is wrong
-            return {}
+        config, modules = check_native_files(self.model, files)
+        return missing_lora_xs_bases(self.model, config, modules) if config.method == "lora_xs" else {}
 
     def _attach(self, files, name: str, bases: dict) -> None:
-        from lorakit.io.guard import install_bases
-        from lorakit.io.native import load_native
-        from lorakit.io.peft_lora import load_lora
-
         if bases:
             install_bases(self.model, "lora_xs", bases)  # load_native then finds them and skips its SVDs
         if "lorakit_method" in files.config:
@@ -248,3 +266,12 @@ class ServingRegistry:
         except BaseException as exc:
             future.set_exception(exc)
         return future
+
+
+def _signature(path: Path) -> tuple:
+    """What identifies the adapter's files: a changed size or modification time means "try again"."""
+    entries = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        with_stat = entry.stat()
+        entries.append((entry.name, with_stat.st_size, with_stat.st_mtime_ns))
+    return tuple(entries)

@@ -36,3 +36,48 @@ def test_missing_adapter_directory_is_an_error(tmp_path):
     args = build_parser().parse_args(["--adapters", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="not a directory"):
         build_app(args)
+
+
+def test_sigterm_exits_0_after_draining(tokenizer, tmp_path):
+    """Issue 11.6: `lorakit serve` on SIGTERM drains (at most --drain-timeout) and exits 0; uvicorn re-raised
+    the signal after its shutdown, so the process died of it (exit -15)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    base = tmp_path / "tiny-base"
+    tiny_chat_llama(len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.serve.cli", "--base", str(base), "--port", str(port),
+                             "--drain-timeout", "2", "--malloc", "default"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, (code, proc.stderr.read().decode()[-2000:])
+    assert time.time() - start < 2 + 5
+
+
+def test_drain_timeout_argument(tokenizer):
+    assert build_parser().parse_args([]).drain_timeout == 30.0
+    with pytest.raises(SystemExit, match="drain-timeout"):
+        build_app(build_parser().parse_args(["--drain-timeout", "-1"]))

@@ -158,3 +158,59 @@ def test_unknown_adapter_fails_only_that_request(model):
         assert good.result().token_ids == greedy_alone(model, [3, 4], "a0", 4)
     finally:
         engine.close()
+
+
+def test_nan_logits_in_one_row_fail_that_row_only(model):
+    """Issue 11.4: torch.multinomial's "probability tensor contains inf/nan" used to fail every row of the step."""
+    engine = Engine(model, max_batch=4)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    good = engine.submit([5, 6, 7], "a1", sampled)
+    bad = engine.submit([8, 9], "a2", sampled)  # queued before start: both rows join the same batch
+
+    def poison_second_row(module, args, output):  # (B, T, V): decode steps of the two-row batch only
+        if output.shape[0] == 2:
+            output[1] = float("nan")
+        return output
+
+    handle = model.lm_head.register_forward_hook(poison_second_row)
+    try:
+        engine.start()
+        good_result, bad_result = good.result(), bad.result()
+    finally:
+        engine.close()
+        handle.remove()
+    assert bad_result.reason == "error" and "not finite" in bad_result.error
+    assert good_result.reason == "length" and good_result.completion_tokens == 10
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 5e-324])
+def test_a_vanishing_temperature_samples_greedily(model, temperature):
+    """Issue 11.4: temperature 1e-38 overflowed logits / T to inf, and softmax gave NaN."""
+    prompt = [11, 12, 13, 14]
+    engine = Engine(model).start()
+    try:
+        got = engine.submit(prompt, "a0", SamplingParams(max_tokens=8, temperature=temperature, seed=1)).result()
+    finally:
+        engine.close()
+    assert got.reason != "error", got.error
+    assert got.token_ids == greedy_alone(model, prompt, "a0", 8)
+
+
+def test_cancel_all_finishes_every_request_with_the_reason_and_keeps_serving(model):
+    engine = Engine(model, max_batch=2)
+    long = SamplingParams(max_tokens=60, ignore_eos=True)
+    streams = [engine.submit([3 + k, 4], None, long) for k in range(3)]  # 2 running, 1 waiting
+    slow = model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # the rows stay running
+    engine.start()
+    try:
+        next(iter(streams[0]))  # decoding has begun
+        cancelled = engine.cancel_all("shutdown", "drain time is up").result(timeout=10)
+        results = [s.result() for s in streams]
+        after = engine.submit([5, 6], None, SamplingParams(max_tokens=3)).result()
+    finally:
+        engine.close()
+        slow.remove()
+    assert [r.reason for r in results] == ["shutdown"] * 3, results
+    assert cancelled == 3
+    assert all(r.error == "drain time is up" and r.completion_tokens < 60 for r in results)
+    assert after.reason in ("length", "stop")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 
 import pytest
@@ -50,7 +52,7 @@ def test_loads_on_first_use_and_matches_the_directly_attached_adapter(source, ad
     assert registry.stats.loads == 4
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", ".hidden", "", "x" * 200, "a\\b"])
+@pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", ".hidden", "", "x" * 200, "a\\b", "xs0\n", "v1.2"])
 def test_names_that_could_leave_the_directory_are_refused(adapter_dir, name):
     registry = ServingRegistry(tiny_llama(), adapter_dir)
     with pytest.raises(InvalidAdapterNameError):
@@ -167,3 +169,91 @@ def test_lora_xs_bases_are_computed_off_the_engine_thread(adapter_dir, monkeypat
     finally:
         engine.close()
     assert engine_threads and "lorakit-engine" not in engine_threads
+
+
+def test_a_directory_whose_name_breaks_the_rule_is_not_listed_and_asking_says_why(adapter_dir, tmp_path, caplog):
+    """Issue 13: `v1.2` was listed by /v1/models, then answered 500 (attach refuses the '.')."""
+    root = tmp_path / "dotted"
+    shutil.copytree(adapter_dir / "lora1", root / "v1.2")
+    shutil.copytree(adapter_dir / "lora1", root / "ok")
+    registry = ServingRegistry(tiny_llama(), root)
+    with caplog.at_level("WARNING", logger="lorakit.serve"):
+        assert registry.available() == ["ok"]
+        assert registry.available() == ["ok"]
+    assert [r.getMessage() for r in caplog.records].count(
+        next(r.getMessage() for r in caplog.records if "v1.2" in r.getMessage())) == 1  # logged once
+    with pytest.raises(InvalidAdapterNameError, match="letters, digits"):
+        registry.acquire("v1.2")
+    assert registry.stats.load_failures == 0
+
+
+def _with_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config["config"].update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_a_huge_rank_is_refused_before_any_svd(adapter_dir, tmp_path, monkeypatch):
+    """Issue 11.5: `r: 100000` cost ~100 s of SVDs before the rank was checked."""
+    import lorakit.methods.lora_xs as lora_xs
+
+    svds = []
+
+    def counted_svd(*args, **kwargs):
+        svds.append(args)
+        raise AssertionError("an SVD ran before the config was validated")
+
+    monkeypatch.setattr(lora_xs, "top_singular", counted_svd)  # every LoRA-XS basis computation goes through it
+    _with_config(adapter_dir / "xs0", tmp_path / "big" / "big", r=100000)
+    registry = ServingRegistry(tiny_llama(), tmp_path / "big")
+    with pytest.raises(AdapterLoadError, match="rank-100000"):
+        registry.load("big")
+    assert svds == []
+
+
+def test_a_failed_load_is_remembered_until_its_files_change(adapter_dir, tmp_path, monkeypatch):
+    import lorakit.io.files as files_module
+    import lorakit.serve.registry as registry_module
+
+    reads = []
+    real_read = files_module.read_adapter_dir
+
+    def counted_read(path):
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(files_module, "read_adapter_dir", counted_read)
+    if hasattr(registry_module, "read_adapter_dir"):
+        monkeypatch.setattr(registry_module, "read_adapter_dir", counted_read)
+    _with_config(adapter_dir / "xs0", tmp_path / "d" / "bad", r=100000)
+    registry = ServingRegistry(tiny_llama(), tmp_path / "d")
+    for _ in range(3):
+        with pytest.raises(AdapterLoadError, match="rank-100000"):
+            registry.load("bad")
+    assert len(reads) == 1 and registry.stats.load_failures == 1  # the files were read once
+    config_file = tmp_path / "d" / "bad" / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace("100000", "4"))  # fixed: retried, and loads
+    registry.load("bad")
+    assert len(reads) == 2 and registry.resident() == ["bad"]
+
+
+def test_a_pending_unload_stays_pending_when_a_new_request_uses_the_adapter(adapter_dir):
+    """Issue 11 (minor): acquiring an adapter with a pending unload silently cancelled the unload."""
+    model = tiny_llama()
+    registry = ServingRegistry(model, adapter_dir)
+    registry.acquire("lora1")
+    assert registry.unload("lora1") is False
+    registry.acquire("lora1")  # a request arrives meanwhile: it runs, the unload still waits
+    registry.release("lora1")
+    assert registry.resident() == ["lora1"]
+    registry.release("lora1")
+    assert registry.resident() == [] and "lora1" not in model.lorakit_registry.configs
+
+
+def test_load_errors_name_paths_relative_to_the_adapter_directory(adapter_dir, tmp_path):
+    _with_config(adapter_dir / "xs0", tmp_path / "rel" / "wide", r=100000)
+    registry = ServingRegistry(tiny_llama(), tmp_path / "rel")
+    with pytest.raises(AdapterLoadError) as info:
+        registry.load("wide")
+    assert str(tmp_path) not in str(info.value) and "wide/adapter_model.safetensors" in str(info.value)
