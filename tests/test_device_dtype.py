@@ -119,12 +119,11 @@ def test_per_row_routing_of_every_method_and_mixtures(device, dtype, ids, grad):
         _assert_close(mixed[i].detach(), _logits(model, ids[i:i + 1], name)[0], dtype, f"row {i} ({name})")
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_low_precision_adapters_add_no_more_error_than_the_base_has(device, dtype, ids):
     """A bf16/fp16 model with (float32) adapters against the float32 model with the same adapters: the gap is
     within twice the base model's own low-precision gap, plus the dtype's tolerance (what the fp32-adapter
     path costs in accuracy: nothing beyond rounding activations)."""
-    if dtype not in LOW:
-        pytest.skip("compares a low-precision model with its float32 self")
     ref = _mixed_model(device, torch.float32)
     low = copy.deepcopy(ref).to(dtype)
     ids = ids.to(device)
@@ -264,12 +263,11 @@ def _vera_storages(model: torch.nn.Module) -> set[int]:
             for key, basis in layer.bases.items() if key.startswith("vera") for t in (basis.down, basis.up)}
 
 
-@pytest.mark.parametrize("target", ["float64", "dtype", "half"])
-def test_model_to_moves_bank_stacks_and_shared_projections(device, dtype, ids, target):
+@pytest.mark.parametrize("target", ["float64", "half", "bfloat16", "float16"])
+def test_model_to_moves_bank_stacks_and_shared_projections(device, ids, target):
     """Issue 12: after model.to(...) the packed bank stayed behind and VeRA's projections became per-layer
-    copies. Everything lorakit holds must follow, and routed outputs must equal a model built in place."""
-    if (target == "dtype") == (dtype == torch.float32):  # float64 and half do not depend on the fixture: once
-        pytest.skip("same as the model's own dtype" if target == "dtype" else "runs once, with float32")
+    copies. Everything lorakit holds must follow, and routed outputs must equal a model built in place.
+    A float32 model moved with .to(dtype) for each dtype, and with .half()."""
     model = _mixed_model(torch.device("cpu"), torch.float32)
     lk.attach(model, lk.LoraXSConfig(r=4, init_std=0.2), "packed")
     pack_adapter(model, "packed")
@@ -277,7 +275,7 @@ def test_model_to_moves_bank_stacks_and_shared_projections(device, dtype, ids, t
     ids = torch.cat([ids, ids]).to(device)
     _logits(model, ids[:8].cpu(), rows)  # builds the LoRA stacks on the CPU
     assert len(_vera_storages(model)) == 2  # one down, one up for every layer
-    want = {"float64": torch.float64, "dtype": dtype, "half": torch.float16}[target]
+    want = {"float64": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16, "float16": torch.float16}[target]
     reference = copy.deepcopy(model)
     model = model.half() if target == "half" else model.to(want)
     model = model.to(device)
