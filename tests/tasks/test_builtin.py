@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lorakit.train.cli import main
 from lorakit.train.data import read_jsonl
-from lorakit.train.datasets import FAMILIES, docstring_rows, topics_rows
+from lorakit.tasks.docstrings import FAMILIES, docstring_rows
+from lorakit.tasks.topics import topics_rows
 
 
 def test_docstrings_deterministic_disjoint_and_all_labels():
