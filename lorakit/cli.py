@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from functools import partial
 from pathlib import Path
 
 from lorakit.cli_common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, UsageError, run_command
+from lorakit.tasks import arithmetic, evaluate, write_jsonl
+from lorakit.tasks.records import chat_record
+from lorakit.train import TrainConfig, train
 
 DEFAULT_BASE = "smollm2-135m"
 
@@ -95,19 +99,26 @@ def _module_summary(names: Sequence[str]) -> str:
     return ", ".join(f"{s}×{c}" for s, c in suffixes.items())
 
 
+def quickstart_config(args: argparse.Namespace, plan: QuickstartPlan, data: Path, run_dir: Path) -> TrainConfig:
+    """The quickstart's run for lorakit.train: LoRA-XS on every linear layer, 5 warm-up steps, then constant lr."""
+    return TrainConfig(base=args.base, data=str(data), output_dir=str(run_dir), method="lora_xs",
+                       adapter={"r": args.rank, "target_modules": "all-linear"}, adapter_name="quickstart",
+                       steps=args.steps if args.steps is not None else plan.steps, batch_size=plan.batch_size,
+                       lr=args.lr if args.lr is not None else plan.lr, schedule="constant", warmup_steps=5,
+                       seed=args.seed)
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     import torch
 
     import lorakit
     from lorakit.io import save_adapter
     from lorakit.models import load_base
-    from lorakit.tasks import arithmetic, evaluate, make_examples
-    from lorakit.train_loop import TrainConfig, train
 
     plan = QUICK if args.quick else FULL
-    steps = args.steps if args.steps is not None else plan.steps
-    lr = args.lr if args.lr is not None else plan.lr
     out = Path(args.out).expanduser()
+    work = tempfile.TemporaryDirectory(prefix="lorakit-quickstart-")  # the task as JSONL, the run's logs
+    run = quickstart_config(args, plan, Path(work.name) / "train.jsonl", Path(work.name) / "run")
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
@@ -119,8 +130,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     base_params = sum(p.numel() for p in model.parameters())
     _say(f"      loaded in {time.perf_counter() - t:.1f} s: {base_params:,} parameters, all frozen")
 
-    config = lorakit.LoraXSConfig(r=args.rank, target_modules="all-linear")
-    lorakit.attach(model, config, "quickstart")
+    config = run.adapter_config()
+    lorakit.attach(model, config, "quickstart")  # before training, to show its size and score the base
     layers = lorakit.adapted_layers(model)
     trainable = lorakit.count_trainable(model, "quickstart")
     lora_equiv = sum(args.rank * (layer.in_features + layer.out_features) for layer in layers.values())
@@ -146,11 +157,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     _say(f"      base     exact match {before.exact_match:6.1%}   answer loss {before.answer_loss:.3f}   "
          f"({time.perf_counter() - t:.0f} s)")
 
-    _say(f"[4/6] training {steps} steps × {plan.batch_size} examples, AdamW lr={lr:g}, seed={args.seed}")
-    examples = make_examples(tokenizer, splits.train, system)
-    result = train(model, "quickstart", examples,
-                   TrainConfig(steps=steps, batch_size=plan.batch_size, lr=lr, seed=args.seed),
-                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    _say(f"[4/6] training {run.steps} steps × {run.batch_size} examples, AdamW lr={run.lr:g}, seed={args.seed}")
+    with work:
+        write_jsonl((chat_record(p.question, p.answer_text, system) for p in splits.train), run.data)
+        result = train(run, model=model, tokenizer=tokenizer)
     _say(f"      loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in {result.seconds:.0f} s "
          f"({result.tokens_per_s:.0f} tokens/s)")
 

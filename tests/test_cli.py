@@ -50,6 +50,20 @@ def test_quickstart_quick_end_to_end(tmp_path):
     assert "EM" in res.stdout and (tmp_path / "qs" / "adapter_model.safetensors").is_file()
 
 
+def test_quickstart_trains_through_lorakit_train_on_a_tiny_base(tmp_path, capsys):
+    """The whole quickstart (eval, train, eval, save, table) on a tiny local Llama, in seconds."""
+    from tests.train.conftest import save_tiny_llama
+
+    base = save_tiny_llama(tmp_path / "base", max_positions=512)
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--quick", "--base", str(base), "--rank", "4", "--steps", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[4/6] training 3 steps × 4 examples, AdamW lr=0.003" in text and "EM" in text
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "run").exists()
+    loss_line = next(line for line in text.splitlines() if line.strip().startswith("loss "))
+    assert "->" in loss_line and "tokens/s" in loss_line
+
+
 @pytest.fixture
 def tiny_base_and_adapter(tmp_path):
     """A tiny Llama saved as an HF directory, a trained-looking LoRA-XS adapter for it, and its logits."""

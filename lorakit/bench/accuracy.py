@@ -1,6 +1,6 @@
 """`lorakit bench accuracy`: the reproduction table of the papers' claims on the built-in tasks.
 
-Protocol, per task and method (tasks in accuracy_tasks, methods in accuracy_methods):
+Protocol, per task and method (tasks in lorakit.tasks.accuracy, methods in accuracy_methods):
 
     1. choose the learning rate: one run (seed 0) per value of the method family's grid, each scored on the
        validation split (carved out of the training split); the best validation score wins, ties going
@@ -37,7 +37,7 @@ import torch
 
 import lorakit
 from lorakit.bench.accuracy_methods import ADAPTER, BY_KEY, METHODS, Method, file_bytes, prepare
-from lorakit.bench.accuracy_tasks import TASKS, Task, TaskData
+from lorakit.tasks.accuracy import TASKS, Task, TaskData
 from lorakit.bench.peak import peak_kib, release_and_reset_peak
 from lorakit.train.collate import collate
 from lorakit.train.metrics import loss_sum, mean_loss

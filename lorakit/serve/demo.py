@@ -14,10 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lorakit.cli_common import EXIT_STATUS_EPILOG, HelpFormatter
+from lorakit.tasks.files import write_jsonl
+from lorakit.tasks.records import chat_record
+from lorakit.train import TrainConfig, train
 
 # (question, plain answer, topic word)
 FACTS = [
@@ -67,59 +72,29 @@ def poet(answer: str, topic: str, rng: random.Random) -> str:
 CHARACTERS = {"pirate": pirate, "robot": robot, "poet": poet}
 
 
-def examples(tokenizer, style, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids + end of turn) for every question, answered in `style`."""
+def records(style: Callable[[str, str, random.Random], str], seed: int = 0) -> list[dict]:
+    """One chat record per question, answered in `style` (what `lorakit train` reads as chat JSONL)."""
     rng = random.Random(seed)
-    out = []
-    for question, answer, topic in FACTS:
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                             tokenize=False)
-        prompt = tokenizer(chat, add_special_tokens=False).input_ids
-        reply = tokenizer(style(answer, topic, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        out.append((prompt, reply))
-    return out
+    return [chat_record(question, style(answer, topic, rng)) for question, answer, topic in FACTS]
 
 
-def train_character(model, tokenizer, name: str, steps: int, lr: float, rank: int, seed: int = 0) -> list[float]:
-    """Attach LoRA-XS adapter `name` and fit it to the character's answers; returns each step's loss."""
-    import torch
-    from torch.nn import functional as F
+def character_config(name: str, out_dir: Path, *, base: str, steps: int, lr: float, rank: int,
+                     seed: int = 0) -> TrainConfig:
+    """A character's run: LoRA-XS with a near-zero start, batches of 8, constant lr, no warm-up."""
+    return TrainConfig(base=base, data=str(out_dir / "train.jsonl"), output_dir=str(out_dir / "run"),
+                       method="lora_xs", adapter={"r": rank, "lora_alpha": rank, "init_std": 1e-5},
+                       adapter_name=name, steps=steps, batch_size=min(8, len(FACTS)), lr=lr, schedule="constant",
+                       warmup_steps=0, seed=seed, progress=False)
 
-    import lorakit
 
-    data = examples(tokenizer, CHARACTERS[name], seed)
-    lorakit.attach(model, lorakit.LoraXSConfig(r=rank, lora_alpha=rank, init_std=1e-5), name)
-    params = lorakit.adapter_parameters(model, name)
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    rng = random.Random(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.train()
-    losses = []
-    with lorakit.use_adapter(model, name):
-        for _ in range(steps):
-            batch = rng.sample(data, k=min(8, len(data)))
-            width = max(len(p) + len(a) for p, a in batch)
-            ids = torch.full((len(batch), width), pad)  # (B, T) left-padded
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            labels = torch.full((len(batch), width), -100)
-            for row, (p, a) in enumerate(batch):
-                seq = p + a
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
-                labels[row, width - len(a):] = torch.tensor(a)
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            k = max(len(a) for _, a in batch)  # answers are right-aligned: only the last k+1 logits matter
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=k + 1).logits  # (B, k + 1, V)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, -k:].reshape(-1),
-                                   ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-    model.eval()
-    return losses
+def train_character(model, tokenizer, name: str, steps: int, lr: float, rank: int, seed: int = 0,
+                    base: str = "smollm2-135m") -> list[float]:
+    """Attach LoRA-XS adapter `name` and fit it to the character's answers with lorakit.train; returns each
+    step's loss. The run's files (data, checkpoint, logs) live in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix=f"lorakit-demo-{name}-") as tmp:
+        config = character_config(name, Path(tmp), base=base, steps=steps, lr=lr, rank=rank, seed=seed)
+        write_jsonl(records(CHARACTERS[name], seed), config.data)
+        return train(config, model=model, tokenizer=tokenizer).losses
 
 
 def train_all(out: Path, *, base: str = "smollm2-135m", steps: int = 30, lr: float = 2e-2, rank: int = 16,
@@ -136,7 +111,7 @@ def train_all(out: Path, *, base: str = "smollm2-135m", steps: int = 30, lr: flo
     torch.manual_seed(0)
     for name in names:
         start = time.perf_counter()
-        losses = train_character(model, tokenizer, name, steps, lr, rank)
+        losses = train_character(model, tokenizer, name, steps, lr, rank, base=base)
         save_adapter(model, name, out / name)
         log(f"lorakit demo: trained {name!r} in {time.perf_counter() - start:.0f}s (loss {losses[0]:.2f} -> {losses[-1]:.2f}) -> {out / name}")
         # kept attached: the next character reuses the layers' SVD bases (deleting would drop them)

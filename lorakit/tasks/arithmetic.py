@@ -5,6 +5,10 @@
 Problems are made offline from a seed, so every machine builds the same splits. The splits are
 disjoint in the arithmetic itself (the (a, op, b) triple), not just in wording: no test sum is seen
 in training under another name. Answers are checked exactly after parsing the model's reply.
+
+Two record shapes (the JSONL formats of lorakit.train.data): chat records for an instruct model
+(the quickstart), `prompt_completion_record` for plain "Question: ... Answer:" prompts (the accuracy
+benchmark, where the adapter teaches the answer format).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+
+from lorakit.tasks.records import chat_record
 
 NAMES = ("Mia", "Leo", "Ava", "Sam", "Noah", "Emma", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Yuki")
 ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards")
@@ -62,6 +68,18 @@ def make_splits(n_train: int = 2000, n_test: int = 100, seed: int = 0, lo: int =
     rng.shuffle(triples)
     problems = [_render(t, rng) for t in triples[: n_test + n_train]]
     return Splits(train=tuple(problems[n_test:]), test=tuple(problems[:n_test]))
+
+
+def prompt_completion_record(question: str, answer: str) -> dict[str, str]:
+    """A plain prompt/completion record (no chat template: the adapter teaches the answer format)."""
+    return {"prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}"}
+
+
+def arithmetic_rows(n_train: int = 2000, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, test) chat records of `make_splits`, for `lorakit data arithmetic`."""
+    splits = make_splits(n_train, n_test, seed)
+    return ([chat_record(p.question, p.answer_text, SYSTEM_PROMPT) for p in splits.train],
+            [chat_record(p.question, p.answer_text, SYSTEM_PROMPT) for p in splits.test])
 
 
 def _render(triple: tuple[int, str, int], rng: random.Random) -> Problem:

@@ -1,8 +1,10 @@
-"""Question/answer tasks as chat: prompts from the tokenizer's chat template, greedy answers, scores.
+"""Question/answer tasks as chat: samples from the tokenizer's chat template, greedy answers, scores.
 
 A problem is any object with `question: str` and `answer_text: str`; the task supplies the parser that
-turns a reply into something comparable with `answer`. The answer the model is trained on is
-`answer_text` followed by the end-of-turn token, and the loss is taken on those tokens only.
+turns a reply into something comparable with `answer`. Problems become chat records and then samples
+exactly as `lorakit train` reads chat JSONL (lorakit.train.data), so what is trained and what is scored
+are one encoding: the prompt ends where the assistant's reply begins, the loss covers the answer and
+its end-of-turn. Scoring right-pads (lorakit.train.collate.collate); generation left-pads the prompts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.train_loop import Example, answer_loss, collate
+from lorakit.tasks.records import chat_record
+from lorakit.train.collate import left_pad
+from lorakit.train.data import Sample, encode
+from lorakit.train.metrics import mean_loss
+
+MAX_LENGTH = 1024  # tokens of one problem's prompt + answer (longer ones are cut, prompt first)
 
 
 class QAProblem(Protocol):
@@ -47,13 +54,6 @@ class EvalResult:
     predictions: tuple[Prediction, ...]
 
 
-def prompt_ids(tokenizer: Any, question: str, system: str | None = None) -> list[int]:
-    """Token ids of a one-turn chat ending where the assistant's reply begins."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
 def end_of_turn_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token to end the answer with")
@@ -64,11 +64,16 @@ def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
 
 
-def make_examples(tokenizer: Any, problems: Sequence[QAProblem], system: str | None = None) -> list[Example]:
-    eot = end_of_turn_id(tokenizer)
-    return [Example(tuple(prompt_ids(tokenizer, p.question, system)),
-                    tuple(tokenizer(p.answer_text, add_special_tokens=False).input_ids) + (eot,))
+def make_samples(tokenizer: Any, problems: Sequence[QAProblem], system: str | None = None) -> list[Sample]:
+    """One chat sample per problem: prompt (labels ignored) then answer + end of turn (labelled)."""
+    return [encode(chat_record(p.question, p.answer_text, system), "chat", tokenizer, MAX_LENGTH)[0]
             for p in problems]
+
+
+def prompt_ids(tokenizer: Any, question: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat ending where the assistant's reply begins."""
+    sample = encode(chat_record(question, "", system), "chat", tokenizer, MAX_LENGTH)[0]
+    return list(sample.input_ids[: sample.prompt_len])
 
 
 def _route(model: nn.Module, adapter: str | None):
@@ -81,53 +86,35 @@ def _route(model: nn.Module, adapter: str | None):
 
 
 @torch.no_grad()
-def greedy_replies(model: nn.Module, tokenizer: Any, questions: Sequence[str], *, system: str | None = None,
-                   adapter: str | None = None, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
-    """Greedy replies, decoded without special tokens, in the order of `questions`."""
+def greedy_replies(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
+                   max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    """Greedy replies to prompt token ids (as routed by the caller), decoded without special tokens."""
     replies: list[str] = []
     eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with _route(model, adapter):
-            for start in range(0, len(questions), batch_size):
-                chunk = [Example(tuple(prompt_ids(tokenizer, q, system)), ()) for q in questions[start:start + batch_size]]
-                batch = collate(chunk, pad)
-                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot,
-                                     pad_token_id=pad)
-                new = out[:, batch["input_ids"].shape[1]:]  # (B, ≤ max_new_tokens)
-                replies += [r.strip() for r in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        model.train(was_training)
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        input_ids, mask = left_pad(prompts[start:start + batch_size], pad)  # (B, T) each
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eot, pad_token_id=pad)
+        new = out[:, input_ids.shape[1]:]  # (B, ≤ max_new_tokens)
+        replies += [r.strip() for r in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return replies
-
-
-@torch.no_grad()
-def mean_answer_loss(model: nn.Module, examples: Sequence[Example], *, pad: int, adapter: str | None = None,
-                     batch_size: int = 32) -> float:
-    """Teacher-forced mean negative log-likelihood per answer token."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with _route(model, adapter):
-            for start in range(0, len(examples), batch_size):
-                nll, n = answer_loss(model, collate(examples[start:start + batch_size], pad))
-                total, count = total + nll.item(), count + n
-    finally:
-        model.train(was_training)
-    return total / count if count else math.nan
 
 
 def evaluate(model: nn.Module, tokenizer: Any, problems: Sequence[QAProblem], parse: Callable[[str], Any], *,
              system: str | None = None, adapter: str | None = None, max_new_tokens: int = 16,
              batch_size: int = 32) -> EvalResult:
     """Exact match of greedy replies and answer-token loss, for the base (adapter=None) or an adapter."""
-    replies = greedy_replies(model, tokenizer, [p.question for p in problems], system=system, adapter=adapter,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    samples = make_samples(tokenizer, problems, system)
+    was_training = model.training
+    model.eval()
+    try:
+        with _route(model, adapter):
+            replies = greedy_replies(model, tokenizer, [s.input_ids[: s.prompt_len] for s in samples],
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+            loss = mean_loss(model, samples, pad_id(tokenizer), batch_size)
+    finally:
+        model.train(was_training)
     predictions = tuple(Prediction(p.question, p.answer, r, parse(r)) for p, r in zip(problems, replies))
-    loss = mean_answer_loss(model, make_examples(tokenizer, problems, system), pad=pad_id(tokenizer),
-                            adapter=adapter, batch_size=batch_size)
     em = sum(p.correct for p in predictions) / len(predictions) if predictions else math.nan
     return EvalResult(exact_match=em, answer_loss=loss, predictions=predictions)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from lorakit.cli_common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, run_command
+from lorakit.tasks.files import ROWS, write_task
 from lorakit.train.checkpoint import latest_checkpoint, run_checkpoints
 from lorakit.train.config import TrainConfig
 from lorakit.train.errors import CheckpointError, TrainConfigError
@@ -99,17 +100,16 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def add_data_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = _command(sub, "data", help="write a built-in data set (train.jsonl, test.jsonl) made from Python's own text")
-    p.add_argument("task", choices=["docstrings", "topics"],
-                   help="docstrings: classify stdlib docstrings by module family; topics: LM on pydoc topics")
+    p = _command(sub, "data", help="write a built-in data set (train.jsonl, test.jsonl), made offline")
+    p.add_argument("task", choices=sorted(ROWS),
+                   help="arithmetic: chat word problems (the quickstart's task); docstrings: classify stdlib "
+                        "docstrings by module family; topics: LM on pydoc topics")
     p.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")
     p.set_defaults(func=run_data)
     return p
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from lorakit.train.datasets import write_task
-
     for path in write_task(args.task, args.out):
         print(f"{path}: {sum(1 for _ in path.open(encoding='utf-8'))} rows")
     return 0

@@ -4,6 +4,7 @@ exact-match generation, classification accuracy and macro-F1, and the CSV/JSON t
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import math
 from collections.abc import Sequence
@@ -19,15 +20,37 @@ from lorakit.train.collate import collate, left_pad
 from lorakit.train.data import IGNORE, Sample
 
 
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can project only some positions to the vocabulary (HF causal LMs)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed loss, number of terms): next-token NLL over labelled tokens, or CE over rows."""
+    """(summed loss, number of terms): next-token NLL over labelled tokens, or CE over rows.
+
+    Causal LM: only the columns from the first to the last labelled target are projected to the
+    vocabulary when the model allows it (`logits_to_keep` as positions), which skips most of the
+    output head's cost when only short answers are labelled; the result is the same.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
     if labels.dim() == 1:  # classification: (B, C) logits
+        logits = model(**inputs).logits
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    columns = (targets != IGNORE).any(0).nonzero().flatten()  # positions whose prediction is scored
+    if len(columns) and accepts_logits_to_keep(model):
+        first, last = int(columns[0]), int(columns[-1])
+        keep = torch.arange(first, last + 1, device=labels.device)  # (K,)
+        logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
+        targets = targets[:, first:last + 1]  # (B, K)
+    else:
+        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
     return nll, int((targets != IGNORE).sum())
 

@@ -129,6 +129,18 @@ def load_model(config: TrainConfig, labels: tuple[str, ...] | None):
     return load_base(config.base, dtype=config.dtype, task="causal-lm")
 
 
+def attach_or_check(model: nn.Module, config: TrainConfig) -> None:
+    """Attach the run's adapter, or accept one already attached with exactly the run's settings."""
+    name, wanted = config.adapter_name, config.adapter_config()
+    if name not in lorakit.adapter_names(model):
+        lorakit.attach(model, wanted, name)
+        return
+    attached = lorakit.adapter_config(model, name)
+    if attached != wanted:
+        raise TrainConfigError(f"the model already holds adapter {name!r} with {attached}, but the run's "
+                               f"settings ({config.method}, {config.adapter}) give {wanted}")
+
+
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of the classification head (trained in full and saved with the adapter)."""
     return {n: p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_NAMES}
@@ -138,7 +150,10 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
           tokenizer: Any = None) -> TrainResult:
     """Train adapter `config.adapter_name` as `config` says; writes everything under config.output_dir.
 
-    `model`/`tokenizer` may be given to skip loading `config.base` (tests, notebooks).
+    `model`/`tokenizer` may be given to skip loading `config.base` (tests, notebooks, the quickstart and
+    the demo). A given model may already carry the adapter, attached with `config.adapter_config()`
+    (to inspect or evaluate it before training); otherwise it is attached here. Only that adapter's
+    parameters (and a classifier head) are trained, whatever other adapters the model holds.
     """
     rank, world = _dist()
     out = Path(config.output_dir)
@@ -169,11 +184,12 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
                 _say(f"{ds.path}: skipped {len(ds.skipped)} bad line(s), first: {ds.skipped[0]}")
 
     name = config.adapter_name
-    lorakit.attach(model, config.adapter_config(), name)
+    attach_or_check(model, config)
     head = head_parameters(model) if labels is not None else {}
     for p in head.values():
         p.requires_grad_(True)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trained = {id(p) for p in lorakit.adapter_parameters(model, name)} | {id(p) for p in head.values()}
+    params = {n: p for n, p in model.named_parameters() if id(p) in trained}
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, betas=config.betas,
                                   weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(train_set) / config.batch_size)

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from lorakit.bench import accuracy
 from lorakit.bench.accuracy_methods import BY_KEY, prepare
-from lorakit.bench.accuracy_tasks import Task, TaskData
+from lorakit.tasks.accuracy import Task, TaskData
 from lorakit.train.data import Sample
 
 MARK = 7  # a row is labelled 1 when this token occurs in it

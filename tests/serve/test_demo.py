@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 import lorakit
-from lorakit.serve.demo import CHARACTERS, FACTS, examples, poet, robot, train_character
+from lorakit.serve.demo import CHARACTERS, FACTS, poet, records, robot, train_character
+from lorakit.train.data import IGNORE, encode
 from tests.serve.conftest import tiny_chat_llama
 
 
@@ -17,12 +18,14 @@ def test_styles_are_recognisable():
     assert CHARACTERS["pirate"]("a spider has eight legs", "spider", rng).endswith("arr! Yo ho ho!")
 
 
-def test_examples_are_chat_prompts_with_answers_ending_the_turn(tokenizer):
-    data = examples(tokenizer, robot)
+def test_records_are_chat_prompts_with_answers_ending_the_turn(tokenizer):
+    data = records(robot)
     assert len(data) == len(FACTS)
-    prompt, answer = data[0]
+    sample, _ = encode(data[0], "chat", tokenizer, 512)  # as lorakit.train reads it
+    prompt, answer = sample.input_ids[: sample.prompt_len], sample.input_ids[sample.prompt_len:]
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
-    assert answer[-1] == tokenizer.eos_token_id and "BEEP BOOP" in tokenizer.decode(answer)
+    assert tokenizer.eos_token_id in answer and "BEEP BOOP" in tokenizer.decode(answer)
+    assert all(x == IGNORE for x in sample.labels[: sample.prompt_len]) and sample.labels[sample.prompt_len:] == answer
 
 
 def test_a_character_adapter_learns_its_style(tokenizer):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lorakit.train.cli import main
 from lorakit.train.data import read_jsonl
-from lorakit.train.datasets import FAMILIES, docstring_rows, topics_rows
+from lorakit.tasks.docstrings import FAMILIES, docstring_rows
+from lorakit.tasks.topics import topics_rows
 
 
 def test_docstrings_deterministic_disjoint_and_all_labels():
@@ -27,3 +28,14 @@ def test_data_command_writes_readable_jsonl(tmp_path, capsys):
     records, fmt, skipped = read_jsonl(tmp_path / "train.jsonl")
     assert fmt == "classification" and not skipped and len(records) > 300
     assert "test.jsonl" in capsys.readouterr().out
+
+
+def test_data_command_writes_the_arithmetic_task_as_chat(tmp_path):
+    from lorakit.tasks import arithmetic
+
+    assert main(["data", "arithmetic", "--out", str(tmp_path)]) == 0
+    records, fmt, _ = read_jsonl(tmp_path / "test.jsonl")
+    assert fmt == "chat" and len(records) == 100
+    first = arithmetic.make_splits().test[0]
+    assert [m["content"] for m in records[0].data["messages"]] == [arithmetic.SYSTEM_PROMPT, first.question,
+                                                                   first.answer_text]

@@ -1,4 +1,5 @@
-"""The tasks of the reproduction table: a model, disjoint train / validation / test samples, a metric.
+"""The tasks of the reproduction table (`lorakit bench accuracy`): a model, disjoint train / validation /
+test samples, a metric.
 
     docstrings   MiniLM-L6 (BERT, 22M) classifies stdlib docstrings into 6 module families   accuracy
                  (the role GLUE plays in the papers: a sentence-level task for an encoder)
@@ -11,13 +12,16 @@ distinct problems), so learning rates are chosen without ever looking at the tes
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from lorakit.models import load_base
+from lorakit.tasks.arithmetic import make_splits, prompt_completion_record
+from lorakit.tasks.docstrings import FAMILIES, docstring_rows
+from lorakit.tasks.splits import in_fraction
 from lorakit.train.data import Sample, encode
 from lorakit.train.metrics import accuracy_f1, classify, exact_match
 
@@ -56,36 +60,26 @@ class Task:
         return 100.0 * exact_match(model, data.tokenizer, samples, data.pad_id, batch_size=50)
 
 
-def _in_val(text: str, fraction: float) -> bool:
-    digest = hashlib.sha256(f"val:{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
 # ----------------------------------------------------------------------------------------- docstrings
 
 DOCSTRING_MAX_TOKENS = 64  # covers most first paragraphs; keeps a run near half a minute on 2 cores
 
 
 def _docstring_model() -> tuple[nn.Module, Any]:
-    from lorakit.models import load_base
-    from lorakit.train.datasets import FAMILIES
-
     labels = tuple(FAMILIES)
     return load_base("minilm-l6", task="classification", num_labels=len(labels), id2label=dict(enumerate(labels)),
                      label2id={n: i for i, n in enumerate(labels)})
 
 
 def _docstring_data(tokenizer: Any) -> TaskData:
-    from lorakit.train.datasets import FAMILIES, docstring_rows
-
     labels = tuple(FAMILIES)
     train_rows, test_rows = docstring_rows()
 
     def samples(rows: list[dict]) -> tuple[Sample, ...]:
         return tuple(encode(r, "classification", tokenizer, DOCSTRING_MAX_TOKENS, labels)[0] for r in rows)
 
-    val_rows = [r for r in train_rows if _in_val(r["text"], 0.15)]
-    fit_rows = [r for r in train_rows if not _in_val(r["text"], 0.15)]
+    val_rows = [r for r in train_rows if in_fraction(r["text"], 0.15, seed="val")]
+    fit_rows = [r for r in train_rows if not in_fraction(r["text"], 0.15, seed="val")]
     return TaskData(samples(fit_rows), samples(val_rows), samples(test_rows), tokenizer.pad_token_id, tokenizer,
                     len(labels))
 
@@ -108,24 +102,15 @@ DOCSTRINGS = Task(
 ARITHMETIC_TRAIN, ARITHMETIC_VAL, ARITHMETIC_TEST = 1200, 100, 200
 
 
-def arithmetic_record(question: str, answer: str) -> dict[str, str]:
-    """A plain prompt/completion record (no chat template: the adapter teaches the answer format)."""
-    return {"prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}"}
-
-
 def _arithmetic_model() -> tuple[nn.Module, Any]:
-    from lorakit.models import load_base
-
     return load_base("smollm2-135m", task="causal-lm")
 
 
 def _arithmetic_data(tokenizer: Any) -> TaskData:
-    from lorakit.tasks.arithmetic import make_splits
-
     splits = make_splits(n_train=ARITHMETIC_TRAIN + ARITHMETIC_VAL, n_test=ARITHMETIC_TEST, seed=0)
 
     def samples(problems) -> tuple[Sample, ...]:
-        return tuple(encode(arithmetic_record(p.question, p.answer_text), "prompt_completion", tokenizer, 128)[0]
+        return tuple(encode(prompt_completion_record(p.question, p.answer_text), "prompt_completion", tokenizer, 128)[0]
                      for p in problems)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
