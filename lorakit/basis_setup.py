@@ -25,7 +25,7 @@ from lorakit.errors import AdapterConfigError, AdapterMismatchError
 from lorakit.layer import AdaptedLinear
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import lora_xs_bases
-from lorakit.quant import quantized_base
+from lorakit.quant_layer import quantized_base
 
 KEY = "lora_xs"  # the layer's bases key for LoRA-XS
 BATCH = 16  # weights per batched decomposition (bounds memory; one progress step)
