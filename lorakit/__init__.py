@@ -1,6 +1,6 @@
 """lorakit: parameter-efficient fine-tuning and many-adapter serving over one frozen base model."""
 
-from lorakit.versions import check_core_versions
+from lorakit.versions import LORAKIT_VERSION, check_core_versions
 
 check_core_versions()  # before anything reaches into torch's or transformers' internals
 
@@ -15,7 +15,7 @@ from lorakit.quant_model import quantize
 from lorakit.routing import (Route, checkpoint_with_route, disable_adapters, route_context, use_adapter,
                              use_route)
 
-__version__ = "0.1.0"
+__version__ = LORAKIT_VERSION
 
 __all__ = [
     "AdaptedLinear", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",

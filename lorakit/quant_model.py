@@ -22,10 +22,11 @@ from torch import nn
 from lorakit.errors import QuantizationError
 from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear, adapted_layers
 from lorakit.merge import merge
-from lorakit.quant_layer import (QUANT_TYPES, LayerMergeError, QuantizedBase, bnb, dequantize_model, is_quantized_linear,
-                                 no_cpu_repacking, quiet_int8_cast_notice, storage_bytes_4bit)
+from lorakit.quant_layer import (QUANT_TYPES, LayerMergeError, QuantizedBase, bnb, dequantize_model,
+                                 is_quantized_linear, no_cpu_repacking, quiet_int8_cast_notice, storage_bytes_4bit)
 from lorakit.routing import disable_adapters, use_adapter
 from lorakit.surgery import PREFIX_STORE_PREFIX, matches, output_head_names, replace_module
+
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
     """(out, in) weight of an nn.Linear or a (transposed) Conv1D."""

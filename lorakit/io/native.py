@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lorakit
 from lorakit.adapters import adapter_config, adapter_state_dict
 from lorakit.attach import attach
 from lorakit.bank import add_packed_lora_xs
@@ -40,6 +39,7 @@ from lorakit.layer import is_adaptable
 from lorakit.methods.basis import Basis, fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
+from lorakit.versions import LORAKIT_VERSION
 
 NATIVE_FORMAT = 1
 FINGERPRINT = "basis_fingerprint"
@@ -70,7 +70,7 @@ def save_native(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
         fingerprint = basis_fingerprint(basis, config.r) if config.method == "lora_xs" else basis.fingerprint
         tensors[f"{module}.{FINGERPRINT}"] = fingerprint.float()
     dtype = next(iter(trained.values())).dtype
-    data = {"lorakit_method": config.method, "lorakit_format": NATIVE_FORMAT, "lorakit_version": lorakit.__version__,
+    data = {"lorakit_method": config.method, "lorakit_format": NATIVE_FORMAT, "lorakit_version": LORAKIT_VERSION,
             "config": config_to_dict(config), "modules": modules, "dtype": str(dtype).removeprefix("torch."),
             "base_model_name_or_path": base_model_name(model), "base_model_class": type(model).__name__}
     if config.method == "lora_xs":

@@ -1,5 +1,5 @@
-"""`AdapterStore`: which adapter files a server holds: read from a directory on first use, evicted least-recently-used under
-a byte budget, never removed while a running request uses them.
+"""`AdapterStore`: which adapter files a server holds: read from a directory on first use, evicted
+least-recently-used under a byte budget, never removed while a running request uses them.
 
     <adapter dir>/<name>/adapter_config.json + adapter_model.safetensors   (as lorakit.io.save_adapter writes)
 
