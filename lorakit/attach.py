@@ -137,7 +137,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
 class VeraPlacer:
     """VeRA's shared projections for one attach call: generated at the model's largest layer sizes, held
-    once per model in the registry on the base's device and dtype, and sliced (not copied) by every layer.
+    once per model in its ModelAdapters on the base's device and dtype, and sliced (not copied) by every layer.
     Fingerprints come from the float32 projections, so they do not depend on the model's dtype."""
 
     def __init__(self, model: nn.Module, config: VeraConfig, registry: ModelAdapters) -> None:

@@ -93,7 +93,7 @@ class CoreBank:
         return slot
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Move the cores as `model.to(...)` / `.half()` moved the model (called by the registry's hook)."""
+        """Move the cores as `model.to(...)` / `.half()` moved the model (called by ModelAdapters' hook)."""
         moved = fn(self.cores)
         if moved is not self.cores:
             self.cores = moved

@@ -13,7 +13,7 @@ stored layout is the transpose of the parameters' so the batched products read c
 costs nothing to the single-adapter GEMMs.
 
 The stack is rebuilt when the layer's LoRA adapters change, or when a parameter no longer points into it.
-`model.to(...)` moves the stack itself (`moved`, called by the registry's hook on the model's `_apply`) and
+`model.to(...)` moves the stack itself (`moved`, called by ModelAdapters' hook on the model's `_apply`) and
 points the parameters back into it. The Parameter objects themselves never change, so optimizers holding
 them keep working.
 """

@@ -1,6 +1,6 @@
 """Changing a model only after a file was validated, and undoing a half-done load exactly.
 
-`restore_on_error` records what a load may change (the named modules, their bases, the registry,
+`restore_on_error` records what a load may change (the named modules, their bases, ModelAdapters,
 every parameter's requires_grad) and puts it back if anything raises, so a failed load leaves the same
 adapter set, the same module objects and the same weights. `install_bases` puts precomputed frozen
 bases on layers, so `attach` reuses them instead of recomputing an SVD.
@@ -51,7 +51,7 @@ def target_shapes(model: nn.Module, modules: Iterable[str], where: object) -> di
 def config_for_modules(model: nn.Module, config: AdapterConfig, modules: list[str],
                        alternatives: Iterable[object] = ()) -> AdapterConfig:
     """`config`, with the first of its own targets or `alternatives` that selects exactly `modules` on this
-    model (so the registry keeps a readable spec like "all-linear"), else naming the modules."""
+    model (so ModelAdapters keeps a readable spec like "all-linear"), else naming the modules."""
     for targets in (config.target_modules, *alternatives):
         try:
             candidate = dataclasses.replace(config, target_modules=targets)
@@ -80,7 +80,7 @@ def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Ite
         if registry is not None:
             registry.configs.pop(name, None)
             registry.vera_projections = projections_before
-            registry.version += 1  # adapted layers changed: drop the registry's cached layer map
+            registry.version += 1  # adapted layers changed: drop ModelAdapters' cached layer map
         for module_name, original in before.items():
             current = model.get_submodule(module_name)
             if current is not original:
