@@ -1,21 +1,21 @@
 """lorakit: parameter-efficient fine-tuning and many-adapter serving over one frozen base model."""
 
-from lorakit.versions import check_core_versions
+from lorakit.versions import LORAKIT_VERSION, check_core_versions
 
 check_core_versions()  # before anything reaches into torch's or transformers' internals
 
 from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
                               count_trainable, delete_adapter)
-from lorakit.attach import adapted_layers, attach, find_targets
+from lorakit.attach import attach, find_targets
 from lorakit.config import LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import *  # noqa: F401,F403 - the exception classes are part of the API
-from lorakit.layer import AdaptedLinear
+from lorakit.layer import AdaptedLinear, adapted_layers
 from lorakit.merge import merge, merge_and_unload, merged_names, swap_merged, unmerge
-from lorakit.quant import quantize
+from lorakit.quant_model import quantize
 from lorakit.routing import (Route, checkpoint_with_route, disable_adapters, route_context, use_adapter,
                              use_route)
 
-__version__ = "0.1.0"
+__version__ = LORAKIT_VERSION
 
 __all__ = [
     "AdaptedLinear", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",

@@ -5,20 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.attach import adapted_layers, freeze_base
 from lorakit.config import AdapterConfig, PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.layer import adapted_layers
 from lorakit.lora_stack import unshare
-from lorakit.registry import get_registry
+from lorakit.model_adapters import ATTR, adapters_of
+from lorakit.prefix_hook import prefix_adapter, remove_prefix
+from lorakit.surgery import freeze_base
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    registry = getattr(model, "lorakit_registry", None)
+    registry = getattr(model, ATTR, None)
     return list(registry.configs) if registry is not None else []
 
 
 def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if name not in registry.configs:
         raise AdapterNotFoundError(f"adapter {name!r} not attached; attached: {sorted(registry.configs)}")
     return registry.configs[name]
@@ -28,11 +30,9 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """{module_name: {param: tensor}} flattened as 'module.param' — only what adapter `name` trained."""
     config = adapter_config(model, name)
     if isinstance(config, PrefixConfig):  # on no linear layer: the prefix adapter's own tensors
-        from lorakit.prefix_hook import prefix_adapter
-
         return {k: v.detach() for k, v in prefix_adapter(model, name).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if name in registry.packed:  # packed LoRA-XS: the trained R, unscaled
         bank = registry.bank
         for module_name, layer in adapted_layers(model).items():
@@ -49,8 +49,6 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The trainable parameters of adapter `name` (what an optimiser should get)."""
     if isinstance(adapter_config(model, name), PrefixConfig):
-        from lorakit.prefix_hook import prefix_adapter
-
         return list(prefix_adapter(model, name).parameters())
     return [p for layer in adapted_layers(model).values() if name in layer.adapters
             for p in layer.adapters[name].parameters()]
@@ -63,7 +61,7 @@ def count_trainable(model: nn.Module, name: str) -> int:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere and free its memory (and bases no other adapter uses)."""
-    registry = get_registry(model)
+    registry = adapters_of(model)
     adapter_config(model, name)
     if name in registry.merged:
         raise MergeStateError(f"adapter {name!r} is merged; unmerge it before deleting")
@@ -79,8 +77,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layer.drop_unused_bases()
             layers_changed = True
     if isinstance(registry.configs[name], PrefixConfig):
-        from lorakit.prefix_hook import remove_prefix
-
         remove_prefix(model, name)
     del registry.configs[name]
     if layers_changed:

@@ -16,13 +16,15 @@ from lorakit.basis_setup import layer_shape, lora_xs_bases_for
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
-from lorakit.layer import ADAPTABLE_TYPES, AdaptedLinear
+from lorakit.layer import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
-from lorakit.registry import AdapterRegistry, get_registry
-from lorakit.routing import carry_routes_through_checkpointing
+from lorakit.model_adapters import ModelAdapters, adapters_of
+from lorakit.prefix_hook import attach_prefix
+from lorakit.route_state import carry_routes_through_checkpointing
+from lorakit.surgery import PREFIX_STORE_PREFIX, freeze_base, matches, output_head_names, replace_module
 
 
 def check_adapter_name(name: str) -> None:
@@ -30,35 +32,14 @@ def check_adapter_name(name: str) -> None:
     names.check_adapter_name(name)
 
 
-def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (AdaptedLinear,) + ADAPTABLE_TYPES)
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    """The output projection (lm_head, tied to the embeddings) and classifier heads are never adapted."""
-    heads: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if out_emb is not None and module is out_emb:
-            heads.add(name)
-        if name.split(".")[-1] in {"lm_head", "classifier", "score"}:
-            heads.add(name)
-    return heads
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Full names of the modules `config` targets, in model order; errors name what exists."""
     # lorakit's own modules (a prefix adapter's MLP under `lorakit_prefix`) are never targets
-    all_names = [n for n, _ in model.named_modules() if n and not n.startswith("lorakit_prefix.")]
+    all_names = [n for n, _ in model.named_modules() if n and not n.startswith(PREFIX_STORE_PREFIX)]
     modules = dict(model.named_modules())
-    adaptable = [n for n in all_names if _is_adaptable(modules[n])]
+    adaptable = [n for n in all_names if is_adaptable(modules[n])]
     targets = config.target_modules
-    heads = _output_head_names(model)
+    heads = output_head_names(model)
     if targets == "all-linear":
         chosen = [n for n in adaptable if n not in heads]
     elif isinstance(targets, str):
@@ -71,14 +52,14 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             raise TargetNotFoundError(f"regex {targets!r} matches no module; adaptable layers look like: "
                                       f"{_suffix_summary(adaptable)}")
     else:
-        chosen = [n for n in all_names if any(_matches(n, t) for t in targets)]
-        missing = [t for t in targets if not any(_matches(n, t) for n in all_names)]
+        chosen = [n for n in all_names if any(matches(n, t) for t in targets)]
+        missing = [t for t in targets if not any(matches(n, t) for n in all_names)]
         if missing:
             raise TargetNotFoundError(f"target module(s) {missing} not found in {type(model).__name__}; "
                                       f"adaptable layers: {_suffix_summary(adaptable)}")
-    chosen = [n for n in chosen if not any(_matches(n, e) for e in config.exclude_modules)]
+    chosen = [n for n in chosen if not any(matches(n, e) for e in config.exclude_modules)]
     modules = dict(model.named_modules())
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _is_adaptable(modules[n])]
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not is_adaptable(modules[n])]
     if bad:
         raise UnsupportedLayerError(f"cannot adapt {bad[:5]}: only nn.Linear and transformers' Conv1D are "
                                     "supported")
@@ -90,8 +71,6 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
 def _suffix_summary(names: list[str]) -> str:
     suffixes = sorted({n.split(".")[-1] for n in names})
     return ", ".join(suffixes) if suffixes else "none"
-
-
 
 
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
@@ -107,12 +86,10 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     """
     check_adapter_name(name)
     if isinstance(config, PrefixConfig):  # not a linear-layer adapter: keys/values prepended to attention
-        from lorakit.prefix_hook import attach_prefix
-
         return attach_prefix(model, config, name)
     if not isinstance(config, (LoraConfig, LoraXSConfig, VeraConfig)):
         raise AdapterConfigError(f"unsupported config type {type(config).__name__}")
-    registry = get_registry(model, create=True)
+    registry = adapters_of(model, create=True)
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or pick another name")
     targets = find_targets(model, config)
@@ -147,7 +124,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         layer = modules[target]
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer, target, registry)
-            _replace_module(model, target, layer)
+            replace_module(model, target, layer)
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter
@@ -160,11 +137,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
 class VeraPlacer:
     """VeRA's shared projections for one attach call: generated at the model's largest layer sizes, held
-    once per model in the registry on the base's device and dtype, and sliced (not copied) by every layer.
+    once per model in its ModelAdapters on the base's device and dtype, and sliced (not copied) by every layer.
     Fingerprints come from the float32 projections, so they do not depend on the model's dtype."""
 
-    def __init__(self, model: nn.Module, config: VeraConfig, registry: AdapterRegistry) -> None:
-        sizes = [layer_shape(m) for m in model.modules() if _is_adaptable(m)]
+    def __init__(self, model: nn.Module, config: VeraConfig, registry: ModelAdapters) -> None:
+        sizes = [layer_shape(m) for m in model.modules() if is_adaptable(m)]
         self.key = (config.projection_seed, config.r, max(s[0] for s in sizes), max(s[1] for s in sizes))
         self.registry = registry
         self._float32: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -181,20 +158,3 @@ class VeraPlacer:
         if shared[0].device != weight.device:  # a layer elsewhere than the first (a model spread over devices)
             shared = tuple(t.to(weight.device) for t in shared)
         return vera_basis(shared, in_f, out_f, dtype, vera_fingerprint(self._float32, in_f, out_f))
-
-
-def _replace_module(model: nn.Module, full_name: str, new: nn.Module) -> None:
-    parent_name, _, child = full_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    """Full name -> AdaptedLinear for every adapted layer of the model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-
-
-def freeze_base(model: nn.Module) -> None:
-    """Only adapter parameters train; everything else (base weights, biases, norms, embeddings) is frozen."""
-    for param_name, param in model.named_parameters():
-        param.requires_grad_(".adapters." in f".{param_name}")

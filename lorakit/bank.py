@@ -18,9 +18,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit.adapters import adapter_config
 from lorakit.basis_setup import lora_xs_bases_for
 from lorakit.config import LoraXSConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
+from lorakit.layer import AdaptedLinear, adapted_layers
+from lorakit.model_adapters import adapters_of
+from lorakit.names import check_adapter_name
+from lorakit.surgery import freeze_base, replace_module
 
 BANK_ATTR = "lorakit_bank"
 
@@ -88,7 +93,7 @@ class CoreBank:
         return slot
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Move the cores as `model.to(...)` / `.half()` moved the model (called by the registry's hook)."""
+        """Move the cores as `model.to(...)` / `.half()` moved the model (called by ModelAdapters' hook)."""
         moved = fn(self.cores)
         if moved is not self.cores:
             self.cores = moved
@@ -122,9 +127,7 @@ def _bank_for(model: nn.Module, config: LoraXSConfig, weight: torch.Tensor) -> C
     if bank is None:
         bank = CoreBank(config.r, adapter_dtype(weight.dtype, config.autocast_adapter_dtype), weight.device)
         object.__setattr__(model, BANK_ATTR, bank)
-        from lorakit.registry import get_registry
-
-        get_registry(model, create=True).bank = bank
+        adapters_of(model, create=True).bank = bank
     return bank
 
 
@@ -135,11 +138,8 @@ def add_packed_lora_xs(model: nn.Module, name: str, config: LoraXSConfig,
     Every target layer must already carry a LoRA-XS basis of rank ≥ r (attach one adapter of this
     rank first, or `ensure_lora_xs_bases`). All checks run before anything is stored.
     """
-    from lorakit.attach import check_adapter_name
-    from lorakit.registry import get_registry
-
     check_adapter_name(name)
-    registry = get_registry(model, create=True)
+    registry = adapters_of(model, create=True)
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached")
     if not cores:
@@ -166,9 +166,7 @@ def add_packed_lora_xs(model: nn.Module, name: str, config: LoraXSConfig,
 def store_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: list[str],
                  stacked: torch.Tensor) -> None:
     """Write validated cores (n, r, r) for `modules` into the bank; callers have checked everything."""
-    from lorakit.registry import get_registry
-
-    registry = get_registry(model)
+    registry = adapters_of(model)
     layers = registry.layer_map(model)
     first = layers[modules[0]]
     bank = _bank_for(model, config, first.weight)
@@ -185,12 +183,8 @@ def store_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: lis
 
 def pack_adapter(model: nn.Module, name: str) -> None:
     """Move an attached LoRA-XS module adapter into the bank (frees its modules; it stops training)."""
-    from lorakit.adapters import adapter_config
-    from lorakit.attach import adapted_layers, freeze_base
-    from lorakit.registry import get_registry
-
     config = adapter_config(model, name)
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if not isinstance(config, LoraXSConfig) or name in registry.packed:
         raise AdapterConfigError(f"only attached LoRA-XS module adapters can be packed; {name!r} is not one")
     if name in registry.merged:
@@ -211,16 +205,12 @@ def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int, *,
                          progress: bool | None = None) -> None:
     """Give each named layer a LoRA-XS basis of rank ≥ r (computed once per layer, or read from the
     bases cache: lorakit.basis_setup); adapters then share it. Nothing changes if a module is bad."""
-    from lorakit.attach import _replace_module
-    from lorakit.layer import AdaptedLinear
-    from lorakit.registry import get_registry
-
     bases = lora_xs_bases_for(model, module_names, r, progress=progress)
-    registry = get_registry(model, create=True)
+    registry = adapters_of(model, create=True)
     for module_name, basis in bases.items():
         module = model.get_submodule(module_name)
         if not isinstance(module, AdaptedLinear):
             module = AdaptedLinear(module, module_name, registry)
-            _replace_module(model, module_name, module)
+            replace_module(model, module_name, module)
             registry.version += 1
         module.bases["lora_xs"] = basis

@@ -1,6 +1,6 @@
 """The one way a layer gets a LoRA-XS basis: `lora_xs_bases_for(model, modules, r)`.
 
-attach, load_adapter, the packed bank and the serving registry all ask this for "a basis of rank ≥ r
+attach, load_adapter, the packed bank and the server's adapter store all ask this for "a basis of rank ≥ r
 on each of these modules". It returns only what is missing, without touching the model (callers
 install the bases once all their checks passed), and gets each one the cheapest way:
   1. the layer already holds one of rank ≥ r         -> nothing to do
@@ -25,7 +25,7 @@ from lorakit.errors import AdapterConfigError, AdapterMismatchError
 from lorakit.layer import AdaptedLinear
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import lora_xs_bases
-from lorakit.quant import quantized_base
+from lorakit.quant_layer import quantized_base
 
 KEY = "lora_xs"  # the layer's bases key for LoRA-XS
 BATCH = 16  # weights per batched decomposition (bounds memory; one progress step)

@@ -20,14 +20,12 @@ route to them, so every row sees exactly what it asked for.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from lorakit import lora_stack
 
-if TYPE_CHECKING:
-    from lorakit.layer import AdaptedLinear
+# `layer` below is an AdaptedLinear: lorakit.layer imports this module, so annotations say nn.Module
 
 # With at most this many distinct LoRA adapters in a batch, a loop over groups beats gathering.
 GROUP_LOOP_MAX = 4
@@ -40,7 +38,7 @@ def group_rows(names: tuple[str | None, ...]) -> dict[str | None, list[int]]:
     return groups
 
 
-def add_per_row_deltas(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
+def add_per_row_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
                        names: tuple[str | None, ...], cache: dict | None = None) -> torch.Tensor:
     """out[i] += Δ_{names[i]}(x[i]) − Σ_{merged m ≠ names[i]} Δ_m(x[i]), for every row i.
 
@@ -79,7 +77,7 @@ def add_per_row_deltas(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tenso
     return out
 
 
-def _add_rows(layer: "AdaptedLinear", name: str, sign: float, out: torch.Tensor, rows: list[int],
+def _add_rows(layer: nn.Module, name: str, sign: float, out: torch.Tensor, rows: list[int],
               x: torch.Tensor) -> torch.Tensor:
     """out[rows] += sign·Δ_name(x[rows]), in place like AdaptedLinear.add_delta_ (the base output is fresh)."""
     if len(rows) == x.shape[0]:
@@ -130,7 +128,7 @@ def row_dropout(x3: torch.Tensor, adapters: list, slot: torch.Tensor, active: to
     return x3 * (mask * scale.to(x3.dtype))
 
 
-def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: torch.Tensor,
+def _add_shared_basis(layer: nn.Module, key: str, x: torch.Tensor, out: torch.Tensor,
                       groups: dict[str, list[int]]) -> torch.Tensor:
     basis = layer.bases[key]
     batch = x.shape[0]
@@ -159,7 +157,7 @@ def _add_shared_basis(layer: "AdaptedLinear", key: str, x: torch.Tensor, out: to
     return _add_(out, torch.matmul(h * d[:, None, :], basis.up.to(dtype).T) * b[:, None, :])
 
 
-def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
+def _add_packed(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
                 names: tuple[str | None, ...], cache: dict) -> torch.Tensor:
     """Rows routed to packed LoRA-XS adapters: one projection, one gather of (B, r, r) cores, one up."""
     bank = layer.registry.bank
@@ -181,7 +179,7 @@ def _add_packed(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
     return _add_(out, torch.matmul(h, up.T))
 
 
-def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
+def _add_lora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
               groups: dict[str, list[int]], cache: dict) -> torch.Tensor:
     if len(groups) <= GROUP_LOOP_MAX:
         for name, rows in groups.items():
@@ -204,7 +202,7 @@ def _add_lora(layer: "AdaptedLinear", x: torch.Tensor, out: torch.Tensor,
     return _add_(out, torch.bmm(h, b_rows))
 
 
-def _stacked_rows(layer: "AdaptedLinear", groups: dict[str, list[int]], batch: int, x: torch.Tensor,
+def _stacked_rows(layer: nn.Module, groups: dict[str, list[int]], batch: int, x: torch.Tensor,
                   cache: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Each row's Aᵀ (B, in, r_max) and Bᵀ (B, r_max, out), picked from the layer's LoRA stack by one
     index_select each, and its scaling (B, 1, 1), 0 for rows of other adapter kinds.

@@ -277,7 +277,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argpars
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Parameter-efficient fine-tuning and adapters.",
                                      formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG)
-    from lorakit import __version__
+    from lorakit.versions import LORAKIT_VERSION as __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -9,15 +9,17 @@ keys), so base checkpoints load as they are and a merged model saves as a plain 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lorakit.batched import add_per_row_deltas
 from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
-from lorakit.quant import quantized_base
-from lorakit.registry import AS_STORED, AdapterRegistry
-from lorakit.routing import current_route
+from lorakit.quant_layer import quantized_base
+from lorakit.route_state import AS_STORED, current_route
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -30,12 +32,14 @@ ADAPTABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv
 class AdaptedLinear(nn.Module):
     """A linear (or Conv1D) layer whose output adds the routed adapters' deltas."""
 
-    def __init__(self, base: nn.Module, module_name: str, registry: AdapterRegistry) -> None:
+    def __init__(self, base: nn.Module, module_name: str, registry: Any) -> None:
+        """`registry` is the model's ModelAdapters (lorakit.model_adapters, a layer above: it walks these
+        layers), read for what is merged, the packed bank and the default route."""
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D) if isinstance(Conv1D, type) else False
         self.weight = base.weight  # the base's own Parameter: same key, same storage
         self.bias = base.bias
-        self.quant = quantized_base(base)  # bitsandbytes specifics of a 4/8-bit base (lorakit.quant), else None
+        self.quant = quantized_base(base)  # bitsandbytes specifics of a 4/8-bit base (lorakit.quant_layer), else None
         if self.quant is not None:  # a packed weight's shape is not (out, in)
             self.in_features, self.out_features = base.in_features, base.out_features
             self.quant.adopt(self)
@@ -93,8 +97,6 @@ class AdaptedLinear(nn.Module):
         if names is AS_STORED:
             return out
         if isinstance(names, tuple):
-            from lorakit.batched import add_per_row_deltas
-
             if len(names) != x.shape[0]:
                 raise RoutingError(f"{self.module_name}: route has {len(names)} row names but the batch has "
                                    f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
@@ -149,7 +151,7 @@ class AdaptedLinear(nn.Module):
     def add_factors_(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
         """W ± up·down in W's own layout, with one fused addmm (no dense ΔW temporary)."""
         up, down = up.detach(), down.detach()
-        if self.quant is not None:  # dequantize, add, requantize (exact bookkeeping in lorakit.quant)
+        if self.quant is not None:  # dequantize, add, requantize (exact bookkeeping in lorakit.quant_layer)
             self.quant.add_factors_(self, up, down, sign)
         elif self.weight.itemsize >= 4:  # float32/64 W: add in W's dtype, in place
             up, down = up.to(self.weight.dtype), down.to(self.weight.dtype)
@@ -197,3 +199,13 @@ class AdaptedLinear(nn.Module):
         if self.bias is not None or self.fan_in_fan_out:
             plain.bias = self.bias
         return plain
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer adapters can be put on: a plain linear / Conv1D base, or one already adapted."""
+    return isinstance(module, (AdaptedLinear,) + ADAPTABLE_TYPES)
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """Full name -> AdaptedLinear for every adapted layer of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}

@@ -13,7 +13,7 @@ stored layout is the transpose of the parameters' so the batched products read c
 costs nothing to the single-adapter GEMMs.
 
 The stack is rebuilt when the layer's LoRA adapters change, or when a parameter no longer points into it.
-`model.to(...)` moves the stack itself (`moved`, called by the registry's hook on the model's `_apply`) and
+`model.to(...)` moves the stack itself (`moved`, called by ModelAdapters' hook on the model's `_apply`) and
 points the parameters back into it. The Parameter objects themselves never change, so optimizers holding
 them keep working.
 """
@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Callable
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from lorakit.layer import AdaptedLinear
+# `layer` below is an AdaptedLinear: lorakit.layer imports this module, so annotations say nn.Module
 
 ATTR = "_lorakit_lora_stack"
 
@@ -41,18 +40,18 @@ class LoraStack:
     scales: tuple[float, ...]  # α_k / r_k
     pointers: dict[str, tuple[int, int]]  # where each adapter's lora_A / lora_B data must start
 
-    def holds(self, layer: "AdaptedLinear", name: str) -> bool:
+    def holds(self, layer: nn.Module, name: str) -> bool:
         """Whether adapter `name`'s parameters still live in this stack."""
         adapter = layer.adapters[name] if name in layer.adapters else None
         return (adapter is not None and name in self.pointers
                 and (adapter.lora_A.data_ptr(), adapter.lora_B.data_ptr()) == self.pointers[name])
 
 
-def lora_names(layer: "AdaptedLinear") -> tuple[str, ...]:
+def lora_names(layer: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, adapter in layer.adapters.items() if adapter.method == "lora")
 
 
-def stack_for(layer: "AdaptedLinear", wanted: tuple[str, ...]) -> LoraStack | None:
+def stack_for(layer: nn.Module, wanted: tuple[str, ...]) -> LoraStack | None:
     """The layer's stack, holding every adapter in `wanted` (rebuilt if it does not); None when the layer's
     LoRA adapters cannot share one tensor (different dtypes or devices).
 
@@ -66,7 +65,7 @@ def stack_for(layer: "AdaptedLinear", wanted: tuple[str, ...]) -> LoraStack | No
     return stack
 
 
-def _build(layer: "AdaptedLinear") -> LoraStack | None:
+def _build(layer: nn.Module) -> LoraStack | None:
     names = lora_names(layer)
     adapters = [layer.adapters[n] for n in names]
     if not adapters:
@@ -91,7 +90,7 @@ def _build(layer: "AdaptedLinear") -> LoraStack | None:
     return LoraStack(names, {n: k for k, n in enumerate(names)}, a, b, tuple(x.scaling for x in adapters), pointers)
 
 
-def unshare(layer: "AdaptedLinear", deleting: str) -> None:
+def unshare(layer: nn.Module, deleting: str) -> None:
     """Called before adapter `deleting` is removed: if the stack holds it, give every other stacked
     adapter its own storage again and drop the stack, so the deleted adapter's memory is freed at once
     (this copies the layer's other LoRA adapters once)."""
@@ -107,13 +106,13 @@ def unshare(layer: "AdaptedLinear", deleting: str) -> None:
     object.__setattr__(layer, ATTR, None)
 
 
-def held_names(layer: "AdaptedLinear") -> tuple[str, ...]:
+def held_names(layer: nn.Module) -> tuple[str, ...]:
     """The adapters whose parameters live in the layer's stack now (recorded before a move)."""
     stack: LoraStack | None = getattr(layer, ATTR, None)
     return () if stack is None else tuple(n for n in stack.names if stack.holds(layer, n))
 
 
-def moved(layer: "AdaptedLinear", fn: Callable[[torch.Tensor], torch.Tensor], held: tuple[str, ...]) -> None:
+def moved(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], held: tuple[str, ...]) -> None:
     """After `layer` went through `fn` (a `.to(...)`, `.half()`, `.cuda()`...): move the stack the same way and
     point the adapters in `held` (those that lived in it before) back into it, so the weights stay held once
     and no stale copy on the old device or dtype stays alive. A stack nobody lived in is dropped."""

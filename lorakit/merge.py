@@ -9,18 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.attach import adapted_layers, _replace_module
 from lorakit.bank import BANK_ATTR
 from lorakit.config import PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
+from lorakit.layer import adapted_layers
+from lorakit.model_adapters import adapters_of, release
 from lorakit.prefix_hook import unload_prefixes
-from lorakit.quant import dequantize_model
-from lorakit.registry import get_registry, release
+from lorakit.quant_layer import dequantize_model
+from lorakit.surgery import replace_module
 
 
 def merge(model: nn.Module, name: str) -> None:
     """Add adapter `name` into the base weights (idempotence is refused: merging twice is an error)."""
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if name not in registry.configs:
         raise AdapterNotFoundError(f"adapter {name!r} not attached; attached: {sorted(registry.configs)}")
     if name in registry.merged:
@@ -37,7 +38,7 @@ def merge(model: nn.Module, name: str) -> None:
 
 def unmerge(model: nn.Module, name: str) -> None:
     """Subtract a merged adapter back out of the base weights."""
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if name not in registry.merged:
         raise MergeStateError(f"adapter {name!r} is not merged; merged: {registry.merged}")
     for layer in adapted_layers(model).values():
@@ -51,7 +52,7 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
 
     The single-tenant fast path: one fused addmm per layer instead of two full passes over W.
     """
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if old not in registry.merged:
         raise MergeStateError(f"adapter {old!r} is not merged; merged: {registry.merged}")
     if new not in registry.configs:
@@ -77,7 +78,7 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
 
 
 def merged_names(model: nn.Module) -> list[str]:
-    return list(get_registry(model).merged)
+    return list(adapters_of(model).merged)
 
 
 def merge_and_unload(model: nn.Module, names: str | list[str] | None = None, *,
@@ -87,7 +88,7 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None, *,
 
     On a quantized base the merged layers stay bitsandbytes layers (requantized), unless `full_precision`:
     then every quantized layer becomes a float nn.Linear, the merged ones holding D(W₀) + ΔW unrounded."""
-    registry = get_registry(model)
+    registry = adapters_of(model)
     if names is None:
         if registry.merged:
             names = []
@@ -100,7 +101,7 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None, *,
         if name not in registry.merged:
             merge(model, name)
     for full_name, layer in adapted_layers(model).items():
-        _replace_module(model, full_name, layer.to_plain(full_precision=full_precision))
+        replace_module(model, full_name, layer.to_plain(full_precision=full_precision))
     if full_precision:
         dequantize_model(model)
     unload_prefixes(model)

@@ -28,13 +28,14 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from lorakit.attach import check_adapter_name, freeze_base
 from lorakit.config import PrefixConfig, adapter_dtype
 from lorakit.errors import (AdapterExistsError, AdapterNotFoundError, LorakitError, PrefixLengthError,
                             RoutingError)
 from lorakit.methods.prefix import PrefixAdapter, PrefixShape, check_fits, prefix_shape
-from lorakit.registry import AS_STORED, AdapterRegistry, get_registry
-from lorakit.routing import carry_routes_through_checkpointing, current_route
+from lorakit.model_adapters import ModelAdapters, adapters_of
+from lorakit.names import check_adapter_name
+from lorakit.route_state import AS_STORED, carry_routes_through_checkpointing, current_route
+from lorakit.surgery import freeze_base
 from lorakit.versions import SUPPORTED_TRANSFORMERS
 
 STORE_NAME = "lorakit_prefix"  # the child module of the model that holds its prefix adapters
@@ -78,7 +79,7 @@ class _PrefixState:
 class PrefixStore(nn.Module):
     """The model's prefix adapters (`adapters`, a ModuleDict) and the hooks that inject them."""
 
-    def __init__(self, registry: AdapterRegistry, backbone: nn.Module, shape: PrefixShape) -> None:
+    def __init__(self, registry: ModelAdapters, backbone: nn.Module, shape: PrefixShape) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict()
         self.shape = shape
@@ -300,7 +301,7 @@ def prefix_adapter(model: nn.Module, name: str) -> PrefixAdapter:
 def attach_prefix(model: nn.Module, config: PrefixConfig, name: str = "default") -> nn.Module:
     """Attach prefix adapter `name` to a transformers decoder or encoder model; returns the model."""
     check_adapter_name(name)
-    registry = get_registry(model, create=True)
+    registry = adapters_of(model, create=True)
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or pick another name")
     shape = prefix_shape(model)

@@ -16,6 +16,8 @@ from packaging.version import Version
 
 from lorakit.errors import LorakitError
 
+LORAKIT_VERSION = "0.1.0"  # lorakit's own release (lorakit.__version__; keep in step with pyproject.toml)
+
 # package -> the range the suite is tested against (keep in step with pyproject.toml and constraints.txt)
 SUPPORTED: dict[str, str] = {
     "torch": ">=2.11,<2.14",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import LoraConfig, LoraXSConfig, VeraConfig, quant
+from lorakit import LoraConfig, LoraXSConfig, VeraConfig
+from lorakit import quant_model as quant
 from lorakit.errors import BitsAndBytesUnavailableError, MergeStateError, QuantizationError
 from lorakit.methods.lora_xs import svd_basis
 from tests.conftest import MODEL_FACTORIES, model_output, randomize_adapters, tiny_llama

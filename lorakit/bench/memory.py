@@ -68,7 +68,7 @@ def _own_memory(model) -> None:
 def _build(config: str, model_name: str, rank: int):
     """(model, trainable params, bits per weight or None) for one configuration, in train mode."""
     import lorakit
-    from lorakit import quant
+    from lorakit import quant_model as quant
     from lorakit.models import ensure_cache, load_base
 
     if config.startswith("lorakit"):
@@ -136,7 +136,7 @@ def accuracy_worker(args: argparse.Namespace) -> dict:
     import torch
 
     import lorakit
-    from lorakit import quant
+    from lorakit import quant_model as quant
     from lorakit.models import load_base
 
     torch.set_num_threads(args.threads)
@@ -281,7 +281,7 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"{acc['kl_nats']:.3f} nats/token. lorakit.quantize is bit-identical to transformers' BitsAndBytesConfig "
         "(tests/test_quant.py); SmolLM2 ships as a Q4_1 GGUF, so NF4 re-rounds weights that were already rounded.",
         f"- Merging a LoRA (r={s['rank']}, 5 training steps at lr 1e-3 on the texts) into the 4-bit base "
-        f"(dequantize, add, requantize), measured by `lorakit.quant.merge_quantized`: layer outputs on a fixed "
+        f"(dequantize, add, requantize), measured by `lorakit.quant_model.merge_quantized`: layer outputs on a fixed "
         f"probe batch moved by max {acc['merge_layer_max_abs']:.3g}, mean {acc['merge_layer_mean_abs']:.3g} "
         f"(the adapter's own mean contribution there: {acc['merge_layer_delta_mean_abs']:.3g}; {acc['merge_layers']} "
         f"layers); model logits moved by max {acc['merge_output_max_abs']:.3g}, mean "

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.attach import adapted_layers
 from lorakit.basis_setup import weight_as_out_in
 from lorakit.errors import AdapterMismatchError, AdapterNotFoundError, CorruptAdapterError, LorakitError
 from lorakit.io.atomic import atomic_write_safetensors
 from lorakit.io.files import check_finite, expect_keys, parse_safetensors
 from lorakit.io.guard import install_bases, restore_on_error, target_shapes
 from lorakit.io.peft_lora import base_model_name
+from lorakit.layer import adapted_layers
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import basis_residuals
 

@@ -1,6 +1,6 @@
 """Changing a model only after a file was validated, and undoing a half-done load exactly.
 
-`restore_on_error` records what a load may change (the named modules, their bases, the registry,
+`restore_on_error` records what a load may change (the named modules, their bases, ModelAdapters,
 every parameter's requires_grad) and puts it back if anything raises, so a failed load leaves the same
 adapter set, the same module objects and the same weights. `install_bases` puts precomputed frozen
 bases on layers, so `attach` reuses them instead of recomputing an SVD.
@@ -14,18 +14,20 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.attach import _is_adaptable, _replace_module, check_adapter_name, find_targets
+from lorakit.attach import find_targets
 from lorakit.basis_setup import layer_shape
 from lorakit.config import AdapterConfig
 from lorakit.errors import (AdapterExistsError, AdapterMismatchError, LorakitError, UnsupportedLayerError)
-from lorakit.layer import AdaptedLinear
+from lorakit.layer import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
-from lorakit.registry import REGISTRY_ATTR, get_registry
+from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, adapters_of
+from lorakit.names import check_adapter_name
+from lorakit.surgery import replace_module
 
 
 def check_free_name(model: nn.Module, name: str) -> None:
     check_adapter_name(name)
-    registry = getattr(model, REGISTRY_ATTR, None)
+    registry = getattr(model, ADAPTERS_ATTR, None)
     if registry is not None and name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or load under another name")
 
@@ -35,11 +37,11 @@ def target_shapes(model: nn.Module, modules: Iterable[str], where: object) -> di
     found = dict(model.named_modules())
     unknown = sorted(m for m in modules if m not in found or not m)
     if unknown:
-        examples = [n for n, mod in found.items() if n and _is_adaptable(mod)][:3]
+        examples = [n for n, mod in found.items() if n and is_adaptable(mod)][:3]
         raise AdapterMismatchError(f"{where}: module(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} do not exist "
                                    f"in {type(model).__name__} (its adaptable layers look like {examples}): is the "
                                    "adapter for another model?")
-    bad = sorted(f"{m} ({type(found[m]).__name__})" for m in modules if not _is_adaptable(found[m]))
+    bad = sorted(f"{m} ({type(found[m]).__name__})" for m in modules if not is_adaptable(found[m]))
     if bad:
         raise UnsupportedLayerError(f"{where}: module(s) {bad[:5]} are not linear layers; lorakit adapts only "
                                     "nn.Linear and transformers' Conv1D")
@@ -49,7 +51,7 @@ def target_shapes(model: nn.Module, modules: Iterable[str], where: object) -> di
 def config_for_modules(model: nn.Module, config: AdapterConfig, modules: list[str],
                        alternatives: Iterable[object] = ()) -> AdapterConfig:
     """`config`, with the first of its own targets or `alternatives` that selects exactly `modules` on this
-    model (so the registry keeps a readable spec like "all-linear"), else naming the modules."""
+    model (so ModelAdapters keeps a readable spec like "all-linear"), else naming the modules."""
     for targets in (config.target_modules, *alternatives):
         try:
             candidate = dataclasses.replace(config, target_modules=targets)
@@ -67,22 +69,22 @@ def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Ite
     modules = set(modules)
     before = {n: m for n, m in model.named_modules() if n in modules}
     bases_before = {n: dict(m.bases) for n, m in before.items() if isinstance(m, AdaptedLinear)}
-    had_registry = REGISTRY_ATTR in model.__dict__
-    registry = getattr(model, REGISTRY_ATTR, None)
+    had_registry = ADAPTERS_ATTR in model.__dict__
+    registry = getattr(model, ADAPTERS_ATTR, None)
     projections_before = dict(registry.vera_projections) if registry is not None else {}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         yield
     except BaseException:
-        registry = getattr(model, REGISTRY_ATTR, None)
+        registry = getattr(model, ADAPTERS_ATTR, None)
         if registry is not None:
             registry.configs.pop(name, None)
             registry.vera_projections = projections_before
-            registry.version += 1  # adapted layers changed: drop the registry's cached layer map
+            registry.version += 1  # adapted layers changed: drop ModelAdapters' cached layer map
         for module_name, original in before.items():
             current = model.get_submodule(module_name)
             if current is not original:
-                _replace_module(model, module_name, original)
+                replace_module(model, module_name, original)
             if isinstance(original, AdaptedLinear):
                 if name in original.adapters:
                     del original.adapters[name]
@@ -90,8 +92,8 @@ def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Ite
                     del original.bases[key]
                 for key, basis in bases_before[module_name].items():
                     original.bases[key] = basis
-        if not had_registry and REGISTRY_ATTR in model.__dict__:
-            object.__delattr__(model, REGISTRY_ATTR)
+        if not had_registry and ADAPTERS_ATTR in model.__dict__:
+            object.__delattr__(model, ADAPTERS_ATTR)
         for param_name, param in model.named_parameters():
             if param_name in grads:
                 param.requires_grad_(grads[param_name])
@@ -100,12 +102,12 @@ def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Ite
 
 def install_bases(model: nn.Module, key: str, bases: dict[str, Basis]) -> None:
     """Put `bases[module]` under `key` on each module (wrapping plain layers); call inside restore_on_error."""
-    registry = get_registry(model, create=True)
+    registry = adapters_of(model, create=True)
     for module_name, basis in bases.items():
         layer = model.get_submodule(module_name)
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer, module_name, registry)
-            _replace_module(model, module_name, layer)
+            replace_module(model, module_name, layer)
             registry.version += 1
         have = layer.basis(key)
         if have is None or have.rank < basis.rank:

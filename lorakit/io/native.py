@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lorakit
 from lorakit.adapters import adapter_config, adapter_state_dict
-from lorakit.attach import _is_adaptable, attach
+from lorakit.attach import attach
 from lorakit.bank import add_packed_lora_xs
 from lorakit.basis_setup import layer_shape, lora_xs_bases_for
 from lorakit.config import LoraXSConfig, VeraConfig, config_from_dict, config_to_dict
@@ -36,9 +35,11 @@ from lorakit.io.guard import (check_free_name, config_for_modules, install_bases
                               target_shapes)
 from lorakit.io.packed import try_load_packed
 from lorakit.io.peft_lora import base_model_name
+from lorakit.layer import is_adaptable
 from lorakit.methods.basis import Basis, fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
+from lorakit.versions import LORAKIT_VERSION
 
 NATIVE_FORMAT = 1
 FINGERPRINT = "basis_fingerprint"
@@ -52,7 +53,7 @@ def basis_key(config: LoraXSConfig | VeraConfig) -> str:
 
 def vera_sizes(model: nn.Module) -> tuple[int, int]:
     """(max_in, max_out) over every linear layer: the size attach generates VeRA's projections at."""
-    sizes = [layer_shape(m) for m in model.modules() if _is_adaptable(m)]
+    sizes = [layer_shape(m) for m in model.modules() if is_adaptable(m)]
     return max(s[0] for s in sizes), max(s[1] for s in sizes)
 
 
@@ -69,7 +70,7 @@ def save_native(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
         fingerprint = basis_fingerprint(basis, config.r) if config.method == "lora_xs" else basis.fingerprint
         tensors[f"{module}.{FINGERPRINT}"] = fingerprint.float()
     dtype = next(iter(trained.values())).dtype
-    data = {"lorakit_method": config.method, "lorakit_format": NATIVE_FORMAT, "lorakit_version": lorakit.__version__,
+    data = {"lorakit_method": config.method, "lorakit_format": NATIVE_FORMAT, "lorakit_version": LORAKIT_VERSION,
             "config": config_to_dict(config), "modules": modules, "dtype": str(dtype).removeprefix("torch."),
             "base_model_name_or_path": base_model_name(model), "base_model_class": type(model).__name__}
     if config.method == "lora_xs":

@@ -19,7 +19,7 @@ from lorakit.config import LoraXSConfig
 from lorakit.errors import AdapterMismatchError, NonFiniteAdapterError
 from lorakit.io.files import NOT_STRICT_HINT
 from lorakit.methods.lora_xs import basis_fingerprint
-from lorakit.registry import REGISTRY_ATTR
+from lorakit.model_adapters import ATTR as ADAPTERS_ATTR
 
 FINGERPRINT = "basis_fingerprint"
 RTOL = 1e-3  # as lorakit.methods.basis.fingerprints_match
@@ -43,7 +43,7 @@ def _fingerprint_table(registry, model: nn.Module, modules: tuple[str, ...], r: 
 def try_load_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: list[str],
                     tensors: dict[str, torch.Tensor], where: Path, strict: bool) -> bool:
     """Load into the bank if the fast path applies; False (nothing done) when it does not."""
-    registry = model.__dict__.get(REGISTRY_ATTR)
+    registry = model.__dict__.get(ADAPTERS_ATTR)
     if registry is None or not modules or name in registry.configs:
         return False  # (the general path raises the right error for a taken name)
     actual = _fingerprint_table(registry, model, tuple(modules), config.r)

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from lorakit.adapters import adapter_config
-from lorakit.attach import adapted_layers, attach
+from lorakit.attach import attach
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
 from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite
 from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
-from lorakit.layer import AdaptedLinear
+from lorakit.layer import AdaptedLinear, adapted_layers
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file layout this module writes
 KEY_PREFIX = "base_model.model."

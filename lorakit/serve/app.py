@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import AdapterNotFoundError
 from lorakit.serve.engine import Delta, Engine, EngineError, Finished, SamplingParams
-from lorakit.serve.registry import AdapterLoadError, InvalidAdapterNameError, ServingRegistry
+from lorakit.serve.adapter_store import AdapterLoadError, InvalidAdapterNameError, AdapterStore
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,10 @@ class AdapterBody(BaseModel):
 # -- the server ----------------------------------------------------------------------------------------
 
 class Server:
-    """Engine + registry + tokenizer behind the routes; one per served model."""
+    """Engine + store + tokenizer behind the routes; one per served model."""
 
-    def __init__(self, engine: Engine, registry: ServingRegistry, tokenizer: Any, config: ServeConfig) -> None:
-        self.engine, self.registry, self.tokenizer, self.config = engine, registry, tokenizer, config
+    def __init__(self, engine: Engine, store: AdapterStore, tokenizer: Any, config: ServeConfig) -> None:
+        self.engine, self.store, self.tokenizer, self.config = engine, store, tokenizer, config
         self.started = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
 
@@ -128,9 +128,9 @@ class Server:
         if model == self.config.base_name:
             return None
         try:
-            self.registry.path_for(model)
+            self.store.path_for(model)
         except InvalidAdapterNameError as exc:
-            raise ApiError(404, f"model {model!r} not found ({self.registry.client_message(exc)}); available: "
+            raise ApiError(404, f"model {model!r} not found ({self.store.client_message(exc)}); available: "
                            f"{self.model_ids()}", code="model_not_found", param="model") from exc
         except AdapterNotFoundError as exc:
             raise ApiError(404, f"model {model!r} not found; available: {self.model_ids()}",
@@ -138,7 +138,7 @@ class Server:
         return model
 
     def model_ids(self) -> list[str]:
-        return [self.config.base_name] + self.registry.available()
+        return [self.config.base_name] + self.store.available()
 
     def params(self, body: _Sampling, prompt_len: int) -> SamplingParams:
         if body.logprobs:
@@ -205,13 +205,13 @@ class Server:
             raise ApiError(503, "the server is busy; retry later", type_="server_error", code="overloaded")
         if adapter is not None:
             try:
-                await run_in_threadpool(self.registry.acquire, adapter)
+                await run_in_threadpool(self.store.acquire, adapter)
             except AdapterNotFoundError as exc:
-                raise ApiError(404, self.registry.client_message(exc), code="model_not_found", param="model") from exc
+                raise ApiError(404, self.store.client_message(exc), code="model_not_found", param="model") from exc
             except AdapterLoadError as exc:
-                raise ApiError(500, self.registry.client_message(exc), type_="server_error",
+                raise ApiError(500, self.store.client_message(exc), type_="server_error",
                                code="adapter_load_failed") from exc
-        release = (lambda: self.registry.release(adapter)) if adapter is not None else None
+        release = (lambda: self.store.release(adapter)) if adapter is not None else None
         try:
             return await self.engine.submit_async(prompt_ids, adapter, params, on_finish=release)
         except EngineError as exc:
@@ -343,11 +343,11 @@ def create_app(server: Server):
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": server.engine.running, "waiting": server.engine.waiting,
-                "adapters_resident": len(server.registry.resident())}
+                "adapters_resident": len(server.store.resident())}
 
     @app.get("/v1/models")
     async def models():
-        resident = set(server.registry.resident())
+        resident = set(server.store.resident())
         data = [{"id": m, "object": "model", "created": server.started, "owned_by": "lorakit",
                  "root": config.base_name, "parent": None if m == config.base_name else config.base_name,
                  "resident": m == config.base_name or m in resident} for m in server.model_ids()]
@@ -355,26 +355,26 @@ def create_app(server: Server):
 
     @app.get("/v1/adapters")
     async def adapters():
-        return {"available": server.registry.available(), "resident": server.registry.resident(),
-                "resident_bytes": server.registry.resident_bytes(), "budget_bytes": server.registry.budget_bytes}
+        return {"available": server.store.available(), "resident": server.store.resident(),
+                "resident_bytes": server.store.resident_bytes(), "budget_bytes": server.store.budget_bytes}
 
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterBody):
         from starlette.concurrency import run_in_threadpool
 
         try:
-            nbytes = await run_in_threadpool(server.registry.load, body.name)
+            nbytes = await run_in_threadpool(server.store.load, body.name)
         except (AdapterNotFoundError, InvalidAdapterNameError) as exc:
-            raise ApiError(404, server.registry.client_message(exc), code="adapter_not_found", param="name") from exc
+            raise ApiError(404, server.store.client_message(exc), code="adapter_not_found", param="name") from exc
         except AdapterLoadError as exc:
-            raise ApiError(500, server.registry.client_message(exc), type_="server_error",
+            raise ApiError(500, server.store.client_message(exc), type_="server_error",
                            code="adapter_load_failed") from exc
-        return {"name": body.name, "bytes": nbytes, "resident": server.registry.resident()}
+        return {"name": body.name, "bytes": nbytes, "resident": server.store.resident()}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         try:
-            now = server.registry.unload(name)
+            now = server.store.unload(name)
         except AdapterNotFoundError as exc:
             raise ApiError(404, f"{exc}", code="adapter_not_found", param="name") from exc
         return {"name": name, "unloaded": True if now else "after running requests finish"}
@@ -482,7 +482,7 @@ def _usage(done: Finished) -> dict:
 
 def render_metrics(server: Server) -> str:
     """Prometheus text exposition of the server's counters and gauges."""
-    engine, registry = server.engine.stats, server.registry
+    engine, store = server.engine.stats, server.store
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -507,11 +507,11 @@ def render_metrics(server: Server) -> str:
     metric("lorakit_decode_step_seconds_total", "counter", "Seconds spent in decode steps", [("", engine.step_seconds)])
     metric("lorakit_running_requests", "gauge", "Rows in the running batch", [("", server.engine.running)])
     metric("lorakit_waiting_requests", "gauge", "Requests waiting to join the batch", [("", server.engine.waiting)])
-    metric("lorakit_adapters_resident", "gauge", "Adapters loaded on the model", [("", len(registry.resident()))])
-    metric("lorakit_adapter_bytes_resident", "gauge", "Bytes of resident adapters", [("", registry.resident_bytes())])
-    if registry.budget_bytes is not None:
-        metric("lorakit_adapter_budget_bytes", "gauge", "Adapter memory budget", [("", registry.budget_bytes)])
-    stats = registry.stats
+    metric("lorakit_adapters_resident", "gauge", "Adapters loaded on the model", [("", len(store.resident()))])
+    metric("lorakit_adapter_bytes_resident", "gauge", "Bytes of resident adapters", [("", store.resident_bytes())])
+    if store.budget_bytes is not None:
+        metric("lorakit_adapter_budget_bytes", "gauge", "Adapter memory budget", [("", store.budget_bytes)])
+    stats = store.stats
     metric("lorakit_adapter_loads_total", "counter", "Adapter loads", [("", stats.loads)])
     metric("lorakit_adapter_load_failures_total", "counter", "Adapter loads that failed", [("", stats.load_failures)])
     metric("lorakit_adapter_evictions_total", "counter", "Adapters evicted to stay under the budget",
@@ -522,10 +522,10 @@ def render_metrics(server: Server) -> str:
 
 def make_server(model: Any, tokenizer: Any, adapter_dir: Any = None, *, config: ServeConfig | None = None,
                 budget_bytes: int | None = None, max_batch: int = 16, max_context: int | None = None) -> Server:
-    """Engine + registry + config for one model (the engine thread starts with the app)."""
+    """Engine + store + config for one model (the engine thread starts with the app)."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context)
-    registry = ServingRegistry(model, adapter_dir, engine=engine, budget_bytes=budget_bytes)
-    return Server(engine, registry, tokenizer, config or ServeConfig())
+    store = AdapterStore(model, adapter_dir, engine=engine, budget_bytes=budget_bytes)
+    return Server(engine, store, tokenizer, config or ServeConfig())
 
 
 class DrainingServer(uvicorn.Server):

@@ -62,9 +62,9 @@ def build_app(args: argparse.Namespace):
     server = make_server(model, tokenizer, args.adapters, config=config, budget_bytes=budget,
                          max_batch=args.max_batch)
     if args.preload:
-        for name in server.registry.available():
+        for name in server.store.available():
             try:
-                server.registry.load(name)
+                server.store.load(name)
             except Exception as exc:  # a bad adapter must not keep the others from being served
                 print(f"lorakit serve: could not load {name}: {exc}", file=sys.stderr)
     return create_app(server), server
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     app, server = build_app(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"lorakit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    print(f"lorakit serve: {server.config.base_name} + adapters {server.registry.available()} on "
+    print(f"lorakit serve: {server.config.base_name} + adapters {server.store.available()} on "
           f"http://{args.host}:{args.port}  (chat page at /, OpenAI API at /v1)", file=sys.stderr)
     # uvicorn re-raises the signal it caught once it has shut down; with the default SIGTERM handler that
     # would kill the process (exit -15) after a clean drain, so SIGTERM's handler is a no-op from here on.

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.routing import use_adapter
 
 log = logging.getLogger("lorakit.serve")
 
@@ -439,8 +440,6 @@ class Engine:
             if any(n is not None for n in names):
                 raise EngineError(f"adapter {next(n for n in names if n)!r} requested but the model has none")
             return contextlib.nullcontext()
-        from lorakit.routing import use_adapter
-
         return use_adapter(self.model, names)
 
     # -- tokens → text -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit import io
-from lorakit.registry import get_registry
+from lorakit.model_adapters import adapters_of
 from tests.conftest import MODEL_FACTORIES, model_output
 from tests.io.util import adapted
 
@@ -125,7 +125,7 @@ def test_packed_lora_xs_load_save_and_export(ids, tmp_path):
     io.save_adapter(model, "a", tmp_path / "ad")
     host = MODEL_FACTORIES["llama"](0)
     io.load_adapter(host, tmp_path / "ad", "p", packed=True)
-    assert "p" in get_registry(host).packed and not any("p" in l.adapters for l in lk.adapted_layers(host).values())
+    assert "p" in adapters_of(host).packed and not any("p" in l.adapters for l in lk.adapted_layers(host).values())
     with lk.use_adapter(host, "p"):
         torch.testing.assert_close(model_output(host, ids), expected, rtol=0, atol=1e-5)
     io.save_adapter(host, "p", tmp_path / "again")

@@ -137,7 +137,7 @@ def test_grouped_query_attention_stores_only_kv_heads(ids):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_training_lowers_loss_and_checkpointing_gives_the_same_gradients(arch, ids):
-    from lorakit.quant import prepare_for_training
+    from lorakit.quant_model import prepare_for_training
 
     grads = []
     for checkpointing in (False, True):

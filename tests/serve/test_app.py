@@ -168,7 +168,7 @@ def test_adapter_load_unload_api(served):
     r = _post(url, "/v1/adapters", {"name": "poet"})
     assert r.status_code == 200 and "poet" in r.json()["resident"] and r.json()["bytes"] > 0
     assert httpx.delete(url + "/v1/adapters/poet").json()["unloaded"] is True
-    assert "poet" not in server.registry.resident()
+    assert "poet" not in server.store.resident()
     assert httpx.delete(url + "/v1/adapters/poet").status_code == 404
     assert _post(url, "/v1/adapters", {"name": "../etc"}).status_code == 404
     assert _post(url, "/v1/adapters", {"name": "ghost"}).status_code == 404
@@ -253,10 +253,10 @@ def test_many_concurrent_clients_get_their_adapters_output_while_adapters_come_a
         assert got == want[k], (k, jobs[k][1])
     stats = server.engine.stats
     assert stats.max_running > 4
-    assert server.registry.stats.unloads + server.registry.stats.evictions > 0  # adapters really came and went
+    assert server.store.stats.unloads + server.store.stats.evictions > 0  # adapters really came and went
     print(f"\n64 clients: {elapsed:.2f}s, {stats.completion_tokens / elapsed:.0f} tok/s, max batch {stats.max_running}, "
-          f"loads {server.registry.stats.loads}, evictions {server.registry.stats.evictions}, "
-          f"unloads {server.registry.stats.unloads}")
+          f"loads {server.store.stats.loads}, evictions {server.store.stats.evictions}, "
+          f"unloads {server.store.stats.unloads}")
 
 
 def _tensors(path):

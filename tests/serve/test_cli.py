@@ -21,8 +21,8 @@ def test_serve_arguments_build_a_working_server(tokenizer, tmp_path):
     args = build_parser().parse_args(["--base", str(base), "--adapters", str(tmp_path / "adapters"),
                                       "--budget-mb", "1", "--max-batch", "4", "--api-key", "k", "--preload"])
     app, server = build_app(args)
-    assert server.config.base_name == "tiny-base" and server.registry.budget_bytes == 1024 * 1024
-    assert server.engine.max_batch == 4 and server.registry.resident() == ["pirate"]
+    assert server.config.base_name == "tiny-base" and server.store.budget_bytes == 1024 * 1024
+    assert server.engine.max_batch == 4 and server.store.resident() == ["pirate"]
     with BackgroundServer(app) as url:
         auth = {"Authorization": "Bearer k"}
         ids = [m["id"] for m in httpx.get(url + "/v1/models", headers=auth).json()["data"]]

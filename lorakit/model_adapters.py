@@ -1,11 +1,12 @@
-"""The model-level record of attached adapters: their configs, what is merged, shared projections.
+"""`ModelAdapters`: the model-level record of attached adapters: configs, what is merged, shared projections.
 
 It says which adapters exist, never which one is active (that is the caller's `Route`). It hangs off
-the model as the plain attribute `lorakit_registry`, and every adapted layer points to it.
+the model as the plain attribute `lorakit_registry` (the name kept for saved models and callers), and
+every adapted layer points to it. It sits above lorakit.layer: it walks the model's AdaptedLinear layers.
 
 What lorakit holds outside the model's parameters and buffers (the packed bank, the layers' LoRA stacks,
 VeRA's shared projections) follows the model through `model.to(...)`, `.half()`, `.cuda()`...: all of them
-go through `nn.Module._apply`, which the registry wraps on the model it was created for (`moved_with`).
+go through `nn.Module._apply`, which the record wraps on the model it was created for (`moved_with`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from torch import nn
 from lorakit import lora_stack
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError, RoutingError
+from lorakit.layer import adapted_layers
 from lorakit.methods.vera import vera_key
+from lorakit.route_state import AS_STORED
 
-REGISTRY_ATTR = "lorakit_registry"
+ATTR = "lorakit_registry"  # the model attribute holding its ModelAdapters
 
 
-class AdapterRegistry:
+class ModelAdapters:
     """Adapters attached to one model: name -> config, merged names, VeRA's shared projections."""
 
     def __init__(self) -> None:
@@ -38,8 +41,6 @@ class AdapterRegistry:
     def layer_map(self, model: nn.Module) -> dict:
         """Full name -> AdaptedLinear, cached until the next change (a model walk costs milliseconds)."""
         if self._layer_map[0] != self.version:
-            from lorakit.attach import adapted_layers
-
             self._layer_map = (self.version, adapted_layers(model))
         return self._layer_map[1]
 
@@ -84,30 +85,20 @@ class AdapterRegistry:
             "call with `with lorakit.use_adapter(model, name):` or `lorakit.disable_adapters(model)`")
 
 
-class _AsStored:
-    """Marker: run the stored (possibly merged) weights, adding nothing and subtracting nothing."""
-
-    def __repr__(self) -> str:
-        return "AS_STORED"
-
-
-AS_STORED = _AsStored()
-
-
-def get_registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
-    """The model's registry; with create=False a model without adapters is an error."""
-    registry = getattr(model, REGISTRY_ATTR, None)
-    if registry is None:
+def adapters_of(model: nn.Module, create: bool = False) -> ModelAdapters:
+    """The model's ModelAdapters; with create=False a model without adapters is an error."""
+    record = getattr(model, ATTR, None)
+    if record is None:
         if not create:
             raise LorakitError(f"{type(model).__name__} has no lorakit adapters attached; call lorakit.attach first")
-        registry = AdapterRegistry()
-        object.__setattr__(model, REGISTRY_ATTR, registry)  # a plain attribute, not a submodule
+        record = ModelAdapters()
+        object.__setattr__(model, ATTR, record)  # a plain attribute, not a submodule
         object.__setattr__(model, "_apply", ApplyHook(model))  # the model's own _apply, wrapped
-    return registry
+    return record
 
 
 class ApplyHook:
-    """`model._apply` while lorakit adapters are attached: the model's own, then what the registry holds.
+    """`model._apply` while lorakit adapters are attached: the model's own, then what the record holds.
 
     An object holding the model rather than a closure, so `copy.deepcopy` points the copy's hook at the copy
     and `pickle` restores it."""
@@ -117,14 +108,14 @@ class ApplyHook:
 
     def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         model = self.model
-        registry = model.__dict__.get(REGISTRY_ATTR)
-        if registry is None:  # adapters unloaded since
+        record = model.__dict__.get(ATTR)
+        if record is None:  # adapters unloaded since
             return type(model)._apply(model, fn, recurse)
-        registry.moved_with(model, fn, recurse)
+        record.moved_with(model, fn, recurse)
         return model
 
 
 def release(model: nn.Module) -> None:
-    """Forget lorakit's model-level state (the model is plain again): the registry and the `_apply` wrapper."""
-    model.__dict__.pop(REGISTRY_ATTR, None)
+    """Forget lorakit's model-level state (the model is plain again): the record and the `_apply` wrapper."""
+    model.__dict__.pop(ATTR, None)
     model.__dict__.pop("_apply", None)

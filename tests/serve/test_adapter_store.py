@@ -1,4 +1,4 @@
-"""The serving registry: load on first use, LRU eviction under a byte budget, pins, path safety."""
+"""lorakit.serve.adapter_store: load on first use, LRU eviction under a byte budget, pins, path safety."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from lorakit.errors import AdapterNotFoundError
 from lorakit.io import save_adapter
 from lorakit.serve.engine import Engine, SamplingParams
-from lorakit.serve.registry import AdapterLoadError, InvalidAdapterNameError, ServingRegistry
+from lorakit.serve.adapter_store import AdapterLoadError, InvalidAdapterNameError, AdapterStore
 from tests.conftest import tiny_llama
 from tests.serve.conftest import greedy_alone, with_adapters
 
@@ -35,28 +35,28 @@ def adapter_dir(source, tmp_path_factory):
 
 def test_loads_on_first_use_and_matches_the_directly_attached_adapter(source, adapter_dir):
     model = tiny_llama()
-    registry = ServingRegistry(model, adapter_dir)
-    assert registry.available() == sorted(NAMES)
-    assert registry.resident() == []
+    store = AdapterStore(model, adapter_dir)
+    assert store.available() == sorted(NAMES)
+    assert store.resident() == []
     engine = Engine(model).start()
-    registry.engine = engine
+    store.engine = engine
     try:
         for name in NAMES:
-            registry.acquire(name)
+            store.acquire(name)
             got = engine.submit([5, 6, 7], name, SamplingParams(max_tokens=8)).result().token_ids
-            registry.release(name)
+            store.release(name)
             assert got == greedy_alone(source, [5, 6, 7], name, 8), name
     finally:
         engine.close()
-    assert sorted(registry.resident()) == sorted(NAMES)
-    assert registry.stats.loads == 4
+    assert sorted(store.resident()) == sorted(NAMES)
+    assert store.stats.loads == 4
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc", "a/b", "..", ".hidden", "", "x" * 200, "a\\b", "xs0\n", "v1.2"])
 def test_names_that_could_leave_the_directory_are_refused(adapter_dir, name):
-    registry = ServingRegistry(tiny_llama(), adapter_dir)
+    store = AdapterStore(tiny_llama(), adapter_dir)
     with pytest.raises(InvalidAdapterNameError):
-        registry.acquire(name)
+        store.acquire(name)
 
 
 def test_symlink_out_of_the_directory_is_refused(adapter_dir, tmp_path):
@@ -65,52 +65,52 @@ def test_symlink_out_of_the_directory_is_refused(adapter_dir, tmp_path):
     served = tmp_path / "served"
     served.mkdir()
     os.symlink(outside, served / "sneaky")
-    registry = ServingRegistry(tiny_llama(), served)
+    store = AdapterStore(tiny_llama(), served)
     with pytest.raises(InvalidAdapterNameError):
-        registry.acquire("sneaky")
-    assert registry.available() == []
+        store.acquire("sneaky")
+    assert store.available() == []
 
 
 def test_unknown_adapter_lists_what_exists(adapter_dir):
-    registry = ServingRegistry(tiny_llama(), adapter_dir)
+    store = AdapterStore(tiny_llama(), adapter_dir)
     with pytest.raises(AdapterNotFoundError, match="xs0"):
-        registry.acquire("nope")
+        store.acquire("nope")
 
 
 def test_lru_eviction_under_the_byte_budget_spares_pinned_adapters(adapter_dir):
     model = tiny_llama()
-    probe = ServingRegistry(model, adapter_dir)
+    probe = AdapterStore(model, adapter_dir)
     sizes = {n: probe.load(n) for n in NAMES}
     for n in NAMES:
         probe.unload(n)
-    registry = ServingRegistry(model, adapter_dir, budget_bytes=sizes["lora1"] + sizes["lora3"])
-    registry.acquire("lora1")  # pinned: a running request uses it
-    registry.load("xs0")
-    registry.load("lora3")  # over budget: evicts xs0 (least recent unpinned), never lora1
-    assert registry.resident() == ["lora1", "lora3"]
-    assert registry.stats.evictions == 1
+    store = AdapterStore(model, adapter_dir, budget_bytes=sizes["lora1"] + sizes["lora3"])
+    store.acquire("lora1")  # pinned: a running request uses it
+    store.load("xs0")
+    store.load("lora3")  # over budget: evicts xs0 (least recent unpinned), never lora1
+    assert store.resident() == ["lora1", "lora3"]
+    assert store.stats.evictions == 1
     assert "xs0" not in model.lorakit_registry.configs  # really detached
-    registry.release("lora1")
-    registry.load("xs0")  # now lora1 is the least recently used
-    assert "lora1" not in registry.resident() and registry.resident_bytes() <= registry.budget_bytes
+    store.release("lora1")
+    store.load("xs0")  # now lora1 is the least recently used
+    assert "lora1" not in store.resident() and store.resident_bytes() <= store.budget_bytes
 
 
 def test_adapter_larger_than_the_budget_is_refused(adapter_dir):
-    registry = ServingRegistry(tiny_llama(), adapter_dir, budget_bytes=10)
+    store = AdapterStore(tiny_llama(), adapter_dir, budget_bytes=10)
     with pytest.raises(AdapterLoadError, match="budget"):
-        registry.load("lora1")
+        store.load("lora1")
 
 
 def test_unload_waits_for_running_requests(adapter_dir):
     model = tiny_llama()
-    registry = ServingRegistry(model, adapter_dir)
-    registry.acquire("xs2")
-    assert registry.unload("xs2") is False  # deferred
+    store = AdapterStore(model, adapter_dir)
+    store.acquire("xs2")
+    assert store.unload("xs2") is False  # deferred
     assert "xs2" in model.lorakit_registry.configs
-    registry.release("xs2")
-    assert registry.resident() == [] and "xs2" not in model.lorakit_registry.configs
+    store.release("xs2")
+    assert store.resident() == [] and "xs2" not in model.lorakit_registry.configs
     with pytest.raises(AdapterNotFoundError):
-        registry.unload("xs2")
+        store.unload("xs2")
 
 
 def test_a_corrupt_adapter_fails_alone(source, adapter_dir, tmp_path):
@@ -121,29 +121,29 @@ def test_a_corrupt_adapter_fails_alone(source, adapter_dir, tmp_path):
     (root / "bad" / "adapter_config.json").write_text((adapter_dir / "xs0" / "adapter_config.json").read_text())
     (root / "bad" / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
     model = tiny_llama()
-    registry = ServingRegistry(model, root)
+    store = AdapterStore(model, root)
     with pytest.raises(AdapterLoadError, match="bad"):
-        registry.load("bad")
-    assert registry.stats.load_failures == 1
-    registry.load("good")
-    assert registry.resident() == ["good"]
+        store.load("bad")
+    assert store.stats.load_failures == 1
+    store.load("good")
+    assert store.resident() == ["good"]
 
 
 def test_concurrent_first_use_loads_once(adapter_dir):
-    registry = ServingRegistry(tiny_llama(), adapter_dir)
+    store = AdapterStore(tiny_llama(), adapter_dir)
     errors = []
 
     def use():
         try:
-            registry.acquire("lora3")
-            registry.release("lora3")
+            store.acquire("lora3")
+            store.release("lora3")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=use) for _ in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert not errors and registry.stats.loads == 1
+    assert not errors and store.stats.loads == 1
 
 
 def test_lora_xs_bases_are_computed_off_the_engine_thread(adapter_dir, monkeypatch):
@@ -163,8 +163,8 @@ def test_lora_xs_bases_are_computed_off_the_engine_thread(adapter_dir, monkeypat
     model = tiny_llama()
     engine = Engine(model).start()
     try:
-        registry = ServingRegistry(model, adapter_dir, engine=engine)
-        registry.load("xs0")
+        store = AdapterStore(model, adapter_dir, engine=engine)
+        store.load("xs0")
         assert engine.submit([3, 4], "xs0", SamplingParams(max_tokens=2)).result().reason in ("length", "stop")
     finally:
         engine.close()
@@ -176,15 +176,15 @@ def test_a_directory_whose_name_breaks_the_rule_is_not_listed_and_asking_says_wh
     root = tmp_path / "dotted"
     shutil.copytree(adapter_dir / "lora1", root / "v1.2")
     shutil.copytree(adapter_dir / "lora1", root / "ok")
-    registry = ServingRegistry(tiny_llama(), root)
+    store = AdapterStore(tiny_llama(), root)
     with caplog.at_level("WARNING", logger="lorakit.serve"):
-        assert registry.available() == ["ok"]
-        assert registry.available() == ["ok"]
+        assert store.available() == ["ok"]
+        assert store.available() == ["ok"]
     assert [r.getMessage() for r in caplog.records].count(
         next(r.getMessage() for r in caplog.records if "v1.2" in r.getMessage())) == 1  # logged once
     with pytest.raises(InvalidAdapterNameError, match="letters, digits"):
-        registry.acquire("v1.2")
-    assert registry.stats.load_failures == 0
+        store.acquire("v1.2")
+    assert store.stats.load_failures == 0
 
 
 def _with_config(src, dst, **changes):
@@ -206,15 +206,15 @@ def test_a_huge_rank_is_refused_before_any_svd(adapter_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(lora_xs, "top_singular", counted_svd)  # every LoRA-XS basis computation goes through it
     _with_config(adapter_dir / "xs0", tmp_path / "big" / "big", r=100000)
-    registry = ServingRegistry(tiny_llama(), tmp_path / "big")
+    store = AdapterStore(tiny_llama(), tmp_path / "big")
     with pytest.raises(AdapterLoadError, match="rank-100000"):
-        registry.load("big")
+        store.load("big")
     assert svds == []
 
 
 def test_a_failed_load_is_remembered_until_its_files_change(adapter_dir, tmp_path, monkeypatch):
     import lorakit.io.files as files_module
-    import lorakit.serve.registry as registry_module
+    import lorakit.serve.adapter_store as store_module
 
     reads = []
     real_read = files_module.read_adapter_dir
@@ -224,36 +224,36 @@ def test_a_failed_load_is_remembered_until_its_files_change(adapter_dir, tmp_pat
         return real_read(path)
 
     monkeypatch.setattr(files_module, "read_adapter_dir", counted_read)
-    if hasattr(registry_module, "read_adapter_dir"):
-        monkeypatch.setattr(registry_module, "read_adapter_dir", counted_read)
+    if hasattr(store_module, "read_adapter_dir"):
+        monkeypatch.setattr(store_module, "read_adapter_dir", counted_read)
     _with_config(adapter_dir / "xs0", tmp_path / "d" / "bad", r=100000)
-    registry = ServingRegistry(tiny_llama(), tmp_path / "d")
+    store = AdapterStore(tiny_llama(), tmp_path / "d")
     for _ in range(3):
         with pytest.raises(AdapterLoadError, match="rank-100000"):
-            registry.load("bad")
-    assert len(reads) == 1 and registry.stats.load_failures == 1  # the files were read once
+            store.load("bad")
+    assert len(reads) == 1 and store.stats.load_failures == 1  # the files were read once
     config_file = tmp_path / "d" / "bad" / "adapter_config.json"
     config_file.write_text(config_file.read_text().replace("100000", "4"))  # fixed: retried, and loads
-    registry.load("bad")
-    assert len(reads) == 2 and registry.resident() == ["bad"]
+    store.load("bad")
+    assert len(reads) == 2 and store.resident() == ["bad"]
 
 
 def test_a_pending_unload_stays_pending_when_a_new_request_uses_the_adapter(adapter_dir):
     """Issue 11 (minor): acquiring an adapter with a pending unload silently cancelled the unload."""
     model = tiny_llama()
-    registry = ServingRegistry(model, adapter_dir)
-    registry.acquire("lora1")
-    assert registry.unload("lora1") is False
-    registry.acquire("lora1")  # a request arrives meanwhile: it runs, the unload still waits
-    registry.release("lora1")
-    assert registry.resident() == ["lora1"]
-    registry.release("lora1")
-    assert registry.resident() == [] and "lora1" not in model.lorakit_registry.configs
+    store = AdapterStore(model, adapter_dir)
+    store.acquire("lora1")
+    assert store.unload("lora1") is False
+    store.acquire("lora1")  # a request arrives meanwhile: it runs, the unload still waits
+    store.release("lora1")
+    assert store.resident() == ["lora1"]
+    store.release("lora1")
+    assert store.resident() == [] and "lora1" not in model.lorakit_registry.configs
 
 
 def test_load_errors_name_paths_relative_to_the_adapter_directory(adapter_dir, tmp_path):
     _with_config(adapter_dir / "xs0", tmp_path / "rel" / "wide", r=100000)
-    registry = ServingRegistry(tiny_llama(), tmp_path / "rel")
+    store = AdapterStore(tiny_llama(), tmp_path / "rel")
     with pytest.raises(AdapterLoadError) as info:
-        registry.load("wide")
+        store.load("wide")
     assert str(tmp_path) not in str(info.value) and "wide/adapter_model.safetensors" in str(info.value)

@@ -1,5 +1,5 @@
-"""Which adapters a server holds: read from a directory on first use, evicted least-recently-used under
-a byte budget, never removed while a running request uses them.
+"""`AdapterStore`: which adapter files a server holds: read from a directory on first use, evicted
+least-recently-used under a byte budget, never removed while a running request uses them.
 
     <adapter dir>/<name>/adapter_config.json + adapter_model.safetensors   (as lorakit.io.save_adapter writes)
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lorakit.adapters import delete_adapter
 from lorakit.errors import AdapterNotFoundError, LorakitError
 from lorakit.io.files import read_adapter_dir
 from lorakit.io.guard import install_bases
@@ -47,14 +48,14 @@ class _Entry:
 
 
 @dataclass
-class RegistryStats:
+class StoreStats:
     loads: int = 0
     load_failures: int = 0
     evictions: int = 0
     unloads: int = 0
 
 
-class ServingRegistry:
+class AdapterStore:
     """Adapters resident on one served model, bounded by `budget_bytes` (None: unbounded)."""
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None, *, engine=None,
@@ -66,7 +67,7 @@ class ServingRegistry:
         self.engine = engine
         self.budget_bytes = budget_bytes
         self.packed = packed
-        self.stats = RegistryStats()
+        self.stats = StoreStats()
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._loading: dict[str, Future] = {}
@@ -253,8 +254,6 @@ class ServingRegistry:
         """Forget `name` and queue its detach; queued under the lock, so a later re-load's attach
         always runs after it on the engine thread."""
         del self._resident[name]
-        from lorakit.adapters import delete_adapter
-
         self._on_engine(lambda: delete_adapter(self.model, name))
 
     def _on_engine(self, fn) -> Future:

@@ -1,10 +1,8 @@
-"""Quantized bases: bitsandbytes 4-bit (NF4 / FP4, optional double quantization) and 8-bit linears.
-
-    quantize(model, "nf4")          nn.Linear / Conv1D ──► bnb Linear4bit, in place, keys as bitsandbytes saves them
-    attach(model, LoraConfig())     Linear4bit         ──► AdaptedLinear whose `quant` is a QuantizedBase
+"""Quantized bases, one layer at a time: bitsandbytes 4-bit (NF4 / FP4) and 8-bit weights under AdaptedLinear.
 
 A quantized base is a kind of base, not a kind of adapter. AdaptedLinear keeps the packed weight (a
-Params4bit with its quant_state, or an Int8Params with its row scales) and calls this module for
+Params4bit with its quant_state, or an Int8Params with its row scales) and calls this module's
+`QuantizedBase` (the per-layer strategy, from `quantized_base(base)`) for
 
     base_forward   y = x·Q(W)ᵀ + b        with bitsandbytes' own matmul (matmul_4bit / matmul)
     dequantize     D(Q(W)) in float32   (LoRA-XS takes its SVD from it)
@@ -12,31 +10,26 @@ Params4bit with its quant_state, or an Int8Params with its row scales) and calls
 
 Merging is exact bookkeeping here too: the packed weight W₀ from before the first merge is kept, every
 merge re-quantizes D(W₀) + Σ ΔW from it (rounding never accumulates), and unmerging the last adapter
-puts W₀ back bit for bit. What rounding a merge adds is measured, not warned about: each layer records
-the max and mean change of its outputs on a fixed probe batch (`merge_errors`, `merge_quantized`).
-An adapter's per-weight update is often far below the NF4 grid spacing, so requantizing can round most
-of it away; the report compares the error with the adapter's own effect (`MergeReport.effect_lost`), and
-`merge_and_unload(..., full_precision=True)` is the lossless alternative.
-Adapters on a quantized base compute in float32.
+puts W₀ back bit for bit. What rounding a merge adds is measured on a fixed probe batch per layer
+(`QuantizedBase.merge_error`; the model-level report is lorakit.quant_model.merge_quantized).
+Adapters on a quantized base compute in float32. The model-level operations (quantize a model, bits
+per weight, merge reports, prepare_for_training) are lorakit.quant_model.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.errors import BitsAndBytesUnavailableError, QuantizationError
+from lorakit.surgery import replace_module
 from lorakit.versions import check_version
-
-if TYPE_CHECKING:
-    from lorakit.layer import AdaptedLinear
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 PROBE_ROWS = 32  # rows of the fixed probe batch a merge's rounding error is measured on
@@ -108,10 +101,10 @@ class QuantizedBase:
     def storage_bytes(self, weight: nn.Parameter) -> int:
         raise NotImplementedError
 
-    def plain(self, layer: "AdaptedLinear") -> nn.Module:
+    def plain(self, layer: nn.Module) -> nn.Module:
         raise NotImplementedError
 
-    def adopt(self, layer: "AdaptedLinear") -> None:
+    def adopt(self, layer: nn.Module) -> None:
         """Make `layer`'s state dict hold the same keys the bitsandbytes layer saves."""
 
     # -- merging ----------------------------------------------------------------------------------
@@ -128,7 +121,7 @@ class QuantizedBase:
         return w
 
     @torch.no_grad()
-    def add_factors_(self, layer: "AdaptedLinear", up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
+    def add_factors_(self, layer: nn.Module, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
         """W ← Q(D(W₀) + Σ ΔW): dequantize, add, requantize, and measure the rounding on the probe batch."""
         weight = layer.weight
         up = (up.detach().float() * sign).contiguous()  # (out, r)
@@ -155,7 +148,7 @@ class QuantizedBase:
         self.merge_error = LayerMergeError(change.max().item(), change.mean().item(), exact.abs().mean().item(),
                                            delta.abs().mean().item())
 
-    def to_plain(self, layer: "AdaptedLinear", full_precision: bool) -> nn.Module:
+    def to_plain(self, layer: nn.Module, full_precision: bool) -> nn.Module:
         """The bitsandbytes layer holding the (merged) weight, or a float nn.Linear with D(W₀) + Σ ΔW."""
         if not full_precision:
             return self.plain(layer)
@@ -191,7 +184,7 @@ class Quant4bit(QuantizedBase):
         weight = base.weight
         if weight.quant_state is None:
             raise QuantizationError(f"{type(base).__name__} holds no quant_state: it was never quantized "
-                                    "(move it to a device, or use lorakit.quant.quantize)")
+                                    "(move it to a device, or use lorakit.quantize)")
         if getattr(weight.quant_state, "packing_format_for_cpu", False):  # bnb's CPU inference repacking
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
@@ -241,7 +234,7 @@ class Quant4bit(QuantizedBase):
         plain.weight = layer.weight
         plain.weight.module = plain
         plain.quant_state = layer.weight.quant_state
-        _no_cpu_repacking(plain)
+        no_cpu_repacking(plain)
         if layer.bias is not None:
             plain.bias = layer.bias
         return plain
@@ -251,7 +244,7 @@ class Quant4bit(QuantizedBase):
         layer.register_load_state_dict_pre_hook(_load_4bit_state)
 
 
-def _no_cpu_repacking(layer: nn.Module) -> None:
+def no_cpu_repacking(layer: nn.Module) -> None:
     """bitsandbytes repacks a Linear4bit's weight for bf16 AVX-512 kernels on its first CPU inference call
     (bf16 scales, fails on layers narrower than a block); keep the float32 path AdaptedLinear uses."""
     layer.support_avx512bf16_for_cpu = False
@@ -301,7 +294,7 @@ class Quant8bit(QuantizedBase):
         weight.CB, weight.SCB = weight.data, scb
         self.threshold = float(base.state.threshold)
         self._layer: weakref.ref | None = None  # the AdaptedLinear, for its training flag
-        _quiet_int8_cast_notice()
+        quiet_int8_cast_notice()
 
     def _state(self, weight: nn.Parameter):
         state = bnb().MatmulLtState()
@@ -364,7 +357,7 @@ class _Int8CastNotice(logging.Filter):
         return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
-def _quiet_int8_cast_notice() -> None:
+def quiet_int8_cast_notice() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _Int8CastNotice) for f in logger.filters):
         logger.addFilter(_Int8CastNotice())
@@ -383,236 +376,12 @@ def _load_8bit_state(module: nn.Module, state_dict: dict, prefix: str, *args: An
         module.weight.SCB = scb.to(module.weight.device, torch.float32).clone()
 
 
-# ------------------------------------------------------------------------------------- quantize()
-
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    """(out, in) weight of an nn.Linear or a (transposed) Conv1D."""
-    return module.weight.T if not isinstance(module, nn.Linear) else module.weight
-
-
-def _quantizable(module: nn.Module) -> bool:
-    from lorakit.layer import ADAPTABLE_TYPES
-
-    return isinstance(module, ADAPTABLE_TYPES) and not is_quantized_linear(module)
-
-
-def _select(model: nn.Module, targets: str | Iterable[str], exclude: Iterable[str]) -> list[str]:
-    from lorakit.attach import _matches, _output_head_names
-
-    modules = {n: m for n, m in model.named_modules() if not n.startswith("lorakit_prefix.")}  # lorakit's own
-    heads = _output_head_names(model)
-    if targets == "all-linear":
-        chosen = [n for n, m in modules.items() if n and _quantizable(m) and n not in heads]
-    elif isinstance(targets, str):
-        chosen = [n for n in modules if n and re.fullmatch(targets, n)]
-    else:
-        targets = list(targets)
-        missing = [t for t in targets if not any(_matches(n, t) for n in modules if n)]
-        if missing:
-            raise QuantizationError(f"module(s) {missing} not found in {type(model).__name__}")
-        chosen = [n for n in modules if n and any(_matches(n, t) for t in targets)]
-    exclude = list(exclude)
-    chosen = [n for n in chosen if not any(_matches(n, e) for e in exclude)]
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _quantizable(modules[n])]
-    if bad:
-        raise QuantizationError(f"bitsandbytes cannot quantize {bad[:5]}: only nn.Linear and transformers' Conv1D "
-                                "layers (not yet quantized, not yet adapted) can be")
-    if not chosen:
-        raise QuantizationError(f"no linear layer of {type(model).__name__} matches {targets!r}")
-    return chosen
-
-
-def quantize(model: nn.Module, quant_type: str = "nf4", *, double_quant: bool = True,
-             target_modules: str | Iterable[str] = "all-linear", exclude_modules: Iterable[str] = (),
-             compute_dtype: torch.dtype = torch.float32, blocksize: int = 64, threshold: float = 0.0) -> nn.Module:
-    """Replace the model's linear layers by bitsandbytes 4-bit ("nf4" / "fp4") or 8-bit ("int8") layers, in
-    place, and return the model. Quantize before attaching adapters. The output head is left alone.
-
-    double_quant quantizes the 4-bit block scales again (8-bit, blocks of 256): ~4.13 bits per weight
-    instead of 4.5. compute_dtype is what 4-bit matmuls run in; threshold is LLM.int8()'s outlier threshold.
-    """
-    if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    mod = bnb()
-    from bitsandbytes.functional import int8_vectorwise_quant, quantize_4bit
-
-    from lorakit.attach import _replace_module, adapted_layers
-
-    if adapted_layers(model):
-        raise QuantizationError("quantize the base before attaching adapters: this model already has adapted layers")
-    for name in _select(model, target_modules, exclude_modules):
-        old = model.get_submodule(name)
-        w = _float_weight(old).detach()  # (out, in)
-        out_f, in_f = w.shape
-        bias = old.bias
-        if quant_type == "int8":
-            new = mod.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
-                                      threshold=threshold, device="meta")
-            cb, scb, _ = int8_vectorwise_quant(w.to(torch.float16).contiguous())
-            new.weight = mod.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-            _quiet_int8_cast_notice()
-        else:
-            new = mod.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
-                                    compress_statistics=double_quant, quant_type=quant_type, device="meta")
-            data, state = quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
-                                        quant_type=quant_type)
-            new.weight = mod.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
-                                           compress_statistics=double_quant, quant_type=quant_type, module=new,
-                                           bnb_quantized=True)
-            new.quant_state = state
-            _no_cpu_repacking(new)
-        if bias is not None:
-            new.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        new.train(old.training)
-        _replace_module(model, name, new)
-        del old, w
-    return model
-
-
-# ------------------------------------------------------------------------------------- reports
-
-@dataclass(frozen=True)
-class BitsReport:
-    """Storage of a model's quantized linear weights."""
-
-    bits_per_weight: float  # all bytes of the quantized weights (codes, scales, code books) × 8 / weights
-    weights: int  # number of quantized weights
-    bytes: int  # their storage
-    layers: int  # number of quantized layers
-
-
-def _quantized_weights(model: nn.Module) -> list[tuple[nn.Module, QuantizedBase | None]]:
-    from lorakit.layer import AdaptedLinear
-
-    found = []
-    for module in model.modules():
-        if isinstance(module, AdaptedLinear) and module.quant is not None:
-            found.append((module, module.quant))
-        elif is_quantized_linear(module):
-            found.append((module, None))
-    return found
-
-
-def bits_per_weight(model: nn.Module) -> BitsReport:
-    """Bits per weight of every quantized linear layer of `model` (adapted or not)."""
-    weights = total = 0
-    found = _quantized_weights(model)
-    if not found:
-        raise QuantizationError(f"{type(model).__name__} has no quantized linear layer")
-    for module, quant in found:
-        weights += module.in_features * module.out_features
-        if quant is not None:
-            total += quant.storage_bytes(module.weight)
-        elif isinstance(module, sys.modules["bitsandbytes"].nn.Linear4bit):
-            total += storage_bytes_4bit(module.weight)
-        else:
-            scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
-            total += module.weight.numel() + scb.numel() * scb.element_size()
-    return BitsReport(8.0 * total / weights, weights, total, len(found))
-
-
-def merge_errors(model: nn.Module) -> dict[str, LayerMergeError]:
-    """Layer name -> the output change requantizing its merged weight added (layers with something merged)."""
-    from lorakit.attach import adapted_layers
-
-    return {n: layer.quant.merge_error for n, layer in adapted_layers(model).items()
-            if layer.quant is not None and layer.quant.merge_error is not None}
-
-
-@dataclass
-class MergeReport:
-    """What merging into a quantized base cost: per layer on a probe batch, and on the model's outputs."""
-
-    layers: dict[str, LayerMergeError] = field(default_factory=dict)
-    layer_max_abs: float = 0.0  # worst layer's max output change
-    layer_mean_abs: float = 0.0  # mean over layers of the mean output change
-    output_max_abs: float | None = None  # max |merged − unmerged| of the model's outputs on the probe inputs
-    output_mean_abs: float | None = None
-    output_ref_mean_abs: float | None = None  # mean |unmerged output|, for scale
-    output_adapter_mean_abs: float | None = None  # mean |unmerged − base output|: the adapter's own effect
-
-    @property
-    def effect_lost(self) -> float | None:
-        """Model-output error over the adapter's effect: near 0 is a faithful merge, near 1 the adapter is gone."""
-        if self.output_mean_abs is None or not self.output_adapter_mean_abs:
-            return None
-        return self.output_mean_abs / self.output_adapter_mean_abs
-
-    def summary(self) -> str:
-        text = (f"merge into a quantized base: {len(self.layers)} layers, layer outputs changed by max "
-                f"{self.layer_max_abs:.3g}, mean {self.layer_mean_abs:.3g}")
-        if self.output_max_abs is not None:
-            text += (f"; model outputs changed by max {self.output_max_abs:.3g}, mean {self.output_mean_abs:.3g} "
-                     f"(mean |output| {self.output_ref_mean_abs:.3g}; the adapter itself moves them by "
-                     f"{self.output_adapter_mean_abs:.3g})")
-        return text
-
-
-def _outputs(model: nn.Module, inputs: dict | torch.Tensor) -> torch.Tensor:
-    out = model(**inputs) if isinstance(inputs, dict) else model(input_ids=inputs)
-    for attr in ("logits", "last_hidden_state"):
-        if hasattr(out, attr):
-            return getattr(out, attr).float()
-    return out.float() if isinstance(out, torch.Tensor) else out[0].float()
-
-
-@torch.no_grad()
-def merge_quantized(model: nn.Module, name: str, probe_inputs: dict | torch.Tensor | None = None) -> MergeReport:
-    """Merge adapter `name` into the (quantized) base and report the error requantizing added.
-
-    Per layer: max and mean change of its outputs on a fixed probe batch. With `probe_inputs` (input ids or
-    a dict of model inputs): also max and mean change of the model's outputs, merged vs unmerged.
-    """
-    from lorakit.merge import merge
-    from lorakit.routing import disable_adapters, use_adapter
-
-    before = base = None
-    if probe_inputs is not None:
-        with use_adapter(model, name):
-            before = _outputs(model, probe_inputs)
-        with disable_adapters(model):
-            base = _outputs(model, probe_inputs)
-    merge(model, name)
-    report = MergeReport(layers=merge_errors(model))
-    if report.layers:
-        report.layer_max_abs = max(e.max_abs for e in report.layers.values())
-        report.layer_mean_abs = sum(e.mean_abs for e in report.layers.values()) / len(report.layers)
-    if before is not None:
-        with use_adapter(model, name):
-            after = _outputs(model, probe_inputs)
-        diff = (after - before).abs()
-        report.output_max_abs, report.output_mean_abs = diff.max().item(), diff.mean().item()
-        report.output_ref_mean_abs = before.abs().mean().item()
-        report.output_adapter_mean_abs = (before - base).abs().mean().item()
-    return report
-
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every bitsandbytes linear layer left in `model` by a float nn.Linear (in place)."""
-    from lorakit.attach import _replace_module
-
     for name, module in list(model.named_modules()):
         if is_quantized_linear(module):
             quant = quantized_base(module)
             dtype = quant.float_dtype(module.weight)
-            _replace_module(model, name, float_linear(quant.dequantize(module.weight), module.bias, dtype))
+            replace_module(model, name, float_linear(quant.dequantize(module.weight), module.bias, dtype))
     return model
-
-
-def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool = False) -> nn.Module:
-    """Train mode, and optionally gradient checkpointing (non-reentrant, so frozen inputs are fine and
-    adapter and prefix gradients flow); the model's own cache is turned off while checkpointing."""
-    model.train()
-    if gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise QuantizationError(f"{type(model).__name__} is not a transformers model: it has no "
-                                    "gradient_checkpointing_enable")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
-            model.config.use_cache = False
-    return model
-
-
-__all__ = ["BitsReport", "LayerMergeError", "MergeReport", "QUANT_TYPES", "bits_per_weight", "dequantize_model",
-           "is_quantized_linear", "merge_errors", "merge_quantized", "prepare_for_training", "quantize"]

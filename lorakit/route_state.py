@@ -1,0 +1,202 @@
+"""The per-call route state every adapted layer reads: which adapter applies to this call.
+
+A `Route` lives in a `ContextVar`, keyed by the id of the model's adapter record
+(lorakit.model_adapters) so two models in one context keep their own routes. Threads and asyncio tasks
+each see their own context. This module sits below the layers: it knows no model, only a record's
+adapter names; the model-level API (`use_adapter`, `disable_adapters`, `use_route`) is lorakit.routing.
+
+Gradient checkpointing recomputes a layer during backward(), usually after the `with` block has closed.
+The routes current at forward time must hold then too: `RouteCarrier` wraps a checkpoint function so
+the function it checkpoints re-installs them, and `attach` installs it on transformers' checkpointed
+layers. Plain torch.utils.checkpoint users call `checkpoint_with_route` (or `context_fn=route_context`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+import contextvars
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Union
+
+from torch.utils.checkpoint import checkpoint
+
+from lorakit.errors import AdapterNotFoundError, RoutingError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class AttachedConfigs(Protocol):
+    """What routing reads of a model's adapter record (lorakit.model_adapters.ModelAdapters): the names."""
+
+    configs: Mapping[str, Any]
+
+
+RowNames = Union[str, None, tuple[Union[str, None], ...]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """`names`: one adapter name for all rows, None for the base, or a tuple with one entry per row."""
+
+    names: RowNames
+    # Work derived from the names (row groups, slot tensors), done once per call rather than once per
+    # layer. It lives and dies with this route, so it is never shared between calls.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def per_row(self) -> bool:
+        return isinstance(self.names, tuple)
+
+
+_ROUTES: ContextVar[Mapping[int, Route]] = ContextVar("lorakit_routes", default=MappingProxyType({}))
+
+
+class _AsStored:
+    """Marker: run the stored (possibly merged) weights, adding nothing and subtracting nothing."""
+
+    def __repr__(self) -> str:
+        return "AS_STORED"
+
+
+AS_STORED = _AsStored()  # what a call without a route runs when adapters are merged (ModelAdapters.default_names)
+
+
+def current_route(registry_id: int) -> Route | None:
+    """The route set for this record (by id) in the current context, or None when none was set."""
+    return _ROUTES.get().get(registry_id)
+
+
+@contextmanager
+def route_for(registry: AttachedConfigs, names: RowNames) -> Iterator[Route]:
+    """Set a route for one adapter record for the duration of the block (validated first)."""
+    if isinstance(names, list):
+        names = tuple(names)
+    wanted = names if isinstance(names, tuple) else (names,)
+    if isinstance(names, tuple) and not names:
+        raise RoutingError("per-row adapter names must not be empty")
+    unknown = sorted({n for n in wanted if n is not None and n not in registry.configs})
+    if unknown:
+        raise AdapterNotFoundError(
+            f"adapter(s) {unknown} not attached; attached: {sorted(registry.configs) or 'none'}")
+    bad = [n for n in wanted if n is not None and not isinstance(n, str)]
+    if bad:
+        raise RoutingError(f"adapter names must be str or None, got {bad[:3]!r}")
+    with installed(registry, Route(names)) as route:
+        yield route
+
+
+@contextmanager
+def installed(registry: AttachedConfigs, route: Route) -> Iterator[Route]:
+    """Make `route` the current one for `registry` in this context, restoring the previous on exit."""
+    routes = dict(_ROUTES.get())
+    routes[id(registry)] = route
+    token = _ROUTES.set(MappingProxyType(routes))
+    try:
+        yield route
+    finally:
+        _ROUTES.reset(token)
+
+
+# -- gradient checkpointing: the forward's routes hold for the recomputation -----------------------------
+RouteSnapshot = Mapping[int, Route]
+
+
+def current_routes() -> RouteSnapshot:
+    """Every route set in this context (all models), as an immutable snapshot to re-install later."""
+    return _ROUTES.get()
+
+
+@contextmanager
+def routes_installed(snapshot: RouteSnapshot) -> Iterator[None]:
+    """Make `snapshot` (from `current_routes`) the routes of this context for the block. The Route objects
+    themselves are re-entered, so their caches (row groups, gathered slots) are reused, not rebuilt."""
+    token = _ROUTES.set(snapshot)
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)
+
+
+def with_routes(function: Callable[..., Any], snapshot: RouteSnapshot | None = None) -> Callable[..., Any]:
+    """`function`, run under the routes current now (or `snapshot`) wherever and whenever it is called.
+
+    Without a snapshot the whole context travels (contextvars.copy_context): the routes, and any other
+    per-call state set around the forward, such as the prefix cache of lorakit.prefix_hook, which a
+    checkpointed layer needs again when it is recomputed during backward()."""
+    if snapshot is None:
+        context = contextvars.copy_context()
+
+        def run_in_context(*args: Any, **kwargs: Any) -> Any:
+            return context.copy().run(function, *args, **kwargs)  # a fresh copy per run: re-entry is allowed
+
+        return run_in_context
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with routes_installed(snapshot):
+            return function(*args, **kwargs)
+
+    return run
+
+
+class RouteCarrier:
+    """Wraps a checkpoint function `inner(function, *args, **kwargs)` (transformers' per-layer
+    `_gradient_checkpointing_func`): the routes current at each call travel with `function`, so
+    torch.utils.checkpoint's recomputation during backward() sees the forward's routes, per-row included."""
+
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.inner(with_routes(function), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"RouteCarrier({self.inner!r})"
+
+
+def checkpoint_with_route(function: Callable[..., Any], *args: Any, use_reentrant: bool = False,
+                          **kwargs: Any) -> Any:
+    """torch.utils.checkpoint.checkpoint(function, *args) whose recomputation runs under the routes of
+    this call, so backward() may run after the `use_adapter` block has closed."""
+    return checkpoint(with_routes(function), *args, use_reentrant=use_reentrant, **kwargs)
+
+
+def route_context() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """A `context_fn` for non-reentrant torch.utils.checkpoint: the recomputation runs under the routes
+    current at forward time. `checkpoint(f, x, use_reentrant=False, context_fn=lorakit.route_context)`."""
+    return nullcontext(), routes_installed(current_routes())
+
+
+CHECKPOINT_FUNC_ATTR = "_gradient_checkpointing_func"  # transformers' per-module checkpoint function
+CHECKPOINTED_ATTR = "lorakit_checkpointed"  # on a hooked module: the checkpointable modules at or below it
+
+
+def _wrap_checkpoint_funcs(module: "nn.Module", args: tuple) -> None:
+    """Forward pre-hook: make the checkpoint functions at or below `module` RouteCarriers before they are used.
+    Checked per call, since gradient_checkpointing_enable() may set new functions at any time."""
+    for target in getattr(module, CHECKPOINTED_ATTR, ()):
+        func = getattr(target, CHECKPOINT_FUNC_ATTR, None)
+        if func is not None and not isinstance(func, RouteCarrier):
+            setattr(target, CHECKPOINT_FUNC_ATTR, RouteCarrier(func))
+
+
+def carry_routes_through_checkpointing(model: "nn.Module") -> None:
+    """Hook the modules transformers may checkpoint (those with a `gradient_checkpointing` flag:
+    GradientCheckpointingLayer blocks, older-style backbones) so that model.gradient_checkpointing_enable()
+    works with `use_adapter` around the forward only.
+
+    transformers 5.24 checkpoints a block's `forward`, after its pre-hooks; 4.56-5.17 checkpoint
+    `super().__call__` from `__call__`, before them. So the model itself is hooked too, and each hook wraps
+    every checkpointable module at or below it: the outermost module called wraps them all in time.
+    Idempotent (re-run by every attach); costs a few attribute reads per block and call."""
+    for module in model.modules():
+        if module is not model and not hasattr(module, "gradient_checkpointing"):
+            continue
+        below = tuple(m for m in module.modules() if hasattr(m, "gradient_checkpointing"))
+        first = CHECKPOINTED_ATTR not in module.__dict__
+        module.__dict__[CHECKPOINTED_ATTR] = below  # a plain tuple, not registered as submodules
+        if first:
+            module.register_forward_pre_hook(_wrap_checkpoint_funcs)
