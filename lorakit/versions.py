@@ -9,6 +9,7 @@ another release at your own risk.
 from __future__ import annotations
 
 import os
+import sys
 from importlib import metadata
 
 from packaging.specifiers import SpecifierSet
@@ -56,6 +57,13 @@ def check_version(package: str, version: str | None = None) -> None:
 
 
 def check_core_versions() -> None:
-    """The dependencies every lorakit import uses."""
-    for package in ("torch", "transformers", "safetensors"):
-        check_version(package)
+    """The dependencies every lorakit import uses. Run as the `lorakit` command, an untested version is a
+    one-line error and exit status 2 (an input error of the environment, not a bug with a traceback)."""
+    try:
+        for package in ("torch", "transformers", "safetensors"):
+            check_version(package)
+    except IncompatibleVersionError as exc:
+        if os.path.basename(sys.argv[0] if sys.argv else "") == "lorakit":
+            print(f"lorakit: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise

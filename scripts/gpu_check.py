@@ -10,7 +10,8 @@ and the next part runs; nothing here waits without a limit. Settings (environmen
   MODEL=...              a Llama config .json or preset (default TinyLlama-1.1B shape; tiny on cpu)
   TESTS_K=...            pytest -k expression (default "cuda"; "cpu and bfloat16" on cpu)
   TESTS=tests            what pytest collects
-  TESTS_TIMEOUT=170 BENCH_TIMEOUT=250   seconds per part (defaults 60/120 on cpu)
+  TESTS_TIMEOUT=150 BENCH_TIMEOUT=240   seconds per part (defaults 60/120 on cpu); with the 40 s probe
+                         and 10 s of kill grace per part they stay inside the shell script's 480 s limit
   QUICK=0|1              bench speed --quick (default 1 on cpu)
   BENCH_ARGS=...         more flags for `lorakit bench speed` (e.g. "--only prefill training")
 """
@@ -32,6 +33,10 @@ COLLECT_ERROR = re.compile(r"^ERROR (\S+\.py)\b")
 SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
+PROBE_TIMEOUT = 40  # the environment probe (imports torch, reads the GPU): normally seconds
+KILL_GRACE = 10  # after a part's limit, what run_part waits for its killed process group
+
+
 def settings(env: dict[str, str]) -> dict:
     """The check's settings from the environment, with defaults that depend on the device."""
     device = env.get("DEVICE", "cuda")
@@ -40,8 +45,8 @@ def settings(env: dict[str, str]) -> dict:
             "model": env.get("MODEL", "scripts/configs/tiny-llama.json" if cpu else "scripts/configs/tinyllama-1.1b.json"),
             "tests_k": env.get("TESTS_K", "cpu and bfloat16" if cpu else "cuda"),
             "tests": env.get("TESTS", "tests"),
-            "tests_timeout": int(env.get("TESTS_TIMEOUT", "60" if cpu else "170")),
-            "bench_timeout": int(env.get("BENCH_TIMEOUT", "120" if cpu else "250")),
+            "tests_timeout": int(env.get("TESTS_TIMEOUT", "60" if cpu else "150")),
+            "bench_timeout": int(env.get("BENCH_TIMEOUT", "120" if cpu else "240")),
             "quick": env.get("QUICK", "1" if cpu else "0") == "1",
             "bench_args": shlex.split(env.get("BENCH_ARGS", "")),
             "out": env.get("OUT") or "gpu_out"}
@@ -59,7 +64,7 @@ def run_part(command: list[str], log: Path, timeout: int) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=KILL_GRACE)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -119,7 +124,7 @@ def environment() -> dict:
              "'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
              "'transformers': transformers.__version__, 'peft': peft.__version__}))")
     try:
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as err:
         return {"error": f"environment probe failed: {type(err).__name__}: {err}"}

