@@ -96,6 +96,8 @@ class AdaptedLinear(nn.Module):
         names = route.names if route is not None else self.registry.default_names()
         if names is AS_STORED:
             return out
+        if x.dtype != out.dtype:  # under torch.autocast the base output is bf16/fp16 while x is not: the
+            x = x.to(out.dtype)  # adapter math and its in-place adds then run in the output's dtype
         if isinstance(names, tuple):
             if len(names) != x.shape[0]:
                 raise RoutingError(f"{self.module_name}: route has {len(names)} row names but the batch has "
