@@ -124,7 +124,7 @@ def row_dropout(x3: torch.Tensor, adapters: list, slot: torch.Tensor, active: to
     rate = torch.tensor(rates, dtype=torch.float32, device=x3.device)[slot] * active.float()  # (B,)
     keep = (1.0 - rate)[:, None, None]  # (B, 1, 1)
     scale = torch.where(keep > 0, 1.0 / keep.clamp_min(1e-12), torch.zeros_like(keep))
-    mask = torch.empty_like(x3).bernoulli_(keep.expand(x3.shape).to(x3.dtype))
+    mask = (torch.rand(x3.shape, device=x3.device) < keep).to(x3.dtype)  # drawn in float32: bf16 would round p
     return x3 * (mask * scale.to(x3.dtype))
 
 

@@ -23,6 +23,15 @@ def _normalise_targets(value: object) -> Targets:
     raise AdapterConfigError(f"target_modules must be 'all-linear', a regex or a list of names, got {value!r}")
 
 
+def normalise_excludes(value: object) -> tuple[str, ...]:
+    """exclude_modules as a tuple of names: one name given as a string is one name, not its characters."""
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value):
+        return tuple(value)
+    raise AdapterConfigError(f"exclude_modules must be a module name or a list of names, got {value!r}")
+
+
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise AdapterConfigError(f"{name} must be True or False, got {value!r}")
@@ -65,7 +74,7 @@ class LoraConfig:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
 
     @property
     def scaling(self) -> float:
@@ -93,7 +102,7 @@ class LoraXSConfig:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
 
     @property
     def scaling(self) -> float:
@@ -119,7 +128,7 @@ class VeraConfig:
             raise AdapterConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
         _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
 
     @property
     def scaling(self) -> float:

@@ -48,8 +48,8 @@ def check_version(package: str, version: str | None = None) -> None:
     version = version if version is not None else installed_version(package)
     if version is None:
         return
-    base = Version(version).base_version  # 2.13.0+cpu and 5.0.0rc1 are judged by their release
-    if base not in SpecifierSet(SUPPORTED[package]):
+    # a local label (2.13.0+cpu) is the release it labels; a pre-release (5.17.0rc1) comes before its release
+    if not SpecifierSet(SUPPORTED[package]).contains(Version(version).public, prereleases=True):
         raise IncompatibleVersionError(
             f"lorakit is tested with {package} {SUPPORTED[package]}, but {package} {version} is installed; "
             f"install a tested one (pip install -c constraints.txt '{package}{SUPPORTED[package]}') or set "

@@ -57,6 +57,11 @@ def test_target_list_regex_and_exclusions():
     lorakit.attach(model, LoraConfig(r=2, exclude_modules=("down_proj",)), "c")
     c_layers = [n for n, l in lorakit.adapted_layers(model).items() if "c" in l.adapters]
     assert len(c_layers) == 12 and not any(n.endswith("down_proj") for n in c_layers)
+    lorakit.attach(model, LoraConfig(r=2, exclude_modules="down_proj"), "d")  # one name as a string
+    d_layers = [n for n, l in lorakit.adapted_layers(model).items() if "d" in l.adapters]
+    assert d_layers == c_layers
+    with pytest.raises(AdapterConfigError, match="exclude_modules"):
+        LoraConfig(r=2, exclude_modules=["q_proj", 3])
 
 
 def test_gpt2_conv1d_is_adapted_with_transposed_weight(ids):

@@ -22,10 +22,16 @@ def test_a_version_outside_the_range_names_package_and_range():
         check_version("torch", "2.0.1")
 
 
-def test_versions_inside_the_range_pass_local_and_pre_release_labels_included():
+def test_local_labels_are_their_release_and_pre_releases_come_before_it():
     check_version("torch", "2.13.0+cpu")
     check_version("transformers", "5.24.0")
     check_version("transformers", "5.17.0")
+    check_version("transformers", "5.18.0rc1")
+    for early in ("5.17.0rc1", "5.17.0.dev0"):  # before the lower bound's release
+        with pytest.raises(IncompatibleVersionError):
+            check_version("transformers", early)
+    with pytest.raises(IncompatibleVersionError):
+        check_version("transformers", "5.25.0rc1")  # a pre-release of the excluded upper bound
 
 
 def test_the_escape_hatch(monkeypatch):
