@@ -78,13 +78,13 @@ def route_for(registry: AttachedConfigs, names: RowNames) -> Iterator[Route]:
     wanted = names if isinstance(names, tuple) else (names,)
     if isinstance(names, tuple) and not names:
         raise RoutingError("per-row adapter names must not be empty")
+    bad = [n for n in wanted if n is not None and not isinstance(n, str)]
+    if bad:  # before the look-up: a list or an int is not a name (and may not even hash)
+        raise RoutingError(f"adapter names must be str or None, got {bad[:3]!r}")
     unknown = sorted({n for n in wanted if n is not None and n not in registry.configs})
     if unknown:
         raise AdapterNotFoundError(
             f"adapter(s) {unknown} not attached; attached: {sorted(registry.configs) or 'none'}")
-    bad = [n for n in wanted if n is not None and not isinstance(n, str)]
-    if bad:
-        raise RoutingError(f"adapter names must be str or None, got {bad[:3]!r}")
     with installed(registry, Route(names)) as route:
         yield route
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from lorakit.errors import RoutingError
 from lorakit.model_adapters import adapters_of
 from lorakit.route_state import (AS_STORED, Route, RowNames, checkpoint_with_route, current_route, current_routes,
                                  installed, route_context, route_for, routes_installed, with_routes)
@@ -39,6 +40,8 @@ def use_route(model: nn.Module, route: Route) -> Iterator[Route]:
     """Re-enter an existing route: a serving loop that decodes step after step for the same rows
     keeps one Route, so per-route work (gathered adapter weights, row groups) is done once."""
     registry = adapters_of(model)
+    if not isinstance(route, Route) or isinstance(route.names, list):
+        raise RoutingError(f"use_route takes a lorakit.Route whose per-row names are a tuple, got {route!r}")
     with route_for(registry, route.names):  # validates the names against the model
         pass
     with installed(registry, route):

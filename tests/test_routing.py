@@ -119,3 +119,17 @@ def test_a_reused_route_sees_in_place_weight_changes(ids):
         with lorakit.use_adapter(model, list(route.names)):
             assert torch.equal(model(input_ids=ids).logits, changed)
     assert not torch.allclose(first[2], changed[2]) and torch.allclose(first[0], changed[0])
+
+
+def test_names_that_are_not_strings_are_a_routing_error_not_a_type_error():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    lorakit.attach(model, lorakit.LoraConfig(r=2), "a")
+    for names in (["zz", 3], [["a"], None], ["a", {"x": 1}]):
+        with pytest.raises(lorakit.RoutingError, match="must be str or None"):
+            with lorakit.use_adapter(model, names):
+                pass
+    with pytest.raises(lorakit.RoutingError, match="tuple"):
+        with lorakit.use_route(model, lorakit.Route(["a", "a"])):
+            pass
