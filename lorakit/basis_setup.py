@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.bases_cache import MIN_NUMEL, BasesCache, default_cache, weight_key
-from lorakit.errors import AdapterConfigError, AdapterMismatchError
+from lorakit.errors import AdapterConfigError, AdapterMismatchError, MergeStateError
 from lorakit.layer import AdaptedLinear
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import lora_xs_bases
@@ -62,6 +62,9 @@ def lora_xs_bases_for(model: nn.Module, module_names: Iterable[str], r: int, *,
         have = module.basis(KEY) if isinstance(module, AdaptedLinear) else None
         if have is not None and have.rank >= r:
             continue
+        if isinstance(module, AdaptedLinear) and module.merged_names():  # W now holds W0 + ΔW: not the base
+            raise MergeStateError(f"module {name} holds merged adapter(s) {module.merged_names()}: a LoRA-XS basis "
+                                  "must come from the base weight; unmerge them first (lorakit.unmerge)")
         in_f, out_f = layer_shape(module)
         if r > min(in_f, out_f):
             raise AdapterConfigError(f"rank r={r} exceeds min(in, out)={min(in_f, out_f)} of module {name} "

@@ -147,3 +147,21 @@ def test_subspace_iteration_path_equals_svd(monkeypatch, shape, device):
         # converging: no eigh but for the rank-10 matrix (its block loses rank); else all fall back
         assert direct == ([1] if rounds else [3, 1])
         direct.clear()
+
+
+def test_a_lora_xs_basis_is_never_taken_from_a_merged_weight():
+    """Attaching LoRA-XS on layers that hold a merged adapter would take the SVD of W0 + ΔW, and the saved
+    adapter would not load on the base: refused, naming the module, and the model is left as it was."""
+    import lorakit
+    from lorakit.errors import MergeStateError
+    from tests.conftest import randomize_adapters, tiny_llama
+
+    model = tiny_llama()
+    lorakit.attach(model, lorakit.LoraConfig(r=2), "a")
+    randomize_adapters(model)
+    lorakit.merge(model, "a")
+    with pytest.raises(MergeStateError, match="unmerge"):
+        lorakit.attach(model, lorakit.LoraXSConfig(r=4), "xs")
+    assert "xs" not in lorakit.adapter_names(model)
+    lorakit.unmerge(model, "a")
+    lorakit.attach(model, lorakit.LoraXSConfig(r=4), "xs")
