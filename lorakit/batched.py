@@ -166,12 +166,14 @@ def _add_packed(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
     if key not in cache:  # on the bank's device: index_select needs its index there
         cache[key] = bank.row_slots(tuple(None if n in merged else n for n in names), bank.cores.device)  # (B,)
     slots = cache[key]
-    down, up = layer.bases["lora_xs"].sliced(bank.rank)
+    basis = layer.bases["lora_xs"]
+    k = min(bank.rank, basis.rank)  # the bank grows to its widest adapter; this layer's basis may be narrower
+    down, up = basis.sliced(k)
     down, up = down.to(x.dtype), up.to(x.dtype)  # the basis may be held in another dtype than x
     batch = x.shape[0]
     h = torch.matmul(x.reshape(batch, -1, x.shape[-1]), down.T)  # (B, T, r)
     # (B, r, r); slot 0 is zero. The bank may be float32 on a bf16 base: only the gathered cores are cast
-    cores = bank.cores[layer.bank_index].index_select(0, slots).to(x.dtype)
+    cores = bank.cores[layer.bank_index, :, :k, :k].index_select(0, slots).to(x.dtype)  # entries past k are zero
     h = torch.bmm(h, cores.transpose(1, 2))
     if out.is_contiguous():  # out += h·upᵀ as one fused GEMM
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T)

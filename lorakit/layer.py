@@ -128,9 +128,10 @@ class AdaptedLinear(nn.Module):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW of adapter `name` as up (out, k) @ down (k, in)."""
         if name not in self.adapters:  # packed: up = B·(α/r)R, down = A
-            bank = self.registry.bank
-            down, up = self.bases["lora_xs"].sliced(bank.rank)
-            core = bank.core(self.bank_index, name)  # (r, r), in the bank's dtype (float32 on a bf16 base)
+            bank, basis = self.registry.bank, self.bases["lora_xs"]
+            k = min(bank.rank, basis.rank)  # the bank grows to its widest adapter; this layer's basis may be narrower
+            down, up = basis.sliced(k)
+            core = bank.core(self.bank_index, name)[:k, :k]  # (k, k), zero beyond the adapter's rank; bank's dtype
             wide = torch.promote_types(torch.promote_types(up.dtype, core.dtype), torch.float32)
             return up.to(wide) @ core.to(wide), down
         adapter = self.adapters[name]

@@ -110,3 +110,23 @@ def test_merge_and_unload_a_packed_adapter(ids):
     plain = lorakit.merge_and_unload(model, "a")
     assert get_bank(plain) is None and not lorakit.adapted_layers(plain)
     assert (plain(input_ids=ids).logits - expected).abs().max() < 1e-5
+
+
+def test_packing_a_wider_adapter_elsewhere_keeps_narrower_layers_working(ids):
+    """The bank's rank grows to its widest adapter; a layer whose basis is narrower (only rank-4 adapters
+    there) must keep working: single route, per-row, and merge."""
+    model = tiny_llama()
+    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3, target_modules=["model.layers.0.self_attn.q_proj"]), "p4")
+    lorakit.attach(model, LoraXSConfig(r=8, init_std=0.3, target_modules=["model.layers.1.self_attn.q_proj"]), "p8")
+    expected = _outputs(model, ["p4", "p8", None], ids)
+    pack_adapter(model, "p4")
+    pack_adapter(model, "p8")
+    assert get_bank(model).rank == 8
+    assert (_outputs(model, ["p4"], ids)["p4"] - expected["p4"]).abs().max() < 1e-5
+    rows = ["p4", "p8", None, "p4"]
+    with lorakit.use_adapter(model, rows):
+        mixed = model(input_ids=ids).logits
+    for i, n in enumerate(rows):
+        assert (mixed[i] - expected[n][i]).abs().max() < 1e-5, (i, n)
+    lorakit.merge(model, "p4")
+    assert (model(input_ids=ids).logits - expected["p4"]).abs().max() < 1e-5
