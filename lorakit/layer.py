@@ -51,6 +51,9 @@ class AdaptedLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.bases = nn.ModuleDict()
         self.bank_index: int | None = None  # this layer's row in the packed bank, if any
+        # what each merged adapter added to W, as non-persistent buffers (they move with .to()): unmerging and
+        # the per-row subtraction use exactly this, even if the adapter's parameters changed since the merge
+        self.merged_deltas = nn.Module()
         object.__setattr__(self, "registry", registry)  # plain reference, not a submodule
         self.training = base.training  # an eval model stays in eval mode (int8 bases compute differently)
 
@@ -111,9 +114,11 @@ class AdaptedLinear(nn.Module):
         return out
 
     def add_delta_(self, name: str, out: torch.Tensor, x: torch.Tensor, sign: float) -> None:
-        """out ± Δ_name(x), in place (the base output is fresh, so autograd allows it)."""
-        if name not in self.adapters:  # a packed LoRA-XS adapter
-            up, down = self.factors(name)  # up in float32 at least: cast both to the activations' dtype
+        """out ± Δ_name(x), in place (the base output is fresh, so autograd allows it). Subtracting a merged
+        adapter takes what the merge added, so rows not routed to it see exactly the base."""
+        recorded = self.merged_factors(name) if sign < 0 else None
+        if recorded is not None or name not in self.adapters:  # a merge's record, or a packed LoRA-XS adapter
+            up, down = recorded if recorded is not None else self.factors(name)  # cast to the activations' dtype
             h = torch.nn.functional.linear(x, down.to(x.dtype))  # (..., r)
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, down.shape[0]), up.to(out.dtype).T, alpha=sign)
             return
@@ -170,12 +175,37 @@ class AdaptedLinear(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_names():
             raise MergeStateError(f"adapter {name!r} is already merged into {self.module_name}")
-        self.add_factors_(*self.check_mergeable(name), +1.0)
+        self.merge_factors_(name, *self.check_mergeable(name))
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged_names():
             raise MergeStateError(f"adapter {name!r} is not merged into {self.module_name}")
-        self.add_factors_(*self.factors(name), -1.0)
+        self.unmerge_factors_(name)
+
+    def merged_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) that merging adapter `name` added to W, or None when it is not merged here."""
+        up = getattr(self.merged_deltas, f"{name}_up", None)
+        return (up, getattr(self.merged_deltas, f"{name}_down")) if up is not None else None
+
+    def merge_factors_(self, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        """W += up·down, and remember exactly what was added."""
+        up, down = up.detach().clone(), down.detach().clone()
+        self.add_factors_(up, down, +1.0)
+        self.record_merge(name, up, down)
+
+    def record_merge(self, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.merged_deltas.register_buffer(f"{name}_up", up, persistent=False)
+        self.merged_deltas.register_buffer(f"{name}_down", down, persistent=False)
+
+    def unmerge_factors_(self, name: str) -> None:
+        """W −= what merging `name` added (its record; the live factors for a merge made before records)."""
+        recorded = self.merged_factors(name)
+        self.add_factors_(*(recorded if recorded is not None else self.factors(name)), -1.0)
+        self.forget_merge(name)
+
+    def forget_merge(self, name: str) -> None:
+        for part in ("up", "down"):
+            self.merged_deltas._buffers.pop(f"{name}_{part}", None)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def basis(self, key: str) -> Basis | None:

@@ -32,7 +32,7 @@ def merge(model: nn.Module, name: str) -> None:
     layers = [layer for layer in adapted_layers(model).values() if layer.has(name)]
     factors = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
     for layer, (up, down) in zip(layers, factors):
-        layer.add_factors_(up, down, +1.0)
+        layer.merge_factors_(name, up, down)
     registry.merged.append(name)
 
 
@@ -43,7 +43,7 @@ def unmerge(model: nn.Module, name: str) -> None:
         raise MergeStateError(f"adapter {name!r} is not merged; merged: {registry.merged}")
     for layer in adapted_layers(model).values():
         if layer.has(name):
-            layer.add_factors_(*layer.factors(name), -1.0)
+            layer.unmerge_factors_(name)  # exactly what the merge added
     registry.merged.remove(name)
 
 
@@ -63,17 +63,27 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
         raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
     plan = []
     for layer in adapted_layers(model).values():
-        ups, downs = [], []
-        if layer.has(new):
-            up, down = layer.check_mergeable(new)  # every layer checked before any write
-            ups.append(up), downs.append(down)
-        if layer.has(old):
-            up, down = layer.factors(old)
-            ups.append(-up), downs.append(down)
-        if ups:
-            plan.append((layer, torch.cat(ups, 1), torch.cat(downs, 0)))
-    for layer, up, down in plan:
-        layer.add_factors_(up, down, +1.0)
+        added = layer.check_mergeable(new) if layer.has(new) else None  # every layer checked before any write
+        removed = layer.merged_factors(old) if layer.has(old) else None
+        if removed is None and layer.has(old):
+            removed = layer.factors(old)
+        if added is not None or removed is not None:
+            plan.append((layer, added, removed))
+    for layer, added, removed in plan:
+        if layer.quant is not None or added is None or removed is None:
+            # a quantized base keeps exact per-adapter records (lorakit.quant_layer): one entry each
+            if removed is not None:
+                layer.unmerge_factors_(old)
+            if added is not None:
+                layer.merge_factors_(new, *added)
+            continue
+        up_new, down_new = added[0].detach().clone(), added[1].detach().clone()
+        up_old, down_old = removed
+        wide = torch.promote_types(up_new.dtype, up_old.dtype)
+        layer.add_factors_(torch.cat([up_new.to(wide), -up_old.to(wide)], 1),
+                           torch.cat([down_new.to(wide), down_old.to(wide)], 0), +1.0)
+        layer.forget_merge(old)
+        layer.record_merge(new, up_new, down_new)
     registry.merged[registry.merged.index(old)] = new
 
 

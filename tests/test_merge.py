@@ -88,3 +88,43 @@ def test_swap_merged_equals_unmerge_then_merge(ids):
     assert max((state[k] - v).abs().max().item() for k, v in original.items()) < 1e-6
     with pytest.raises(MergeStateError):
         lorakit.swap_merged(model, "a", "b")  # nothing merged any more
+
+
+def test_unmerge_restores_w_even_if_the_adapter_changed_while_merged(ids):
+    """Merging records what it added: an optimizer step or a load into a merged adapter must not make
+    unmerge (or the subtraction for rows not routed to it) use the new values."""
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(r=4), "a")
+    lorakit.attach(model, LoraConfig(r=4), "b")
+    randomize_adapters(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    with lorakit.disable_adapters(model):
+        base = model(input_ids=ids).logits
+    lorakit.merge(model, "a")
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model, "a"):
+            p.add_(0.5)
+    with lorakit.use_adapter(model, ["b", None, "b", None]):  # rows not routed to "a" subtract its merge
+        mixed = model(input_ids=ids).logits
+    with lorakit.use_adapter(model, "b"):
+        alone_b = model(input_ids=ids).logits
+    assert (mixed[1] - base[1]).abs().max() < 1e-5 and (mixed[0] - alone_b[0]).abs().max() < 1e-5
+    lorakit.unmerge(model, "a")
+    after = {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    assert max((after[n] - before[n]).abs().max().item() for n in before) < 1e-6
+
+
+def test_swap_merged_keeps_exact_records(ids):
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorakit.attach(model, LoraConfig(r=4), name)
+    randomize_adapters(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    lorakit.merge(model, "a")
+    for _ in range(5):
+        lorakit.swap_merged(model, "a", "b")
+        lorakit.swap_merged(model, "b", "a")
+    lorakit.unmerge(model, "a")
+    after = {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    assert max((after[n] - before[n]).abs().max().item() for n in before) < 1e-5
+    assert all(not layer.merged_deltas._buffers for layer in lorakit.adapted_layers(model).values())

@@ -305,3 +305,22 @@ def test_smollm2_qlora_steps_lower_the_loss(smollm2):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_swapping_merged_adapters_on_4bit_keeps_one_record_each():
+    """swap_merged on a quantized base appended one concatenated record per swap that no unmerge matched:
+    the record grew without bound and the original packed weight was never released."""
+    model = _quantized("llama")
+    for name in ("a", "b"):
+        lorakit.attach(model, CONFIGS["lora"], name)
+    randomize_adapters(model, std=0.01)
+    layer = next(iter(lorakit.adapted_layers(model).values()))
+    packed = layer.weight.data.clone()
+    lorakit.merge(model, "a")
+    for _ in range(4):
+        lorakit.swap_merged(model, "a", "b")
+        lorakit.swap_merged(model, "b", "a")
+    assert len(layer.quant.applied) == 1
+    lorakit.unmerge(model, "a")
+    assert layer.quant.applied == [] and layer.quant.original is None
+    assert torch.equal(layer.weight.data, packed)  # the original packed weight, bit for bit
