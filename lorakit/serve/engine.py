@@ -357,7 +357,13 @@ class Engine:
                 self._wake.clear()
                 continue
             if self._prefilling:
-                self._prefill_step()  # fails its own rows only, never the running ones
+                try:
+                    self._prefill_step()  # a model error fails its own rows only, never the running ones
+                except Exception as exc:  # a bug here must not stop the engine thread (clients would hang)
+                    log.exception("prefill step failed")
+                    for request, _ in self._prefilling:
+                        self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._prefilling = []
             if not self._batch:
                 continue
             try:
@@ -398,8 +404,7 @@ class Engine:
                 self._finish(request, "cancelled")
                 continue
             try:  # an unknown adapter fails its request here, not the batched forward of the others
-                with self._route_context(self._route_names([request.adapter])):
-                    pass
+                self._check_adapter(request.adapter)
             except Exception as exc:
                 log.warning("request %d refused: %s", request.id, exc)
                 self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
@@ -512,7 +517,19 @@ class Engine:
         self.stats.max_running = max(self.stats.max_running, len(batch))
         self.stats.step_seconds += time.perf_counter() - start
 
-    def _route_names(self, names: list[str | None]) -> str | None | tuple[str | None, ...]:
+    def _check_adapter(self, name: str | None) -> None:
+        """Refuse a request whose adapter is unknown, or a prefix adapter: its cache carries per-call state
+        (lorakit.prefix_hook) that the engine's re-stacked caches do not keep."""
+        with self._route_context(name):
+            pass
+        registry = getattr(self.model, "lorakit_registry", None)
+        config = registry.configs.get(name) if registry is not None and name is not None else None
+        if getattr(config, "method", None) == "prefix":
+            raise EngineError(f"adapter {name!r} is a prefix adapter: the serving engine does not serve prefix "
+                              "adapters (serve a LoRA, LoRA-XS or VeRA adapter, or run model.generate)")
+
+    @staticmethod
+    def _route_names(names: list[str | None]) -> str | None | tuple[str | None, ...]:
         """One name when every row shares it (the plain path, as a request alone runs), else one per row."""
         first = names[0]
         return first if all(n == first for n in names) else tuple(names)

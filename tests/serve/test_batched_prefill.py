@@ -195,3 +195,23 @@ def test_plan_chunks_is_first_come_first_served():
 def test_bad_prefill_budget_is_refused(model, bad):
     with pytest.raises(ValueError, match="prefill_tokens"):
         Engine(model, prefill_tokens=bad)
+
+
+def test_a_prefix_adapter_request_is_refused_and_the_others_are_served():
+    """A prefix adapter's cache carries per-call state that the engine's stacked caches do not keep: refused
+    at admission with a clear error, while LoRA and base rows admitted with it are served as alone."""
+    import lorakit
+    from tests.conftest import randomize_adapters
+
+    model = tiny_llama()
+    lorakit.attach(model, lorakit.PrefixConfig(num_virtual_tokens=3), "p")
+    lorakit.attach(model, lorakit.LoraConfig(r=4), "l")
+    randomize_adapters(model, std=0.3)
+    jobs = [([5, 6, 7], "p", SamplingParams(max_tokens=5, ignore_eos=True)),
+            ([8, 9, 10, 11], "l", SamplingParams(max_tokens=5, ignore_eos=True)),
+            ([3, 4], None, SamplingParams(max_tokens=5, ignore_eos=True))]
+    results, _ = _run(model, jobs, max_batch=4, prefill_tokens=3)
+    assert results[0].reason == "error" and "prefix adapter" in results[0].error
+    for k in (1, 2):
+        prompt, adapter, _ = jobs[k]
+        assert results[k].token_ids == greedy_alone(model, prompt, adapter, 5, eos=None)
