@@ -7,21 +7,27 @@ decode step serves any mix of adapters. The batch keeps one left-padded KV cache
     mask:    (B, W)            1 = real token, 0 = left padding (never attended to)
     pos:     [B]               each row's next position id (its own token count, padding excluded)
 
-    join:   prefill the prompt alone (batch of one, its adapter) → first token; left-pad its cache to W
-            (or the batch's to the newcomer's length) and stack it in
+    prefill: the newcomers of a step are prefilled together in one forward (lorakit.serve.prefill: each
+            row left-padded, masked, its own positions and adapter), at most `prefill_tokens` prompt
+            tokens per step: a long prompt is prefilled in chunks over several steps, each chunk
+            continuing the row's own cache, while the running rows keep decoding
+    join:   a row whose prompt is done samples its first token; its cache is left-padded to W (or the
+            batch's to the newcomer's length) and stacked in
     step:   forward the B last tokens with the stacked cache and mask → B next tokens
     leave:  drop the row, then drop leading columns that are padding for every remaining row
 
-A request alone therefore runs exactly the computation `model.generate` does (prefill alone, then
-one token per step), and in a batch only the padding differs, which the mask removes.
-All model work runs on the engine's thread; other threads hand it work with `call_soon` (adapter
-attach/detach happens between steps, never during one).
+A request therefore computes what `model.generate` does alone (its prompt, then one token per step);
+in a batch only the padding differs, which the mask removes. Decode steps re-enter one lorakit Route
+while the rows' adapters are unchanged, so what the route derives (row groups, picked adapter rows) is
+built once, not per step. All model work runs on the engine's thread; other threads hand it work with
+`call_soon` (adapter attach/detach happens between steps, never during one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import queue
@@ -34,9 +40,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from lorakit.errors import LorakitError
-from lorakit.routing import use_adapter
+from lorakit.routing import Route, use_adapter, use_route
+from lorakit.serve.prefill import PrefillRow, left_pad, plan_chunks, prefill_inputs, take_rows
 
 log = logging.getLogger("lorakit.serve")
 
@@ -180,26 +188,28 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, request: Request, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        n = keys[0].shape[2]
-        if not self.rows:
-            self.rows, self.keys, self.values = [request], keys, values
-            self.mask = torch.ones(1, n, dtype=torch.long)
-            self.pos = [n]
+    def add(self, joining: list[tuple[Request, PrefillRow]]) -> None:
+        """Stack the rows whose prompts are done (each with its own unpadded cache) in, with one copy."""
+        if not joining:
             return
-        width = self.mask.shape[1]
-        if n > width:  # widen the batch on the left
-            self.keys = [_left_pad(k, n - width) for k in self.keys]
-            self.values = [_left_pad(v, n - width) for v in self.values]
-            self.mask = torch.nn.functional.pad(self.mask, (n - width, 0))
-            width = n
-        self.keys = [torch.cat([k, _left_pad(new, width - n)]) for k, new in zip(self.keys, keys)]
-        self.values = [torch.cat([v, _left_pad(new, width - n)]) for v, new in zip(self.values, values)]
-        row_mask = torch.zeros(1, width, dtype=torch.long)
-        row_mask[:, width - n:] = 1
-        self.mask = torch.cat([self.mask, row_mask])
-        self.rows.append(request)
-        self.pos.append(n)
+        lengths = [row.done for _, row in joining]
+        width = max(lengths + ([self.mask.shape[1]] if self.rows else []))
+        device = joining[0][1].keys[0].device
+        masks = [torch.arange(width, device=device) >= width - n for n in lengths]  # real columns on the right
+        keys = [[left_pad(row.keys[l], width - n) for (_, row), n in zip(joining, lengths)]
+                for l in range(len(joining[0][1].keys))]
+        values = [[left_pad(row.values[l], width - n) for (_, row), n in zip(joining, lengths)]
+                  for l in range(len(joining[0][1].values))]
+        if self.rows:  # widen the batch on the left if a newcomer is longer
+            old = self.mask.shape[1]
+            keys = [[left_pad(k, width - old)] + new for k, new in zip(self.keys, keys)]
+            values = [[left_pad(v, width - old)] + new for v, new in zip(self.values, values)]
+            masks = list(torch.nn.functional.pad(self.mask, (width - old, 0))) + [m.long() for m in masks]
+        self.keys = [torch.cat(ks) for ks in keys]
+        self.values = [torch.cat(vs) for vs in values]
+        self.mask = torch.stack([m.long() for m in masks])
+        self.rows += [request for request, _ in joining]
+        self.pos += lengths
 
     def keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
@@ -209,17 +219,12 @@ class _Batch:
         if not keep:
             self.keys, self.values, self.mask = [], [], None
             return
-        idx = torch.tensor(keep)
+        idx = torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         start = int((mask.sum(0) > 0).long().argmax())  # first column some row still uses
         self.mask = mask[:, start:]
         self.keys = [k.index_select(0, idx)[:, :, start:] for k in self.keys]
         self.values = [v.index_select(0, idx)[:, :, start:] for v in self.values]
-
-
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, H, T, D) → (B, H, n + T, D) with zeros in front."""
-    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
 
 
 def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -239,12 +244,19 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch: int = 16,
-                 max_context: int | None = None, eos_token_ids: Sequence[int] | None = None) -> None:
+                 max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
+                 prefill_tokens: int = 512) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        if not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool) or prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be a positive integer, got {prefill_tokens!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per step, over all newcomers
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         config = getattr(model, "config", None)
         self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
         if eos_token_ids is None:
@@ -258,7 +270,9 @@ class Engine:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._batch = _Batch()
+        self._prefilling: list[tuple[Request, PrefillRow]] = []  # admitted, prompt not (fully) prefilled yet
         self._pending: list[Request] = []
+        self._decode_route: Route | None = None  # re-entered while the running rows' adapters are unchanged
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -278,7 +292,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._batch)
+        """Admitted rows: decoding, or having their prompt prefilled."""
+        return len(self._batch) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -314,8 +329,8 @@ class Engine:
         time); the engine stays open. Returns a Future of how many requests it finished."""
         def finish_everything() -> int:
             self._admit_inbox()
-            rows = self._batch.rows + self._pending
-            self._batch, self._pending = _Batch(), []
+            rows = self._batch.rows + [request for request, _ in self._prefilling] + self._pending
+            self._batch, self._prefilling, self._pending = _Batch(), [], []
             for request in rows:
                 self._finish(request, reason, error=error)
             return len(rows)
@@ -337,9 +352,19 @@ class Engine:
         while not self._closed:
             self._run_calls()
             self._admit()
-            if not self._batch:
+            if not self._batch and not self._prefilling:
                 self._wake.wait(0.5)
                 self._wake.clear()
+                continue
+            if self._prefilling:
+                try:
+                    self._prefill_step()  # a model error fails its own rows only, never the running ones
+                except Exception as exc:  # a bug here must not stop the engine thread (clients would hang)
+                    log.exception("prefill step failed")
+                    for request, _ in self._prefilling:
+                        self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._prefilling = []
+            if not self._batch:
                 continue
             try:
                 self._step()
@@ -349,7 +374,7 @@ class Engine:
                     self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
                 self._batch = _Batch()
         self._run_calls()
-        for request in self._batch.rows + self._pending:
+        for request in self._batch.rows + [request for request, _ in self._prefilling] + self._pending:
             self._finish(request, "cancelled")
         while not self._inbox.empty():
             self._finish(self._inbox.get(), "cancelled")
@@ -360,6 +385,7 @@ class Engine:
                 fn, future = self._calls.get_nowait()
             except queue.Empty:
                 return
+            self._decode_route = None  # adapters may change: the next step builds a fresh route
             _run_into(fn, future)
 
     def _admit_inbox(self) -> None:
@@ -370,60 +396,116 @@ class Engine:
                 return
 
     def _admit(self) -> None:
+        """Move waiting requests into prefill while the batch has room (prefilling rows count)."""
         self._admit_inbox()
-        while True:
-            self._run_calls()  # an adapter load (or cancel_all) queued meanwhile goes first
-            if not self._pending or len(self._batch) >= self.max_batch:
-                return
+        while self._pending and self.running < self.max_batch:
             request = self._pending.pop(0)
             if request.stream.cancelled.is_set():
                 self._finish(request, "cancelled")
                 continue
-            try:
-                self._prefill(request)
+            try:  # an unknown adapter fails its request here, not the batched forward of the others
+                self._check_adapter(request.adapter)
             except Exception as exc:
-                log.warning("prefill failed for request %d: %s", request.id, exc)
+                log.warning("request %d refused: %s", request.id, exc)
                 self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._prefilling.append((request, PrefillRow(request.prompt_ids)))
+
+    def _prefill_step(self) -> None:
+        """Prefill the next chunks of the admitted prompts together (`prefill_tokens` at most); rows whose
+        prompt is done sample their first token and join the running batch."""
+        live = []
+        for request, row in self._prefilling:
+            if request.stream.cancelled.is_set():
+                self._finish(request, "cancelled")  # its partial cache goes with it
+            else:
+                live.append((request, row))
+        self._prefilling = live
+        sizes = plan_chunks([row for _, row in live], self.prefill_tokens)
+        now = [(entry, size) for entry, size in zip(live, sizes) if size]
+        if not now:
+            return
+        try:
+            logits = self._prefill_forward(now)
+            results = [(entry, logits[i]) for i, (entry, _) in enumerate(now)]
+        except Exception as exc:  # find the culprit: each row alone, so only a failing row fails
+            if len(now) == 1:
+                results = [(now[0][0], exc)]
+            else:
+                log.warning("batched prefill failed (%s): prefilling its %d rows one by one", exc, len(now))
+                results = []
+                for entry, size in now:
+                    try:
+                        results.append((entry, self._prefill_forward([(entry, size)])[0]))
+                    except Exception as one:
+                        results.append((entry, one))
+        joining, leaving = [], set()
+        for (request, row), outcome in results:
+            if isinstance(outcome, Exception):
+                log.warning("prefill failed for request %d: %s", request.id, outcome)
+                self._finish(request, "error", error=f"{type(outcome).__name__}: {outcome}")
+                leaving.add(request.id)
+                continue
+            if row.remaining:
+                continue  # more chunks next step
+            leaving.add(request.id)  # leaves the prefill list, to the batch or finished
+            try:
+                token = self._sample(request, outcome)
+            except Exception as exc:
+                log.warning("sampling failed for request %d: %s", request.id, exc)
+                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if self._emit(request, token):
+                joining.append((request, row))
+        self._prefilling = [(request, row) for request, row in self._prefilling if request.id not in leaving]
+        self._batch.add(joining)
 
     @torch.no_grad()
-    def _prefill(self, request: Request) -> None:
-        from transformers import DynamicCache
-
-        ids = torch.tensor([request.prompt_ids])  # (1, T)
-        cache = DynamicCache()
-        with self._route([request.adapter]):
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             use_cache=True)
+    def _prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> torch.Tensor:
+        """One forward over the rows' next chunks; each row's cache grows by its chunk. → (B, V) last logits."""
+        rows, sizes = [row for (_, row), _ in now], [size for _, size in now]
+        inputs = prefill_inputs(rows, sizes, self.device)
+        cache = DynamicCache(ddp_cache_data=inputs.past) if inputs.past is not None else DynamicCache()
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        with self._route_context(self._route_names([request.adapter for (request, _), _ in now])):
+            out = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                             position_ids=inputs.position_ids, past_key_values=cache, use_cache=True, **extra)
         keys, values = _cache_tensors(out.past_key_values)
-        self.stats.prompt_tokens += len(request.prompt_ids)
-        token = self._sample(request, out.logits[0, -1])
-        if self._emit(request, token):
-            self._batch.add(request, keys, values)
+        take_rows(rows, sizes, inputs, keys, values)
+        self.stats.prompt_tokens += sum(sizes)
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def _step(self) -> None:
-        from transformers import DynamicCache
-
         batch = self._batch
         start = time.perf_counter()
-        ids = torch.tensor([[r.out_ids[-1]] for r in batch.rows])  # (B, 1)
-        positions = torch.tensor(batch.pos).unsqueeze(1)  # (B, 1)
-        mask = torch.cat([batch.mask, torch.ones(len(batch), 1, dtype=torch.long)], dim=1)  # (B, W + 1)
+        device = batch.mask.device
+        ids = torch.tensor([[r.out_ids[-1]] for r in batch.rows], device=device)  # (B, 1)
+        positions = torch.tensor(batch.pos, device=device).unsqueeze(1)  # (B, 1)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)  # (B, W + 1)
         cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
-        with self._route([r.adapter for r in batch.rows]):
+        names = self._route_names([r.adapter for r in batch.rows])
+        if self._decode_route is None or self._decode_route.names != names:
+            self._decode_route = Route(names)  # rows joined or left: their adapters changed
+        with self._route_context(self._decode_route):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         batch.keys, batch.values = _cache_tensors(out.past_key_values)
         batch.mask = mask
         batch.pos = [p + 1 for p in batch.pos]
-        logits = out.logits[:, -1]  # (B, V)
+        logits = out.logits[:, -1].float()  # (B, V)
+        bad = (~torch.isfinite(logits.max(-1).values) | logits.isnan().any(-1)).tolist()  # one check for all rows
+        greedy = logits.argmax(-1).tolist()
         keep = []
         for i, request in enumerate(batch.rows):
             if request.stream.cancelled.is_set():
                 self._finish(request, "cancelled")
                 continue
             try:  # one row's bad state (NaN logits from its adapter, ...) fails that row only
-                token = self._sample(request, logits[i])
+                if bad[i] or request.params.temperature != 0.0:
+                    token = self._sample(request, logits[i])
+                else:
+                    token = greedy[i]
             except Exception as exc:
                 log.warning("sampling failed for request %d: %s", request.id, exc)
                 self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
@@ -435,11 +517,34 @@ class Engine:
         self.stats.max_running = max(self.stats.max_running, len(batch))
         self.stats.step_seconds += time.perf_counter() - start
 
-    def _route(self, names: list[str | None]):
+    def _check_adapter(self, name: str | None) -> None:
+        """Refuse a request whose adapter is unknown, or a prefix adapter: its cache carries per-call state
+        (lorakit.prefix_hook) that the engine's re-stacked caches do not keep."""
+        with self._route_context(name):
+            pass
+        registry = getattr(self.model, "lorakit_registry", None)
+        config = registry.configs.get(name) if registry is not None and name is not None else None
+        if getattr(config, "method", None) == "prefix":
+            raise EngineError(f"adapter {name!r} is a prefix adapter: the serving engine does not serve prefix "
+                              "adapters (serve a LoRA, LoRA-XS or VeRA adapter, or run model.generate)")
+
+    @staticmethod
+    def _route_names(names: list[str | None]) -> str | None | tuple[str | None, ...]:
+        """One name when every row shares it (the plain path, as a request alone runs), else one per row."""
+        first = names[0]
+        return first if all(n == first for n in names) else tuple(names)
+
+    def _route_context(self, route: Route | str | None | tuple[str | None, ...]):
+        """Run the model under `route` (a Route is re-entered with its derived work); the model must have
+        adapters for any name."""
+        names = route.names if isinstance(route, Route) else route
         if getattr(self.model, "lorakit_registry", None) is None:
-            if any(n is not None for n in names):
-                raise EngineError(f"adapter {next(n for n in names if n)!r} requested but the model has none")
+            wanted = names if isinstance(names, tuple) else (names,)
+            if any(n is not None for n in wanted):
+                raise EngineError(f"adapter {next(n for n in wanted if n)!r} requested but the model has none")
             return contextlib.nullcontext()
+        if isinstance(route, Route):
+            return use_route(self.model, route)
         return use_adapter(self.model, names)
 
     # -- tokens → text -------------------------------------------------------------------------------

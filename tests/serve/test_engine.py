@@ -214,3 +214,23 @@ def test_cancel_all_finishes_every_request_with_the_reason_and_keeps_serving(mod
     assert cancelled == 3
     assert all(r.error == "drain time is up" and r.completion_tokens < 60 for r in results)
     assert after.reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("prefill_tokens", [3, 512])
+def test_max_batch_counts_rows_still_prefilling(model, prefill_tokens):
+    """A row being prefilled (in chunks) holds a cache: it counts against max_batch like a decoding row."""
+    rows_seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: rows_seen.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    engine = Engine(model, max_batch=2, prefill_tokens=prefill_tokens)
+    requests = _requests(5, seed=11)
+    streams = [engine.submit(p + p, a, SamplingParams(max_tokens=20, ignore_eos=True)) for p, a in requests]
+    engine.start()
+    try:
+        results = [s.result() for s in streams]
+    finally:
+        engine.close()
+        handle.remove()
+    assert max(rows_seen) == 2
+    for (p, a), got in zip(requests, results):
+        assert got.token_ids == greedy_alone(model, p + p, a, 20, eos=None)
