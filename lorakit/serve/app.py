@@ -34,7 +34,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import AdapterNotFoundError
-from lorakit.serve.engine import Delta, Engine, EngineError, Finished, SamplingParams
+from lorakit.serve.engine import Delta, Engine, EngineClosedError, EngineError, Finished, SamplingParams
 from lorakit.serve.adapter_store import AdapterLoadError, InvalidAdapterNameError, AdapterStore
 
 
@@ -217,6 +217,9 @@ class Server:
         except EngineError as exc:
             if release:
                 release()
+            if isinstance(exc, EngineClosedError):  # shutting down: retry elsewhere, not the client's fault
+                raise ApiError(503, "the server is shutting down; retry later", type_="server_error",
+                               code="shutting_down") from exc
             raise ApiError(400, str(exc)) from exc
 
 

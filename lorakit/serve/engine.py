@@ -53,6 +53,10 @@ class EngineError(LorakitError):
     """The engine refused or failed a request (closed engine, bad parameters, model error)."""
 
 
+class EngineClosedError(EngineError):
+    """The engine has shut down (or is draining to shut down): a state of the server, not bad input."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes; temperature 0 is greedy."""
@@ -304,7 +308,7 @@ class Engine:
                loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         """Queue a request; it joins the running batch before the next decode step."""
         if self._closed:
-            raise EngineError("the engine is closed")
+            raise EngineClosedError("the engine is closed")
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:

@@ -173,3 +173,13 @@ def test_sigterm_drains_for_at_most_the_drain_timeout_then_cuts_off_with_a_reaso
         assert events[-1]["choices"][0]["finish_reason"] == "shutdown"
         assert len(events) < 200
     assert server.engine.stats.requests_finished.get("shutdown") == 4
+
+
+def test_a_closed_engine_answers_503_not_a_client_error(tokenizer):
+    """A request that reaches a closed (shut down or draining) engine is the server's state: 503, retry later."""
+    server = make_server(tiny_chat_llama(len(tokenizer)), tokenizer, None, config=ServeConfig(base_name="tiny"))
+    with BackgroundServer(create_app(server)) as url:
+        server.engine.close()
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
+    _assert_error_shape(r, 503)
+    assert r.json()["error"]["code"] == "shutting_down"
