@@ -20,6 +20,9 @@ route to them, so every row sees exactly what it asked for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -69,21 +72,36 @@ def add_per_row_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
         if kind == "lora":
             out = _add_lora(layer, x, out, groups, cache)
         else:
-            out = _add_shared_basis(layer, kind, x, out, groups)
+            out = _add_shared_basis(layer, kind, x, out, groups, cache)
     for m in merged:  # rows not routed to a merged adapter must not see it
-        rows = [i for i, n in enumerate(names) if n != m]
+        rows = route_cached(cache, ("rows_not", m), lambda: [i for i, n in enumerate(names) if n != m])
         if rows:
-            out = _add_rows(layer, m, -1.0, out, rows, x)
+            out = _add_rows(layer, m, -1.0, out, rows, x, cache)
     return out
 
 
+def route_cached(cache: dict, key: tuple, build: Callable[[], Any]) -> Any:
+    """What depends only on the route's names (row lists, index and mask tensors), built once per route
+    rather than once per layer and forward: a decode loop re-enters one route step after step. Tensors are
+    keyed by device, dtype and inference mode (an inference tensor cannot enter autograd later)."""
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = build()
+    return hit
+
+
+def _tensor_key(device: torch.device, dtype: torch.dtype | None = None) -> tuple:
+    return (str(device), dtype, torch.is_inference_mode_enabled())
+
+
 def _add_rows(layer: nn.Module, name: str, sign: float, out: torch.Tensor, rows: list[int],
-              x: torch.Tensor) -> torch.Tensor:
+              x: torch.Tensor, cache: dict) -> torch.Tensor:
     """out[rows] += sign·Δ_name(x[rows]), in place like AdaptedLinear.add_delta_ (the base output is fresh)."""
     if len(rows) == x.shape[0]:
         layer.add_delta_(name, out, x, sign)
         return out
-    idx = torch.tensor(rows, device=x.device)
+    idx = route_cached(cache, ("rows", tuple(rows)) + _tensor_key(x.device),
+                       lambda: torch.tensor(rows, device=x.device))
     xs = x.index_select(0, idx)
     delta = xs.new_zeros(*xs.shape[:-1], out.shape[-1])
     layer.add_delta_(name, delta, xs, sign)
@@ -92,6 +110,12 @@ def _add_rows(layer: nn.Module, name: str, sign: float, out: torch.Tensor, rows:
 
 def _add_(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return out.add_(delta.reshape(out.shape))
+
+
+def _cached_row_index(cache: dict, groups: dict[str, list[int]], batch: int, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    key = ("row_index", tuple((name, tuple(rows)) for name, rows in groups.items()), batch) + _tensor_key(device, dtype)
+    return route_cached(cache, key, lambda: _row_index(groups, batch, device, dtype))
 
 
 def _row_index(groups: dict[str, list[int]], batch: int, device: torch.device,
@@ -129,12 +153,12 @@ def row_dropout(x3: torch.Tensor, adapters: list, slot: torch.Tensor, active: to
 
 
 def _add_shared_basis(layer: nn.Module, key: str, x: torch.Tensor, out: torch.Tensor,
-                      groups: dict[str, list[int]]) -> torch.Tensor:
+                      groups: dict[str, list[int]], cache: dict) -> torch.Tensor:
     basis = layer.bases[key]
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
     dtype = x.dtype  # adapters and bases may be held wider (float32 on a bf16 base): compute in x's dtype
-    slot, active = _row_index(groups, batch, x.device, dtype)
+    slot, active = _cached_row_index(cache, groups, batch, x.device, dtype)
     adapters = [layer.adapters[n] for n in groups]
     h = torch.matmul(row_dropout(x3, adapters, slot, active), basis.down.to(dtype).T)  # (B, T, r_max): one projection
     if adapters[0].method == "lora_xs":
@@ -185,14 +209,14 @@ def _add_lora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
               groups: dict[str, list[int]], cache: dict) -> torch.Tensor:
     if len(groups) <= GROUP_LOOP_MAX:
         for name, rows in groups.items():
-            out = _add_rows(layer, name, 1.0, out, rows, x)
+            out = _add_rows(layer, name, 1.0, out, rows, x, cache)
         return out
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
     picked = None if torch.is_grad_enabled() or layer.training else _stacked_rows(layer, groups, batch, x, cache)
     if picked is None:  # training (gradients must reach each adapter's own parameters), or no common stack
         adapters = [layer.adapters[n] for n in groups]
-        slot, active = _row_index(groups, batch, x.device, x.dtype)
+        slot, active = _cached_row_index(cache, groups, batch, x.device, x.dtype)
         a_rows, b_rows = _gathered_lora(adapters, slot, active)
         h = torch.bmm(row_dropout(x3, adapters, slot, active), a_rows.transpose(1, 2))  # (B, T, r)
         return out + torch.bmm(h, b_rows.transpose(1, 2)).reshape(out.shape)

@@ -133,3 +133,36 @@ def test_names_that_are_not_strings_are_a_routing_error_not_a_type_error():
     with pytest.raises(lorakit.RoutingError, match="tuple"):
         with lorakit.use_route(model, lorakit.Route(["a", "a"])):
             pass
+
+
+def test_per_row_index_tensors_are_built_once_per_route(monkeypatch):
+    """Row lists, index and mask tensors depend only on the route's names: a decode loop under one route
+    builds them in its first forward, not in every layer of every step."""
+    import sys
+
+    model = tiny_llama()
+    for k in range(6):
+        lorakit.attach(model, LoraConfig(r=4), f"l{k}")
+    lorakit.attach(model, lorakit.LoraXSConfig(r=4), "xs")
+    lorakit.attach(model, lorakit.VeraConfig(r=8), "ve")
+    randomize_adapters(model)
+    lorakit.merge(model, "l5")  # rows not routed to it subtract it: the _add_rows path
+    names = ["l0", "l1", "xs", None, "ve", "l2", "l3", "l4"]
+    ids = torch.randint(0, 101, (8, 5), generator=torch.Generator().manual_seed(0))
+    real, built = torch.tensor, []
+
+    def counting(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.endswith("batched.py"):
+            built.append(1)
+        return real(*args, **kwargs)
+
+    with torch.no_grad(), lorakit.use_adapter(model, names):
+        first = model(input_ids=ids).logits
+        monkeypatch.setattr(torch, "tensor", counting)
+        again = model(input_ids=ids).logits
+        monkeypatch.setattr(torch, "tensor", real)
+    assert built == []
+    assert torch.equal(first, again)
+    for i, name in enumerate(names):  # and the cached tensors still route every row right
+        with torch.no_grad(), lorakit.use_adapter(model, name):
+            assert (again[i] - model(input_ids=ids[i:i + 1]).logits[0]).abs().max() < 1e-5, (i, name)
