@@ -7,7 +7,7 @@
 (cheap: no pass over the whole weight). A sample can miss a change elsewhere, so every hit is
 verified against the weight itself (lorakit.methods.lora_xs.basis_residuals: two thin matmuls);
 a file that fails to parse or to verify is ignored with a warning and recomputed, never trusted.
-Files are written to a temp name and renamed, so a reader never sees half of one.
+Files are written to a temp name, fsynced and renamed, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ class BasesCache:
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(safetensors_save(tensors, metadata))
+            with open(tmp, "wb") as handle:  # durable before it is visible under its name
+                handle.write(safetensors_save(tensors, metadata))
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
         except OSError as exc:  # read-only home, full disk: the bases are still correct, just not kept
             warnings.warn(f"could not write LoRA-XS bases cache {path}: {exc}", stacklevel=3)

@@ -157,10 +157,12 @@ def test_packed_cores_from_the_cpu_land_on_the_model(device, dtype, ids):
 
 # ---------------------------------------------------------------------------------------- merging
 
+METHOD_CONFIGS = {"lora": lk.LoraConfig(r=4), "lora_xs": lk.LoraXSConfig(r=4), "vera": lk.VeraConfig(r=4)}
+
 @pytest.mark.parametrize("method", ["lora", "lora_xs", "vera"])
 def test_merge_adds_in_float32_rounds_once_and_unmerges(device, dtype, ids, method):
     model = _base(device, dtype)
-    config = {"lora": lk.LoraConfig(r=4), "lora_xs": lk.LoraXSConfig(r=4), "vera": lk.VeraConfig(r=4)}[method]
+    config = METHOD_CONFIGS[method]
     lk.attach(model, config, "a")
     randomize_adapters(model, std=0.1)
     ids = ids.to(device)
@@ -187,7 +189,7 @@ def test_merge_adds_in_float32_rounds_once_and_unmerges(device, dtype, ids, meth
 @pytest.mark.parametrize("method", ["lora", "lora_xs", "vera"])
 def test_save_load_and_export_on_each_device_and_dtype(device, dtype, ids, tmp_path, method):
     model = _base(device, dtype)
-    config = {"lora": lk.LoraConfig(r=4), "lora_xs": lk.LoraXSConfig(r=4), "vera": lk.VeraConfig(r=4)}[method]
+    config = METHOD_CONFIGS[method]
     lk.attach(model, config, "a")
     randomize_adapters(model, std=0.1)
     ids = ids.to(device)
