@@ -8,7 +8,7 @@ from torch import nn
 from lorakit.config import AdapterConfig, PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
 from lorakit.layer import adapted_layers
-from lorakit.lora_stack import unshare
+from lorakit.slots import unshare
 from lorakit.model_adapters import ATTR, adapters_of
 from lorakit.prefix_hook import prefix_adapter, remove_prefix
 from lorakit.surgery import freeze_base
@@ -72,13 +72,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers_changed = False
     for layer in ({} if packed else registry.layer_map(model)).values():
         if name in layer.adapters:
-            unshare(layer, name)  # the LoRA stack (lorakit.lora_stack) would keep the adapter's memory alive
+            unshare(layer, name)  # the slot stack (lorakit.slots) would keep the adapter's memory alive
             del layer.adapters[name]
             layer.drop_unused_bases()
             layers_changed = True
     if isinstance(registry.configs[name], PrefixConfig):
         remove_prefix(model, name)
     del registry.configs[name]
+    registry.slot_table.release(name)
     if layers_changed:
         registry.version += 1
     if not packed:

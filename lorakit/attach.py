@@ -24,6 +24,7 @@ from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_f
 from lorakit.model_adapters import ModelAdapters, adapters_of
 from lorakit.prefix_hook import attach_prefix
 from lorakit.route_state import carry_routes_through_checkpointing
+from lorakit.slots import kind_of
 from lorakit.surgery import PREFIX_STORE_PREFIX, freeze_base, matches, output_head_names, replace_module
 
 
@@ -128,6 +129,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter
+    registry.slot_table.assign(kind_of(next(iter(built.values()))[0]), name)  # same number in every layer
     registry.configs[name] = config
     registry.version += 1
     freeze_base(model)

@@ -25,6 +25,7 @@ from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismat
 from lorakit.layer import AdaptedLinear, adapted_layers
 from lorakit.model_adapters import adapters_of
 from lorakit.names import check_adapter_name
+from lorakit.slots import unshare
 from lorakit.surgery import freeze_base, replace_module
 
 BANK_ATTR = "lorakit_bank"
@@ -38,9 +39,8 @@ class CoreBank:
         self.layer_names: list[str] = []
         self._layer_index: dict[str, int] = {}
         self.cores = torch.zeros(0, 1, rank, rank, dtype=dtype, device=device)  # (L, capacity, r, r)
-        self.slots: dict[str, int] = {}
+        self.slots: dict[str, int] = {}  # name -> model-wide LoRA-XS slot (lorakit.slot_table)
         self.targets: dict[str, frozenset[int]] = {}  # name -> layer indices the adapter touches
-        self.free: list[int] = []
         self.version = 0  # bumped on every change; per-route slot tensors are cached against it
 
     @property
@@ -54,14 +54,16 @@ class CoreBank:
         L, C, r, _ = self.cores.shape
         if (layers, capacity, rank) == (L, C, r):
             return
-        grown = self.cores.new_zeros(max(L, layers), max(C, capacity), max(r, rank), max(r, rank))
-        grown[:L, :C, :r, :r] = self.cores
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if first grown in inference
+            grown = torch.zeros(max(L, layers), max(C, capacity), max(r, rank), max(r, rank), dtype=self.cores.dtype,
+                                device=self.cores.device)
+            grown[:L, :C, :r, :r] = self.cores
         self.cores = grown
         self.rank = grown.shape[2]
 
     def reserve(self, n_adapters: int) -> None:
         """Make room for n more adapters up front (avoids regrowth copies when loading many)."""
-        self._grow(len(self.layer_names), len(self.slots) + 1 + n_adapters, self.rank)
+        self._grow(len(self.layer_names), max(self.slots.values(), default=0) + 1 + n_adapters, self.rank)
 
     def layer_index(self, module_name: str) -> int:
         if module_name not in self._layer_index:
@@ -70,16 +72,14 @@ class CoreBank:
             self._grow(len(self.layer_names), self.capacity, self.rank)
         return self._layer_index[module_name]
 
-    def add(self, name: str, layers: list[int], cores: torch.Tensor) -> int:
-        """Store one adapter's pre-scaled cores (n, r, r) at `layers`; returns its slot."""
+    def add(self, name: str, layers: list[int], cores: torch.Tensor, slot: int) -> None:
+        """Store one adapter's pre-scaled cores (n, r, r) at `layers`, in `slot` (its model-wide LoRA-XS slot,
+        lorakit.slot_table: attached and packed LoRA-XS adapters share one numbering, so one index tensor
+        per route serves both)."""
         if name in self.slots:
             raise AdapterExistsError(f"adapter {name!r} is already in the bank")
-        if self.free:
-            slot = self.free.pop()
-        else:
-            slot = len(self.slots) + 1  # slot 0 stays zero
-            if slot >= self.capacity:
-                self._grow(len(self.layer_names), max(slot + 1, int(self.capacity * 1.5) + 1), self.rank)
+        if slot >= self.capacity:
+            self._grow(len(self.layer_names), max(slot + 1, int(self.capacity * 1.5) + 1), self.rank)
         r = cores.shape[-1]
         if r > self.rank:
             self._grow(len(self.layer_names), self.capacity, r)
@@ -90,7 +90,13 @@ class CoreBank:
         self.slots[name] = slot
         self.targets[name] = frozenset(layers)
         self.version += 1
-        return slot
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """At least `capacity` slots: attached LoRA-XS adapters take numbers too, and rows routed to them
+        index the bank (at zeros)."""
+        if capacity > self.capacity:
+            self._grow(len(self.layer_names), capacity, self.rank)
+            self.version += 1
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Move the cores as `model.to(...)` / `.half()` moved the model (called by ModelAdapters' hook)."""
@@ -104,16 +110,10 @@ class CoreBank:
         self.targets.pop(name)
         with torch.no_grad():
             self.cores[:, slot].zero_()
-        self.free.append(slot)
         self.version += 1
 
     def core(self, layer_index: int, name: str) -> torch.Tensor:
         return self.cores[layer_index, self.slots[name]]  # (r, r), scaled
-
-    def row_slots(self, names: tuple[str | None, ...], device: torch.device) -> torch.Tensor:
-        """(B,) slot of each row; rows without a packed adapter get the zero slot 0."""
-        return torch.tensor([self.slots.get(n, 0) if n is not None else 0 for n in names],
-                            dtype=torch.long, device=device)
 
 
 def get_bank(model: nn.Module) -> CoreBank | None:
@@ -176,7 +176,8 @@ def store_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: lis
         if layer.bank_index is None:
             layer.bank_index = bank.layer_index(module_name)
         indices.append(layer.bank_index)
-    bank.add(name, indices, stacked * config.scaling)  # bumps bank.version (per-route slot caches)
+    slot = registry.slot_table.assign("lora_xs", name)
+    bank.add(name, indices, stacked * config.scaling, slot)
     registry.configs[name] = config
     registry.packed.add(name)  # layers and bases are unchanged: registry.version stays
 
@@ -195,8 +196,10 @@ def pack_adapter(model: nn.Module, name: str) -> None:
     if bad:
         raise NonFiniteAdapterError(f"adapter {name!r} has NaN/inf values in module {bad[0]}")
     for layer in layers.values():  # bases stay: the bank uses them
+        unshare(layer, name)
         del layer.adapters[name]
     del registry.configs[name]
+    registry.slot_table.release(name)
     add_packed_lora_xs(model, name, config, cores)
     freeze_base(model)
 

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorakit.batched import add_per_row_deltas
+from lorakit.batched import add_routed_deltas
 from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
 from lorakit.quant_layer import quantized_base
+from lorakit.route_slots import RouteSlots, resolve
 from lorakit.route_state import AS_STORED, current_route
+from lorakit.slots import SlotStack, stacks
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -81,50 +83,51 @@ class AdaptedLinear(nn.Module):
         return bank is not None and self.bank_index is not None and self.bank_index in bank.targets.get(name, ())
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name not in self.adapters:
-            out = x.new_zeros(*x.shape[:-1], self.out_features)
-            self.add_delta_(name, out, x, 1.0)
-            return out
-        adapter = self.adapters[name]
-        basis = self.bases[adapter.basis_key] if adapter.basis_key else None
-        return adapter.delta(x, basis)
+        """Δ_name(x) alone (the adapter's contribution, whether attached or packed)."""
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.has(name):
+            out = add_routed_deltas(self, x, out, self.resolved(name, {}, x.device, merged=()), {})
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None and x.dtype != torch.float32:  # adapters on a quantized base run in float32
             return self.forward(x.float()).to(x.dtype)
         out = self.base_forward(x)
-        if not self.adapters and self.bank_index is None and not self.registry.merged:
+        registry = self.registry
+        if torch.compiler.is_compiling() and registry.traced_slots is not None:  # lorakit.compiled: routes are inputs
+            if x.dtype != out.dtype:
+                x = x.to(out.dtype)
+            return add_routed_deltas(self, x, out, registry.traced_slots, None)
+        if not self.adapters and self.bank_index is None and not registry.merged:
             return out
-        route = current_route(id(self.registry))
-        names = route.names if route is not None else self.registry.default_names()
+        route = current_route(id(registry))
+        names = route.names if route is not None else registry.default_names()
         if names is AS_STORED:
+            return out
+        if isinstance(names, tuple) and len(names) != x.shape[0]:
+            raise RoutingError(f"{self.module_name}: route has {len(names)} row names but the batch has "
+                               f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
+        cache = route.cache if route is not None else registry.slot_table_memo()
+        resolved = self.resolved(names, cache, x.device, tuple(registry.merged))
+        if not resolved.kinds and not resolved.merged:
             return out
         if x.dtype != out.dtype:  # under torch.autocast the base output is bf16/fp16 while x is not: the
             x = x.to(out.dtype)  # adapter math and its in-place adds then run in the output's dtype
-        if isinstance(names, tuple):
-            if len(names) != x.shape[0]:
-                raise RoutingError(f"{self.module_name}: route has {len(names)} row names but the batch has "
-                                   f"{x.shape[0]} rows (input shape {tuple(x.shape)})")
-            return add_per_row_deltas(self, x, out, names, route.cache)
-        for merged in self.merged_names():
-            if merged != names:
-                self.add_delta_(merged, out, x, -1.0)
-        if names is not None and names not in self.registry.merged and self.has(names):
-            self.add_delta_(names, out, x, 1.0)
-        return out
+        return add_routed_deltas(self, x, out, resolved, cache)
 
-    def add_delta_(self, name: str, out: torch.Tensor, x: torch.Tensor, sign: float) -> None:
-        """out ± Δ_name(x), in place (the base output is fresh, so autograd allows it). Subtracting a merged
-        adapter takes what the merge added, so rows not routed to it see exactly the base."""
-        recorded = self.merged_factors(name) if sign < 0 else None
-        if recorded is not None or name not in self.adapters:  # a merge's record, or a packed LoRA-XS adapter
-            up, down = recorded if recorded is not None else self.factors(name)  # cast to the activations' dtype
-            h = torch.nn.functional.linear(x, down.to(x.dtype))  # (..., r)
-            out.view(-1, out.shape[-1]).addmm_(h.view(-1, down.shape[0]), up.to(out.dtype).T, alpha=sign)
-            return
-        adapter = self.adapters[name]
-        basis = self.bases[adapter.basis_key] if adapter.basis_key else None
-        adapter.add_delta_(out, x, basis, sign)
+    def resolved(self, names, cache: dict, device: torch.device, merged: tuple[str, ...]) -> RouteSlots:
+        """The route's tensors (lorakit.route_slots), made once per route, table version and device (and
+        inference mode: an inference tensor may not be saved for backward later)."""
+        table = self.registry.slot_table
+        key = ("slots", names, table.version, merged, str(device), torch.is_inference_mode_enabled())
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = resolve(names, table, merged, device)
+        return hit
+
+    def slot_stack(self, kind: str) -> SlotStack | None:
+        """The stack of `kind` as it stands (built by lorakit.slots.stack_for), without checks."""
+        return stacks(self).get(kind)
 
     # -- merging -----------------------------------------------------------------------------------
     def merged_names(self) -> list[str]:

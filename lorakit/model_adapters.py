@@ -4,7 +4,7 @@ It says which adapters exist, never which one is active (that is the caller's `R
 the model as the plain attribute `lorakit_registry` (the name kept for saved models and callers), and
 every adapted layer points to it. It sits above lorakit.layer: it walks the model's AdaptedLinear layers.
 
-What lorakit holds outside the model's parameters and buffers (the packed bank, the layers' LoRA stacks,
+What lorakit holds outside the model's parameters and buffers (the packed bank, the layers' slot stacks,
 VeRA's shared projections) follows the model through `model.to(...)`, `.half()`, `.cuda()`...: all of them
 go through `nn.Module._apply`, which the record wraps on the model it was created for (`moved_with`).
 """
@@ -16,12 +16,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit import lora_stack
+from lorakit import slots
 from lorakit.config import AdapterConfig
 from lorakit.errors import LorakitError, RoutingError
 from lorakit.layer import adapted_layers
 from lorakit.methods.vera import vera_key
 from lorakit.route_state import AS_STORED
+from lorakit.slot_table import SlotTable
 
 ATTR = "lorakit_registry"  # the model attribute holding its ModelAdapters
 
@@ -36,6 +37,9 @@ class ModelAdapters:
         self.packed: set[str] = set()  # adapters held in the packed bank (lorakit.bank), not as modules
         self.bank = None  # the model's CoreBank, once something is packed
         self.version = 0  # bumped when adapters or adapted layers are added or removed
+        self.slot_table = SlotTable()  # model-wide slot numbers of the adapters in layers (lorakit.slot_table)
+        self.traced_slots = None  # set only while lorakit.compiled traces a forward: the route as inputs
+        self._memo: tuple[int, dict] = (-1, {})
         self._layer_map: tuple[int, dict] = (-1, {})
 
     def layer_map(self, model: nn.Module) -> dict:
@@ -44,13 +48,20 @@ class ModelAdapters:
             self._layer_map = (self.version, adapted_layers(model))
         return self._layer_map[1]
 
+    def slot_table_memo(self) -> dict:
+        """Resolved routes of calls without a `use_adapter` block (the default route), kept until the
+        slots change: a pure function of names, slots and device, not a record of what is active."""
+        if self._memo[0] != self.slot_table.version:
+            self._memo = (self.slot_table.version, {})
+        return self._memo[1]
+
     def moved_with(self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> None:
         """Run the model's own `_apply(fn)`, then move what lorakit holds the same way: the bank's cores, each
-        layer's LoRA stack (parameters pointed back into it), VeRA's shared projections (every layer's basis
+        layer's slot stacks (parameters pointed back into them), VeRA's shared projections (every layer's basis
         pointed back at one moved pair), and basis fingerprints (device only: their float32 is what files
         are checked against, so a bf16 model must not round them)."""
         layers = self.layer_map(model)
-        held = {name: lora_stack.held_names(layer) for name, layer in layers.items()}
+        held = {name: slots.held_names(layer) for name, layer in layers.items()}
         fingerprints = {(name, key): basis.fingerprint for name, layer in layers.items()
                         for key, basis in layer.bases.items()}
         type(model)._apply(model, fn, recurse)
@@ -58,7 +69,7 @@ class ModelAdapters:
             basis = layers[name].bases[key]
             basis._buffers["fingerprint"] = fingerprint.to(basis.down.device)
         for name, layer in layers.items():
-            lora_stack.moved(layer, fn, held[name])
+            slots.moved(layer, fn, held[name])
         if self.bank is not None:
             self.bank.apply_(fn)
         for (seed, r, max_in, max_out), shared in list(self.vera_projections.items()):

@@ -61,10 +61,11 @@ def test_packed_merge_unmerge_and_delete(ids):
     lorakit.unmerge(model, "a")
     lorakit.delete_adapter(model, "a")
     bank = get_bank(model)
-    assert "a" not in bank.slots and bank.free == [1]
+    table = model.lorakit_registry.slot_table
+    assert "a" not in bank.slots and table.kind("a") is None and bank.cores[:, 1].abs().sum() == 0
     lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "c")
     pack_adapter(model, "c")
-    assert bank.slots["c"] == 1  # the freed slot is reused
+    assert bank.slots["c"] == table.slot("c") == 1  # the freed slot is reused
     with lorakit.disable_adapters(model):
         assert (model(input_ids=ids).logits - expected[None]).abs().max() < 1e-5
 

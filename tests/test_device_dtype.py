@@ -19,7 +19,7 @@ from lorakit import io
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases, get_bank, pack_adapter
 from lorakit.config import adapter_dtype
 from lorakit.io.export import export_to_peft
-from lorakit.lora_stack import ATTR as STACK_ATTR
+from lorakit.slots import stacks
 from tests.conftest import TOLERANCES, randomize_adapters, tiny_llama
 
 LOW = (torch.bfloat16, torch.float16)
@@ -41,7 +41,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
 
 
 def _mixed_model(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Five LoRA adapters (more than batched.GROUP_LOOP_MAX: the stacked path), LoRA-XS of two ranks, VeRA."""
+    """Five LoRA adapters, LoRA-XS of two ranks, VeRA: every kind of slot stack."""
     model = _base(device, dtype)
     for i in range(5):
         lk.attach(model, lk.LoraConfig(r=2 + i % 2, lora_alpha=4), f"l{i}")
@@ -284,10 +284,10 @@ def test_model_to_moves_bank_stacks_and_shared_projections(device, ids, target):
     assert get_bank(model).cores.dtype == want and get_bank(model).cores.device.type == device.type
     assert len(_vera_storages(model)) == 2, "VeRA's projections must stay shared after .to()"
     for layer in lk.adapted_layers(model).values():
-        stack = getattr(layer, STACK_ATTR, None)
-        if stack is not None:  # the parameters still live in the moved stack
-            assert stack.a.dtype == want and stack.a.device.type == device.type
-            assert all(stack.holds(layer, n) for n in stack.names)
+        for stack in stacks(layer).values():  # the parameters still live in the moved stacks
+            assert stack.scales.dtype == want and stack.scales.device.type == device.type
+            assert all(t.dtype == want and t.device.type == device.type for t in stack.fields.values())
+            assert all(stack.holds(layer, n) for n in stack.held)
         assert all(b.fingerprint.dtype == torch.float32 for b in layer.bases.values())
     routed = _logits(model, ids[:8], rows)
     # the reference: the deep copy (its own registry, bank and stacks) moved the same way

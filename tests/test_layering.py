@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1] / "lorakit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("lorakit.errors", "lorakit.versions", "lorakit.names", "lorakit.config", "lorakit.perf")),
     ("methods", ("lorakit.methods.*", "lorakit.bases_cache")),
-    ("surgery, route state, per-layer parts", ("lorakit.surgery", "lorakit.route_state", "lorakit.quant_layer",
-                                               "lorakit.lora_stack", "lorakit.batched")),
+    ("surgery, route state, slots", ("lorakit.surgery", "lorakit.route_state", "lorakit.slot_table",
+                                     "lorakit.quant_layer", "lorakit.slots", "lorakit.route_slots")),
+    ("per-layer deltas", ("lorakit.batched",)),
     ("layer", ("lorakit.layer",)),
     ("model record, routing, bases", ("lorakit.model_adapters", "lorakit.routing", "lorakit.basis_setup")),
     ("operations", ("lorakit.prefix_hook", "lorakit.attach", "lorakit.adapters", "lorakit.bank", "lorakit.merge",

@@ -103,11 +103,11 @@ def test_bad_routes_are_clear_errors(ids):
 
 
 def test_a_reused_route_sees_in_place_weight_changes(ids):
-    """Per-route caches (gathered LoRA weights for decoding) never serve stale adapter weights."""
+    """Per-route caches (resolved slots, checked stacks) never serve stale adapter weights."""
     from lorakit.routing import Route
 
     model = _model_with(7)
-    route = Route(tuple(f"a{i}" for i in range(6)))  # more than GROUP_LOOP_MAX: the stacked, cached path
+    route = Route(tuple(f"a{i}" for i in range(6)))  # the slot stacks, checked once per route
     ids = torch.randint(0, 101, (6, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         with lorakit.use_route(model, route):

@@ -79,6 +79,7 @@ def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Ite
         registry = getattr(model, ADAPTERS_ATTR, None)
         if registry is not None:
             registry.configs.pop(name, None)
+            registry.slot_table.release(name)
             registry.vera_projections = projections_before
             registry.version += 1  # adapted layers changed: drop ModelAdapters' cached layer map
         for module_name, original in before.items():

@@ -39,11 +39,15 @@ class LoraAdapter(nn.Module):
         """(..., in) -> (..., out): (α/r)·B(A·dropout(x))."""
         return F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
 
-    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: None = None, sign: float = 1.0) -> None:
-        """out += sign·Δ(x) in place: one fused addmm instead of matmul, scale and add passes.
-        A negative sign undoes a merge (rows not routed to a merged adapter): exact, so never dropped."""
-        h = F.linear(self.dropout(x) if sign > 0 else x, self.lora_A.to(x.dtype))  # (..., r)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), self.lora_B.to(out.dtype).T, alpha=sign * self.scaling)
+    @staticmethod
+    def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
+        """One slot of a layer's LoRA stack (lorakit.slots): A (r, in) as nn.Linear holds it (so one adapter's
+        GEMM rounds as PEFT's does) and Bᵀ (r, out), the layout CPU baddbmm reads 2.5× faster at decode."""
+        return {"a": (r, in_features), "b": (r, out_features)}
+
+    def slot_views(self, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Where this adapter's parameters live in one slot (ranks below the stack's are zero-padded)."""
+        return {"lora_A": slot["a"][: self.r], "lora_B": slot["b"][: self.r].T}
 
     def factors(self, basis: None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW = up @ down with up (out, r) and down (r, in): merging never needs a dense ΔW."""
@@ -56,3 +60,35 @@ class LoraAdapter(nn.Module):
 
     def num_trainable(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
+
+
+def add_lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   coef: torch.Tensor | float, index: torch.Tensor) -> None:
+    """out += coef_i·(x_i·a[index_i])·b[index_i] for every group i of rows, in place.
+
+    a (S, r, in) and b (S, r, out) are stacked A and Bᵀ (slot 0 zero), `index` (n,) picks one slot per
+    group and `coef` (n,) scales it (α/r, or −1 to take a merged adapter back out, 0 for nothing). The
+    batch is split into n equal groups of rows (`coef` may be one float for all): n = 1 runs one adapter over the whole batch (two GEMMs),
+    n = batch rows gives every row its own adapter (bmm over gathered slots). One path for both."""
+    n, dtype = index.shape[0], x.dtype
+    x3 = x.reshape(n, -1, x.shape[-1])  # (n, tokens per group, in)
+    a_rows = a.index_select(0, index).to(dtype)  # (n, r, in)
+    b_rows = b.index_select(0, index).to(dtype)  # (n, r, out)
+    if n == 1:  # plain GEMMs (a shape, so fixed for a compiled graph), A applied as PEFT's nn.Linear applies
+        # it (F.linear over an (r, in) weight): BLAS then rounds the sums the same way
+        h = F.linear(x3[0], a_rows[0])  # (T, r)
+        b_rows = b_rows[0]
+        out = out.view(-1, out.shape[-1]) if out.is_contiguous() else out
+    else:
+        h = torch.bmm(x3, a_rows.transpose(1, 2))  # (n, T, r)
+    alpha = 1.0
+    if isinstance(coef, torch.Tensor):  # per group; r-wide, so cheaper on h than on the output
+        h = h.mul_(coef.to(dtype).view(-1, *([1] * (h.dim() - 1))))
+    else:  # one adapter for the batch: scaled after the product, as PEFT rounds it
+        alpha = coef
+    if n == 1 and out.dim() == 2:  # out += h·Bᵀ, fused, no output-sized temporary
+        out.addmm_(h, b_rows, alpha=alpha)
+    elif out.is_contiguous():  # the same, group by group
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, b_rows, alpha=alpha)
+    else:
+        out.add_(torch.matmul(h, b_rows).reshape(out.shape), alpha=alpha)

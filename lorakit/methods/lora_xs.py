@@ -86,13 +86,13 @@ class LoraXSAdapter(nn.Module):
         h = F.linear(self.dropout(x), down.to(x.dtype))  # (..., r)
         return F.linear(F.linear(h, self.lora_R.to(x.dtype)), up.to(x.dtype)) * self.scaling
 
-    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
-        """out += sign·Δ(x) in place; R is folded into B first (an out×r×r product, tiny).
-        A negative sign undoes a merge (rows not routed to a merged adapter): exact, so never dropped."""
-        down, up = basis.sliced(self.r)
-        h = F.linear(self.dropout(x) if sign > 0 else x, down.to(x.dtype))  # (..., r)
-        up_r = up.to(out.dtype) @ self.lora_R.to(out.dtype)  # (out, r), in the activations' dtype
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_r.T, alpha=sign * self.scaling)
+    @staticmethod
+    def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
+        """One slot of a layer's LoRA-XS stack (lorakit.slots): the r×r core, whatever the layer's width."""
+        return {"core": (r, r)}
+
+    def slot_views(self, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"lora_R": slot["core"][: self.r, : self.r]}
 
     def factors(self, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW = up @ down: up = (α/r)·B·R (out, r), down = A (r, in); up in float32 at least (R may be wider than B)."""
@@ -106,3 +106,18 @@ class LoraXSAdapter(nn.Module):
 
     def num_trainable(self) -> int:
         return self.lora_R.numel()
+
+
+def add_core_rows_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                   cores: torch.Tensor) -> None:
+    """out += B·(R_i·(A·x_i)) for every group i of rows, in place: the shared basis is applied once for the
+    whole batch, the per-group part is an r×r product. `down` (k, in) and `up` (out, k) are the basis's
+    first k directions; `cores` (n, k, k) are the groups' scaled cores (zero for groups without one), the
+    batch split into n equal groups (n = 1: one adapter for all rows; n = rows: one per row)."""
+    n, k, dtype = cores.shape[0], down.shape[0], x.dtype
+    h = torch.matmul(x.reshape(n, -1, x.shape[-1]), down.to(dtype).T)  # (n, T, k): one projection
+    h = torch.bmm(h, cores.to(dtype).transpose(1, 2))  # (n, T, k)
+    if out.is_contiguous():  # out += h·Bᵀ as one fused GEMM
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, k), up.to(dtype).T)
+    else:
+        out.add_(torch.matmul(h, up.to(dtype).T).reshape(out.shape))

@@ -78,12 +78,13 @@ class VeraAdapter(nn.Module):
         h = F.linear(self.dropout(x), basis.down.to(x.dtype)) * self.vera_lambda_d.to(x.dtype)  # (..., r)
         return F.linear(h, basis.up.to(x.dtype)) * self.vera_lambda_b.to(x.dtype)
 
-    def add_delta_(self, out: torch.Tensor, x: torch.Tensor, basis: Basis, sign: float = 1.0) -> None:
-        """out += sign·Δ(x) in place; b is folded into B (out×r) and d into the r-wide activations.
-        A negative sign undoes a merge (rows not routed to a merged adapter): exact, so never dropped."""
-        h = F.linear(self.dropout(x) if sign > 0 else x, basis.down.to(x.dtype)) * self.vera_lambda_d.to(x.dtype)  # (..., r)
-        up_b = basis.up.to(out.dtype) * self.vera_lambda_b.to(out.dtype)[:, None]  # (out, r)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, self.r), up_b.T, alpha=sign)
+    @staticmethod
+    def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
+        """One slot of a layer's VeRA stack (lorakit.slots): the two scaling vectors."""
+        return {"d": (r,), "b": (out_features,)}
+
+    def slot_views(self, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_d": slot["d"][: self.r], "vera_lambda_b": slot["b"]}
 
     def factors(self, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW = up @ down: up = Λ_b·B (out, r), down = Λ_d·A (r, in), in float32 (d, b may be wider than A, B)."""
@@ -97,3 +98,14 @@ class VeraAdapter(nn.Module):
 
     def num_trainable(self) -> int:
         return self.vera_lambda_d.numel() + self.vera_lambda_b.numel()
+
+
+def add_vera_rows_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, d: torch.Tensor,
+                   b: torch.Tensor) -> None:
+    """out += b_i ⊙ B(d_i ⊙ A·x_i) for every group i of rows, in place: the shared projections once for the
+    batch, the per-group vectors d (n, r) and b (n, out) element-wise (zero for groups without an adapter;
+    the batch split into n equal groups as in lorakit.methods.lora.add_lora_rows_)."""
+    n, dtype = d.shape[0], x.dtype
+    h = torch.matmul(x.reshape(n, -1, x.shape[-1]), down.to(dtype).T) * d.to(dtype)[:, None, :]  # (n, T, r)
+    y = torch.matmul(h, up.to(dtype).T).mul_(b.to(dtype)[:, None, :])  # (n, T, out)
+    out.add_(y.reshape(out.shape))

@@ -1,9 +1,9 @@
-"""The layer's LoRA stack: adapters' weights held once, edits show through, moves and deletes rebuild it."""
+"""A layer's slot stacks: adapters' weights held once, edits show through, moves and deletes rebuild them."""
 
 import torch
 
 import lorakit
-from lorakit import LoraConfig, lora_stack
+from lorakit import LoraConfig, slots
 from lorakit.io import save_adapter
 from tests.conftest import randomize_adapters, tiny_llama
 
@@ -42,15 +42,19 @@ def test_parameters_become_views_of_one_stack_so_weights_are_held_once():
     before = {n: (a.lora_A.detach().clone(), a.lora_B.detach().clone()) for n, a in layer.adapters.items()}
     params = {n: (a.lora_A, a.lora_B) for n, a in layer.adapters.items()}
     assert (_mixed(model, ids) - _each_alone(model, ids)).abs().max() < 1e-5
-    stack = getattr(layer, lora_stack.ATTR)
-    assert stack is not None and stack.names == tuple(before)
+    stack = slots.stacks(layer)["lora"]
+    table = model.lorakit_registry.slot_table
+    assert stack is not None and tuple(stack.held) == tuple(before)
+    assert stack.held == {n: table.slot(n) for n in before}  # model-wide slot numbers
+    a, b = stack.fields["a"], stack.fields["b"]
     for name, adapter in layer.adapters.items():
         assert adapter.lora_A is params[name][0] and adapter.lora_B is params[name][1]  # same Parameter objects
-        assert adapter.lora_A.untyped_storage().data_ptr() == stack.a.untyped_storage().data_ptr()
-        assert adapter.lora_B.untyped_storage().data_ptr() == stack.b.untyped_storage().data_ptr()
+        assert adapter.lora_A.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+        assert adapter.lora_B.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
         assert torch.equal(adapter.lora_A, before[name][0]) and torch.equal(adapter.lora_B, before[name][1])
-    small = layer.adapters["a0"]  # rank 2 among rank 4: the padding stays zero
-    assert stack.a[0, :, 2:].abs().sum() == 0 and stack.b[0, 2:].abs().sum() == 0 and small.lora_A.shape[0] == 2
+    small, k = layer.adapters["a0"], table.slot("a0")  # rank 2 among rank 4: the padding stays zero
+    assert a[k, 2:].abs().sum() == 0 and b[k, 2:].abs().sum() == 0 and small.lora_A.shape[0] == 2
+    assert a[0].abs().sum() == 0 and b[0].abs().sum() == 0  # slot 0: rows without an adapter
 
 
 def test_training_after_stacking_writes_through_and_mixed_batches_see_it():
@@ -77,11 +81,12 @@ def test_moving_the_model_or_deleting_an_adapter_rebuilds_the_stack():
     assert expected.dtype == torch.float64
     assert (_mixed(model, ids) - expected).abs().max() < 1e-10
     layer = model.model.layers[0].self_attn.q_proj
-    old = getattr(layer, lora_stack.ATTR)
+    old = slots.stacks(layer)["lora"]
+    assert old.fields["a"].dtype == torch.float64  # moved with the model
     lorakit.delete_adapter(model, "a5")
-    assert getattr(layer, lora_stack.ATTR) is None
+    assert "lora" not in slots.stacks(layer)
     shared = {a.lora_A.untyped_storage().data_ptr() for a in layer.adapters.values()}
-    assert old.a.untyped_storage().data_ptr() not in shared  # the old stack (and a5's weights) can be freed
+    assert old.fields["a"].untyped_storage().data_ptr() not in shared  # the old stack (and a5's weights) can be freed
     names = ["a0", "a1", "a2", "a3", "a4", None, "a1"]
     with torch.no_grad(), lorakit.use_adapter(model, names):
         mixed = model(input_ids=ids).logits
