@@ -50,4 +50,7 @@ def write_adapters(directory: Path, methods: list[str], count: int, base: str, d
             sizes[method] = sum(f.stat().st_size for f in path.iterdir())
             lorakit.delete_adapter(model, name)
         lorakit.delete_adapter(model, f"keep-{method}")
+    del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the server, started next, gets the GPU memory this copy held
     return sizes

@@ -1,5 +1,7 @@
-"""`lorakit bench serve`: a load test of `lorakit serve` over HTTP: the base alone, then 1, 16 and 128 distinct
-adapters of each method (LoRA-XS and LoRA) in one run, against the engine's own decode-step bound.
+"""`lorakit bench serve`: a load test of `lorakit serve` over HTTP, base only and 1/16/128 distinct adapters.
+
+The base alone, then 1, 16 and 128 distinct adapters of each method (LoRA-XS and LoRA) in one run,
+against the engine's own decode-step bound.
 
 The server runs as its own process (`lorakit serve --preload`), exactly as a user starts it, holding every
 adapter of the run; this process is only the clients (lorakit.bench.serve_traffic). Scenarios are
