@@ -3,14 +3,21 @@ least-recently-used under a byte budget, never removed while a running request u
 
     <adapter dir>/<name>/adapter_config.json + adapter_model.safetensors   (as lorakit.io.save_adapter writes)
 
-Files are read and checked on the caller's thread; only the attach (or detach) runs on the engine's
+Files are read, checked and copied to the device on the caller's thread (on CUDA through pinned host
+memory, non-blocking: lorakit.serve.adapter_memory); only the attach (or detach) runs on the engine's
 thread between two decode steps, so a load never stalls the batch for more than the attach itself,
 and a load that fails leaves the model, and every other request, as they were.
 LoRA-XS adapters go into the packed bank (r² numbers per layer each); LoRA and VeRA attach as modules.
+
+The byte budget counts the bytes each adapter holds on the device once attached (its bank slot, or its
+modules' tensors in the dtype adapters get on this base), not the size of its files. Before the attach,
+the file's tensor bytes stand in (to refuse an adapter larger than the whole budget without attaching it
+and to make room); the measured figure replaces them as soon as the adapter is attached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -19,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.adapters import delete_adapter
@@ -28,6 +36,7 @@ from lorakit.io.guard import install_bases
 from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
 from lorakit.io.peft_lora import load_lora
 from lorakit.names import adapter_name_problem
+from lorakit.serve.adapter_memory import adapter_device_bytes, stage
 
 log = logging.getLogger("lorakit.serve")
 
@@ -42,7 +51,7 @@ class AdapterLoadError(LorakitError, RuntimeError):
 
 @dataclass
 class _Entry:
-    nbytes: int  # bytes of the adapter's tensors
+    nbytes: int  # bytes the adapter holds on the device
     refs: int = 0  # running or queued requests that use it
     unload_requested: bool = False  # remove once refs drops to 0
 
@@ -56,13 +65,20 @@ class StoreStats:
 
 
 class AdapterStore:
-    """Adapters resident on one served model, bounded by `budget_bytes` (None: unbounded)."""
+    """Adapters resident on one served model, bounded by `budget_bytes` of device memory (None: unbounded).
+
+    `device` is where adapter tensors are copied before the attach (default: the model's device)."""
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None, *, engine=None,
-                 budget_bytes: int | None = None, packed: bool = True) -> None:
+                 budget_bytes: int | None = None, packed: bool = True,
+                 device: torch.device | str | None = None) -> None:
         if budget_bytes is not None and budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive or None, got {budget_bytes!r}")
         self.model = model
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
         self.directory = Path(directory).resolve() if directory is not None else None
         self.engine = engine
         self.budget_bytes = budget_bytes
@@ -191,15 +207,21 @@ class AdapterStore:
                 raise AdapterLoadError(f"{failed[1]} (this load failed before; it is retried once the "
                                        "adapter's files change)")
             files = read_adapter_dir(path)  # on this thread: the batch keeps decoding meanwhile
-            nbytes = sum(t.numel() * t.element_size() for t in files.tensors.values())
-            if self.budget_bytes is not None and nbytes > self.budget_bytes:
-                raise AdapterLoadError(f"adapter {name!r} needs {nbytes} bytes, more than the whole budget "
+            estimate = sum(t.numel() * t.element_size() for t in files.tensors.values())  # the file's tensors
+            if self.budget_bytes is not None and estimate > self.budget_bytes:
+                raise AdapterLoadError(f"adapter {name!r} needs about {estimate} bytes, more than the whole budget "
                                        f"({self.budget_bytes} bytes)")
             bases = self._precompute_bases(files)  # SVDs here, not between decode steps
+            files = dataclasses.replace(files, tensors=stage(files.tensors, self.device))
             with self._lock:
-                self._evict_locked(nbytes)
-            self._on_engine(lambda: self._attach(files, name, bases)).result()
+                self._evict_locked(estimate)
+            nbytes = self._on_engine(lambda: self._attach(files, name, bases)).result()
+            if self.budget_bytes is not None and nbytes > self.budget_bytes:
+                self._on_engine(lambda: delete_adapter(self.model, name)).result()
+                raise AdapterLoadError(f"adapter {name!r} takes {nbytes} bytes on {self.device}, more than the "
+                                       f"whole budget ({self.budget_bytes} bytes)")
             with self._lock:
+                self._evict_locked(nbytes)  # the measured size may exceed the estimate
                 self._resident[name] = _Entry(nbytes, refs=1 if pin else 0)
                 self.stats.loads += 1
                 self._loading.pop(name, None)
@@ -229,7 +251,8 @@ class AdapterStore:
         config, modules = check_native_files(self.model, files)
         return missing_lora_xs_bases(self.model, config, modules) if config.method == "lora_xs" else {}
 
-    def _attach(self, files, name: str, bases: dict) -> None:
+    def _attach(self, files, name: str, bases: dict) -> int:
+        """Attach on the engine thread; returns the bytes the adapter holds on the device."""
         if bases:
             install_bases(self.model, "lora_xs", bases)  # load_native then finds them and skips its SVDs
         if "lorakit_method" in files.config:
@@ -237,6 +260,7 @@ class AdapterStore:
             load_native(self.model, files, name, packed=packed)
         else:
             load_lora(self.model, files, name)
+        return adapter_device_bytes(self.model, name)
 
     def _evict_locked(self, incoming: int) -> None:
         if self.budget_bytes is None:

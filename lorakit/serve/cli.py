@@ -1,6 +1,7 @@
 """`lorakit serve`: an OpenAI-compatible server for one base model and a directory of adapters.
 
     lorakit serve --base smollm2-135m --adapters ./adapters --port 8000 --budget-mb 64
+    lorakit serve --base scripts/configs/tinyllama-1.1b.json --device cuda --dtype bfloat16 --adapters ./adapters
 
 Each subdirectory of --adapters is an adapter (as lorakit.io.save_adapter writes it) served under its
 directory name; the base itself is served under --base-name (default: the --base name).
@@ -16,10 +17,17 @@ from pathlib import Path
 
 from lorakit.cli_common import UsageError
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # lorakit.serve.base_loader.DTYPES (torch not imported for --help)
+
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="lorakit serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="smollm2-135m", help="embedded model name or HF model directory")
+    parser.add_argument("--base", default="smollm2-135m",
+                        help="embedded model name, HF model directory, or a Llama config (.json, or a preset of "
+                             "lorakit.bench.llama_config) served with random weights and a one-token-per-character "
+                             "tokenizer")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the base model's dtype")
     parser.add_argument("--adapters", default=None, help="directory of adapter subdirectories")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -27,6 +35,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")
     parser.add_argument("--max-batch", type=int, default=16, help="rows decoded together at most")
+    parser.add_argument("--prefill-tokens", type=int, default=512,
+                        help="prompt tokens prefilled per engine step, over all newcomers (longer prompts are "
+                             "prefilled in chunks while the running rows keep decoding)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run decode steps compiled (refused while the engine has no compiled decode step)")
     parser.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
     parser.add_argument("--base-name", default=None, help="the model id of the base (no adapter)")
     parser.add_argument("--preload", action="store_true", help="load every adapter at start-up")
@@ -41,14 +54,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def base_model_id(base: str) -> str:
+    """The model id of the base: a directory's or a config file's name, else what --base says."""
     path = Path(base).expanduser()
-    return path.resolve().name if path.is_dir() else base
+    if path.is_dir():
+        return path.resolve().name
+    return path.stem if path.suffix == ".json" else base
 
 
 def build_app(args: argparse.Namespace):
     """Load the base and build the app (separate from running it, for tests and the demo)."""
-    from lorakit.models import load_base
     from lorakit.serve.app import ServeConfig, create_app, make_server
+    from lorakit.serve.base_loader import DeviceUnavailableError, load_serving_base, serving_device
+    from lorakit.serve.engine import Engine
 
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise UsageError(f"--adapters {args.adapters} is not a directory")
@@ -60,13 +77,22 @@ def build_app(args: argparse.Namespace):
         raise UsageError(f"--budget-mb must be a number of megabytes >= 0 (0: no budget), got {args.budget_mb}")
     if args.max_tokens_limit < 1:
         raise UsageError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
-    model, tokenizer = load_base(args.base)
+    if args.prefill_tokens < 1:
+        raise UsageError(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
+    if args.compile and not Engine.compiled_decode_available:
+        raise UsageError("--compile: this engine has no compiled decode step yet; its decode steps run eagerly "
+                         "(serve without --compile)")
+    try:
+        device = serving_device(args.device)
+    except DeviceUnavailableError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    model, tokenizer = load_serving_base(args.base, device, args.dtype)
     budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
                          max_tokens_limit=args.max_tokens_limit, title=args.title,
                          drain_timeout=args.drain_timeout)
     server = make_server(model, tokenizer, args.adapters, config=config, budget_bytes=budget,
-                         max_batch=args.max_batch)
+                         max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, compile_decode=args.compile)
     if args.preload:
         for name in server.store.available():
             try:

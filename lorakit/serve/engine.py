@@ -1,7 +1,8 @@
 """Continuous batching over one model: requests join and leave the running batch between decode steps.
 
 Every row carries its own adapter (routed per row by `lorakit.use_adapter(model, names)`), so one
-decode step serves any mix of adapters. The batch keeps one left-padded KV cache:
+decode step serves any mix of adapters. The batch keeps one left-padded KV cache, in buffers that decode
+steps write in place (lorakit.serve.kv_cache):
 
     keys[l]: (B, H, W, D)      row i's real entries are the last len_i columns; mask[i] marks them
     mask:    (B, W)            1 = real token, 0 = left padding (never attended to)
@@ -12,8 +13,8 @@ decode step serves any mix of adapters. The batch keeps one left-padded KV cache
             tokens per step: a long prompt is prefilled in chunks over several steps, each chunk
             continuing the row's own cache, while the running rows keep decoding
     join:   a row whose prompt is done samples its first token; its cache is left-padded to W (or the
-            batch's to the newcomer's length) and stacked in
-    step:   forward the B last tokens with the stacked cache and mask → B next tokens
+            batch's to the newcomer's length) and written into the next free rows
+    step:   forward the B last tokens with the cache and mask → B next tokens (decode_forward)
     leave:  drop the row, then drop leading columns that are padding for every remaining row
 
 A request therefore computes what `model.generate` does alone (its prompt, then one token per step);
@@ -44,7 +45,8 @@ from transformers import DynamicCache
 
 from lorakit.errors import LorakitError
 from lorakit.routing import Route, use_adapter, use_route
-from lorakit.serve.prefill import PrefillRow, left_pad, plan_chunks, prefill_inputs, take_rows
+from lorakit.serve.kv_cache import BatchCache
+from lorakit.serve.prefill import PrefillRow, plan_chunks, prefill_inputs, take_rows
 
 log = logging.getLogger("lorakit.serve")
 
@@ -180,55 +182,30 @@ class EngineStats:
 
 
 class _Batch:
-    """The running rows and their stacked, left-padded KV cache."""
+    """The running rows, their positions and their KV cache (lorakit.serve.kv_cache: written in place)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = 1) -> None:
         self.rows: list[Request] = []
-        self.keys: list[torch.Tensor] = []  # per layer (B, H, W, D)
-        self.values: list[torch.Tensor] = []
-        self.mask: torch.Tensor | None = None  # (B, W)
+        self.cache = BatchCache(max_rows)
         self.pos: list[int] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def add(self, joining: list[tuple[Request, PrefillRow]]) -> None:
-        """Stack the rows whose prompts are done (each with its own unpadded cache) in, with one copy."""
+        """Write the rows whose prompts are done (each with its own unpadded cache) into the batch's buffers."""
         if not joining:
             return
-        lengths = [row.done for _, row in joining]
-        width = max(lengths + ([self.mask.shape[1]] if self.rows else []))
-        device = joining[0][1].keys[0].device
-        masks = [torch.arange(width, device=device) >= width - n for n in lengths]  # real columns on the right
-        keys = [[left_pad(row.keys[l], width - n) for (_, row), n in zip(joining, lengths)]
-                for l in range(len(joining[0][1].keys))]
-        values = [[left_pad(row.values[l], width - n) for (_, row), n in zip(joining, lengths)]
-                  for l in range(len(joining[0][1].values))]
-        if self.rows:  # widen the batch on the left if a newcomer is longer
-            old = self.mask.shape[1]
-            keys = [[left_pad(k, width - old)] + new for k, new in zip(self.keys, keys)]
-            values = [[left_pad(v, width - old)] + new for v, new in zip(self.values, values)]
-            masks = list(torch.nn.functional.pad(self.mask, (width - old, 0))) + [m.long() for m in masks]
-        self.keys = [torch.cat(ks) for ks in keys]
-        self.values = [torch.cat(vs) for vs in values]
-        self.mask = torch.stack([m.long() for m in masks])
+        self.cache.join([(row.keys, row.values) for _, row in joining])
         self.rows += [request for request, _ in joining]
-        self.pos += lengths
+        self.pos += [row.done for _, row in joining]
 
     def keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
         self.pos = [self.pos[i] for i in keep]
-        if not keep:
-            self.keys, self.values, self.mask = [], [], None
-            return
-        idx = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask.index_select(0, idx)
-        start = int((mask.sum(0) > 0).long().argmax())  # first column some row still uses
-        self.mask = mask[:, start:]
-        self.keys = [k.index_select(0, idx)[:, :, start:] for k in self.keys]
-        self.values = [v.index_select(0, idx)[:, :, start:] for v in self.values]
+        self.cache.keep(keep)
 
 
 def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -247,9 +224,13 @@ class Engine:
         for event in stream: ...             # or: async for event in await engine.submit_async(...)
     """
 
+    # Whether this engine can run its decode steps compiled (compile_decode=True); an engine that can
+    # sets it and swaps decode_forward for the compiled step.
+    compiled_decode_available: bool = False
+
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch: int = 16,
                  max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
-                 prefill_tokens: int = 512) -> None:
+                 prefill_tokens: int = 512, compile_decode: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool) or prefill_tokens < 1:
@@ -258,6 +239,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per step, over all newcomers
+        if compile_decode and not self.compiled_decode_available:
+            raise EngineError("compile_decode=True: this engine has no compiled decode step yet; its decode steps "
+                              "run eagerly through Engine.decode_forward (serve without --compile)")
+        self.compile_decode = compile_decode  # decode steps through a compiled decode_forward
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -273,7 +258,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._batch = _Batch()
+        self._batch = _Batch(self.max_batch)
         self._prefilling: list[tuple[Request, PrefillRow]] = []  # admitted, prompt not (fully) prefilled yet
         self._pending: list[Request] = []
         self._decode_route: Route | None = None  # re-entered while the running rows' adapters are unchanged
@@ -334,7 +319,7 @@ class Engine:
         def finish_everything() -> int:
             self._admit_inbox()
             rows = self._batch.rows + [request for request, _ in self._prefilling] + self._pending
-            self._batch, self._prefilling, self._pending = _Batch(), [], []
+            self._batch, self._prefilling, self._pending = _Batch(self.max_batch), [], []
             for request in rows:
                 self._finish(request, reason, error=error)
             return len(rows)
@@ -376,7 +361,7 @@ class Engine:
                 log.exception("decode step failed")
                 for request in self._batch.rows:
                     self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
-                self._batch = _Batch()
+                self._batch = _Batch(self.max_batch)
         self._run_calls()
         for request in self._batch.rows + [request for request, _ in self._prefilling] + self._pending:
             self._finish(request, "cancelled")
@@ -483,21 +468,17 @@ class Engine:
     def _step(self) -> None:
         batch = self._batch
         start = time.perf_counter()
-        device = batch.mask.device
+        device = batch.cache.mask.device
         ids = torch.tensor([[r.out_ids[-1]] for r in batch.rows], device=device)  # (B, 1)
         positions = torch.tensor(batch.pos, device=device).unsqueeze(1)  # (B, 1)
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)  # (B, W + 1)
-        cache = DynamicCache(ddp_cache_data=list(zip(batch.keys, batch.values)))
+        cache, mask = batch.cache.decode_cache()  # mask (B, W + 1); the cache writes column W in place
         names = self._route_names([r.adapter for r in batch.rows])
         if self._decode_route is None or self._decode_route.names != names:
             self._decode_route = Route(names)  # rows joined or left: their adapters changed
         with self._route_context(self._decode_route):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True)
-        batch.keys, batch.values = _cache_tensors(out.past_key_values)
-        batch.mask = mask
+            logits = self.decode_forward(ids, mask, positions, cache).float()  # (B, V)
+        batch.cache.advance()
         batch.pos = [p + 1 for p in batch.pos]
-        logits = out.logits[:, -1].float()  # (B, V)
         bad = (~torch.isfinite(logits.max(-1).values) | logits.isnan().any(-1)).tolist()  # one check for all rows
         greedy = logits.argmax(-1).tolist()
         keep = []
@@ -520,6 +501,16 @@ class Engine:
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(batch))
         self.stats.step_seconds += time.perf_counter() - start
+
+    def decode_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       cache: Any) -> torch.Tensor:
+        """One decode step of the model, called under the rows' route: (B, 1) tokens → (B, V) logits.
+
+        The one place a decode step calls the model, so a compiled (or CUDA-graph captured) step can replace
+        it without touching the batching around it; `compile_decode` asks for that replacement."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1]
 
     def _check_adapter(self, name: str | None) -> None:
         """Refuse a request whose adapter is unknown, or a prefix adapter: its cache carries per-call state

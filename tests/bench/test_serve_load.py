@@ -1,36 +1,105 @@
-"""`lorakit bench serve` end to end: a real `lorakit serve` process, concurrent HTTP clients, the report."""
+"""`lorakit bench serve`: the report's figures and goals, and a real run end to end (a `lorakit serve` process
+over a Llama config with random weights, concurrent HTTP clients, TTFT probes, the decode-step bound)."""
+
+from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lorakit.bench import serve_load
+from lorakit.bench.serve_report import BASE, add_ratios, evaluate_goals, quantile, render
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
+CONFIG = Path(__file__).resolve().parents[2] / "scripts" / "configs" / "tiny-llama.json"
+
 
 def test_quantile_interpolates():
-    assert serve_load._quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
-    assert serve_load._quantile([1.0, 2.0, 3.0, 4.0], 0.99) == pytest.approx(3.97)
-    assert serve_load._quantile([5.0], 0.99) == 5.0
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.99) == pytest.approx(3.97)
+    assert quantile([5.0], 0.99) == 5.0
+    assert quantile([], 0.5) is None
 
 
-def test_load_test_against_a_served_tiny_model(tmp_path):
-    from tests.train.conftest import save_tiny_llama
+def _summaries(tps: dict[tuple[str, int], float]) -> list[dict]:
+    out = [{"method": m, "adapters": n, "tokens_per_s": v, "p50_s": 1.0, "p99_s": 2.0, "ttft_idle_p50_s": 0.1,
+            "ttft_idle_count": 4, "ttft_load_p50_s": None, "ttft_load_count": 0, "requests": 64}
+           for (m, n), v in tps.items()]
+    add_ratios(out)
+    return out
 
-    base = save_tiny_llama(tmp_path / "base")
-    out = tmp_path / "docs"
-    assert serve_load.main(["--base", str(base), "--adapters", "0", "1", "3", "--clients", "4", "--requests", "8",
-                            "--max-tokens", "5", "--rounds", "1", "--threads", "1", "--prompt-chars", "40",
-                            "--out", str(out)]) == 0
+
+def test_goals_are_computed_from_the_figures_and_scoped_to_their_device():
+    tps = {(BASE, 0): 100.0, ("lora_xs", 1): 95.0, ("lora_xs", 128): 89.0, ("lora", 1): 80.0, ("lora", 32): 76.0}
+    bound = {"tokens_per_s": 125.0}
+    cpu = {g["goal"]: g for g in evaluate_goals(_summaries(tps), bound, "cpu")}
+    assert cpu["CPU: 1 LoRA-XS adapter vs base only"]["figure"] == pytest.approx(0.95)
+    assert cpu["CPU: 1 LoRA-XS adapter vs base only"]["met"] is True
+    assert cpu["CPU: 1 LoRA adapter vs base only"]["met"] is False  # 0.80 < 0.90
+    assert cpu["128 distinct LoRA-XS vs 1 LoRA-XS adapter"]["figure"] == pytest.approx(89 / 95)
+    assert cpu["128 distinct LoRA-XS vs 1 LoRA-XS adapter"]["met"] is False  # 0.937 < 0.95
+    assert cpu["base only vs the engine's decode-step bound"]["figure"] == pytest.approx(0.8)
+    assert cpu["base only vs the engine's decode-step bound"]["met"] is True
+    gpu_goal = cpu["GPU: 128 distinct LoRA-XS vs base only"]
+    assert gpu_goal["met"] is None and gpu_goal["figure"] == pytest.approx(0.89) and "this run is on cpu" in gpu_goal["note"]
+    gpu = {g["goal"]: g for g in evaluate_goals(_summaries(tps), bound, "cuda")}
+    assert gpu["GPU: 128 distinct LoRA-XS vs base only"]["met"] is True
+    assert gpu["GPU: 32 distinct LoRA vs base only"]["met"] is True
+    assert gpu["CPU: 1 LoRA adapter vs base only"]["met"] is None
+    no_bound = {g["goal"]: g for g in evaluate_goals(_summaries({(BASE, 0): 1.0}), None, "cpu")}
+    assert "decode-step bound not in this run" in no_bound["base only vs the engine's decode-step bound"]["note"]
+
+
+def test_the_rendered_report_says_met_or_not_met_from_the_figures():
+    summaries = _summaries({(BASE, 0): 100.0, ("lora_xs", 1): 95.0, ("lora_xs", 128): 96.0})
+    goals = evaluate_goals(summaries, {"tokens_per_s": 200.0}, "cpu")
+    meta = {"max_batch": 32, "prefill_tokens": 512, "device": "cpu", "dtype": "float32", "base": "b",
+            "adapters_per_method": 128, "adapter_bytes": {"lora_xs": 300000}, "clients": 32, "requests": 64,
+            "max_tokens": 32, "rounds": 2, "probes": 4, "machine": "m"}
+    text = render(summaries, goals, None, meta, "lorakit bench serve")
+    assert "| CPU: 1 LoRA-XS adapter vs base only | 0.95× | ≥ 0.90× | **met** |" in text
+    assert "| 128 distinct LoRA-XS vs 1 LoRA-XS adapter | 1.01× | ≥ 0.95× | **met** |" in text
+    assert "| base only vs the engine's decode-step bound | 0.50× | ≥ 0.70× | **not met** |" in text
+    assert "| 128 distinct lora_xs | 96.0 | 0.96× | 1.01× |" in text
+
+
+def test_a_quick_run_against_a_served_llama_config(tmp_path):
+    out = tmp_path / "report"
+    assert serve_load.main(["--quick", "--base", str(CONFIG), "--out", str(out)]) == 0
     report = json.loads((out / "bench_serve.json").read_text())
-    scenarios = {s["adapters"]: s for s in report["scenarios"]}
-    assert sorted(scenarios) == [0, 1, 3]
+    scenarios = {(s["method"], s["adapters"]): s for s in report["scenarios"]}
+    assert sorted(scenarios) == sorted([(BASE, 0), ("lora_xs", 1), ("lora_xs", 3), ("lora", 1), ("lora", 3)])
     for s in scenarios.values():
         assert s["requests"] == 8
-        assert s["completion_tokens"] == [8 * 5]  # ignore_eos: every request decodes exactly max_tokens
+        assert s["completion_tokens"] == [8 * 4]  # ignore_eos: every load request decodes exactly max_tokens
         assert s["tokens_per_s"] > 0 and s["p99_s"] >= s["p50_s"] > 0
-    assert scenarios[3]["vs_one_adapter"] == pytest.approx(scenarios[3]["tokens_per_s"] / scenarios[1]["tokens_per_s"])
-    assert "| 3 |" in (out / "bench_serve.md").read_text()
+        assert s["ttft_idle_count"] == 2 and s["ttft_idle_p50_s"] > 0  # --probes 2, one round
+        assert s["ttft_load_count"] >= 1 and s["ttft_load_p50_s"] > 0
+    assert scenarios[("lora", 3)]["vs_one_adapter"] == pytest.approx(
+        scenarios[("lora", 3)]["tokens_per_s"] / scenarios[("lora", 1)]["tokens_per_s"])
+    assert scenarios[("lora_xs", 1)]["vs_base"] == pytest.approx(
+        scenarios[("lora_xs", 1)]["tokens_per_s"] / scenarios[(BASE, 0)]["tokens_per_s"])
+    bound = report["decode_bound"]
+    assert bound["rows"] == 4 and bound["steps"] >= 3 and bound["tokens_per_s"] == pytest.approx(4 / bound["step_s"])
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert goals["base only vs the engine's decode-step bound"]["figure"] == pytest.approx(
+        scenarios[(BASE, 0)]["tokens_per_s"] / bound["tokens_per_s"])
+    assert isinstance(goals["CPU: 1 LoRA adapter vs base only"]["met"], bool)
+    assert goals["GPU: 32 distinct LoRA vs base only"]["met"] is None
+    text = (out / "bench_serve.md").read_text()
+    assert "| 3 distinct lora_xs |" in text and "Goals (issue 14)" in text and "Decode-step bound" in text
     assert (out / "bench_serve.png").stat().st_size > 1000
+    assert report["meta"]["base"] == str(CONFIG) and report["meta"]["methods"] == ["lora_xs", "lora"]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--requests", "0"])
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--methods", "vera"])
+    args = serve_load.parse_args(["--device", "cuda"])
+    assert args.adapters == [0, 1, 16, 128, 32] and args.clients == 32  # cuda: the 32-LoRA goal's scenario
+    assert serve_load.parse_args(["--quick", "--max-tokens", "6"]).max_tokens == 6  # explicit options win

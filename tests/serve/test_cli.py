@@ -92,3 +92,47 @@ def test_serve_input_errors_exit_2_without_a_traceback(tmp_path, capsys):
     assert main(["serve", "--adapters", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "not a directory" in err and "Traceback" not in err
+
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "scripts" / "configs"
+
+
+def test_a_llama_config_base_is_served_with_random_weights_on_the_asked_dtype():
+    """--base CONFIG.json: random weights (no download), a one-token-per-character tokenizer, --dtype and
+    --prefill-tokens reach the model and the engine."""
+    import torch
+
+    args = build_parser().parse_args(["--base", str(CONFIGS / "tiny-llama.json"), "--dtype", "bfloat16",
+                                      "--prefill-tokens", "7", "--max-batch", "3"])
+    app, server = build_app(args)
+    assert server.config.base_name == "tiny-llama"
+    assert next(server.engine.model.parameters()).dtype == torch.bfloat16
+    assert server.engine.prefill_tokens == 7 and server.engine.max_batch == 3
+    assert server.engine.compile_decode is False
+    with BackgroundServer(app) as url:
+        r = httpx.post(url + "/v1/completions", timeout=30,
+                       json={"model": "tiny-llama", "prompt": "a prompt of 27 characters..", "max_tokens": 6,
+                             "temperature": 0})
+    usage = r.json()["usage"]
+    assert r.status_code == 200 and usage == {"prompt_tokens": 28, "completion_tokens": 6, "total_tokens": 34}
+    assert len(r.json()["choices"][0]["text"]) <= 6  # one character per token (none for the 3 special ids)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--prefill-tokens", "0"], "prefill-tokens must be >= 1"),
+    (["--compile"], "no compiled decode step"),
+    (["--device", "meta"], "runs on cpu or cuda"),
+    (["--device", "nonsense"], "not a device name"),
+])
+def test_engine_flags_are_checked_before_the_model_loads(flags, words):
+    with pytest.raises(UsageError, match=words):
+        build_app(build_parser().parse_args(flags))
+
+
+def test_cuda_without_a_gpu_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        build_app(build_parser().parse_args(["--device", "cuda"]))

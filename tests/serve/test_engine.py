@@ -234,3 +234,40 @@ def test_max_batch_counts_rows_still_prefilling(model, prefill_tokens):
     assert max(rows_seen) == 2
     for (p, a), got in zip(requests, results):
         assert got.token_ids == greedy_alone(model, p + p, a, 20, eos=None)
+
+
+def test_every_decode_step_goes_through_decode_forward(model):
+    """decode_forward is the one place a decode step calls the model: an engine that overrides it (as a
+    compiled step will) serves the same tokens, and sees every decode step at the batch's size."""
+    class Counting(Engine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.rows_per_step: list[int] = []
+
+        def decode_forward(self, input_ids, attention_mask, position_ids, cache):
+            self.rows_per_step.append(input_ids.shape[0])
+            return super().decode_forward(input_ids, attention_mask, position_ids, cache)
+
+    requests = _requests(4, seed=12)
+    engine = Counting(model, max_batch=4)
+    streams = [engine.submit(p, a, SamplingParams(max_tokens=6, ignore_eos=True)) for p, a in requests]
+    engine.start()
+    try:
+        results = [s.result() for s in streams]
+    finally:
+        engine.close()
+    for (p, a), got in zip(requests, results):
+        assert got.token_ids == greedy_alone(model, p, a, 6, eos=None)
+    assert len(engine.rows_per_step) == engine.stats.steps  # no decode step bypassed the hook
+    assert max(engine.rows_per_step) == 4
+
+
+def test_compile_decode_is_refused_until_the_engine_has_a_compiled_step(model):
+    with pytest.raises(EngineError, match="no compiled decode step.*decode_forward"):
+        Engine(model, compile_decode=True)
+    assert Engine(model).compile_decode is False
+
+    class Compiled(Engine):
+        compiled_decode_available = True
+
+    assert Compiled(model, compile_decode=True).compile_decode is True
