@@ -7,6 +7,8 @@ check_core_versions()  # before anything reaches into torch's or transformers' i
 from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
                               count_trainable, delete_adapter)
 from lorakit.attach import attach, find_targets
+from lorakit.compiled import CompiledForward
+from lorakit.generation import generate
 from lorakit.config import LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import *  # noqa: F401,F403 - the exception classes are part of the API
 from lorakit.layer import AdaptedLinear, adapted_layers
@@ -18,10 +20,10 @@ from lorakit.routing import (Route, checkpoint_with_route, disable_adapters, rou
 __version__ = LORAKIT_VERSION
 
 __all__ = [
-    "AdaptedLinear", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",
+    "AdaptedLinear", "CompiledForward", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",
     "checkpoint_with_route", "route_context",
     "adapter_names", "adapter_parameters", "adapter_state_dict", "attach", "count_trainable",
-    "delete_adapter", "disable_adapters", "find_targets", "merge", "merge_and_unload", "merged_names", "PrefixConfig",
+    "delete_adapter", "disable_adapters", "find_targets", "generate", "merge", "merge_and_unload", "merged_names", "PrefixConfig",
     "quantize",
     "Route", "swap_merged", "unmerge", "use_adapter", "use_route",
 ]

@@ -26,7 +26,7 @@ from lorakit.methods.lora import add_lora_rows_
 from lorakit.methods.lora_xs import add_core_rows_
 from lorakit.methods.vera import add_vera_rows_
 from lorakit.route_slots import KindRows, RouteSlots
-from lorakit.slots import param_source, stack_for
+from lorakit.slots import names_of_kind, param_source, stack_for
 
 # `layer` below is an AdaptedLinear: lorakit.layer imports this module, so annotations say nn.Module
 
@@ -49,7 +49,8 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
         fields, scales, index, rates = source
         xd = row_dropout(x, rates, index) if rates is not None else x
         if kind == "lora":
-            only = layer.adapters[rows.names[0]] if route.groups == 1 and rows.names[0] in layer.adapters else None
+            only = (layer.adapters[rows.names[0]] if checked is not None and route.groups == 1
+                    and rows.names[0] in layer.adapters else None)
             coef = only.scaling if only is not None else scales.index_select(0, index)  # eager, one adapter: a float
             add_lora_rows_(out, xd, fields["a"], fields["b"], coef, index)
         else:  # VeRA, one kind per shared basis
@@ -72,6 +73,8 @@ def _source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, checked
         stack = _checked_stack(layer, kind, rows, checked)
         if stack is not None:
             return stack.fields, stack.scales, rows.slots, None
+        if checked is None and not names_of_kind(layer, kind):  # compiling: never read the route's names
+            return None
     adapters = [layer.adapters[n] if n in layer.adapters else None for n in rows.names]
     present = [a for a in adapters if a is not None]
     if not present:

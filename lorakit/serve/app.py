@@ -525,10 +525,10 @@ def render_metrics(server: Server) -> str:
 
 def make_server(model: Any, tokenizer: Any, adapter_dir: Any = None, *, config: ServeConfig | None = None,
                 budget_bytes: int | None = None, max_batch: int = 16, max_context: int | None = None,
-                prefill_tokens: int = 512, compile_decode: bool = False) -> Server:
+                prefill_tokens: int = 512, compile_decode: bool = False, compile_mode: str | None = None) -> Server:
     """Engine + store + config for one model (the engine thread starts with the app)."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context, prefill_tokens=prefill_tokens,
-                    compile_decode=compile_decode)
+                    compile_decode=compile_decode, compile_mode=compile_mode)
     store = AdapterStore(model, adapter_dir, engine=engine, budget_bytes=budget_bytes)
     return Server(engine, store, tokenizer, config or ServeConfig())
 

@@ -39,7 +39,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="prompt tokens prefilled per engine step, over all newcomers (longer prompts are "
                              "prefilled in chunks while the running rows keep decoding)")
     parser.add_argument("--compile", action="store_true",
-                        help="run decode steps compiled (refused while the engine has no compiled decode step)")
+                        help="run decode steps through torch.compile (lorakit.CompiledForward); on CUDA with "
+                             "--compile-mode reduce-overhead, captured in CUDA graphs")
+    parser.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile mode of --compile (reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
     parser.add_argument("--base-name", default=None, help="the model id of the base (no adapter)")
     parser.add_argument("--preload", action="store_true", help="load every adapter at start-up")
@@ -79,9 +82,8 @@ def build_app(args: argparse.Namespace):
         raise UsageError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
     if args.prefill_tokens < 1:
         raise UsageError(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
-    if args.compile and not Engine.compiled_decode_available:
-        raise UsageError("--compile: this engine has no compiled decode step yet; its decode steps run eagerly "
-                         "(serve without --compile)")
+    if args.compile_mode and not args.compile:
+        raise UsageError("--compile-mode needs --compile")
     try:
         device = serving_device(args.device)
     except DeviceUnavailableError as exc:
@@ -92,7 +94,8 @@ def build_app(args: argparse.Namespace):
                          max_tokens_limit=args.max_tokens_limit, title=args.title,
                          drain_timeout=args.drain_timeout)
     server = make_server(model, tokenizer, args.adapters, config=config, budget_bytes=budget,
-                         max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, compile_decode=args.compile)
+                         max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, compile_decode=args.compile,
+                         compile_mode=args.compile_mode)
     if args.preload:
         for name in server.store.available():
             try:

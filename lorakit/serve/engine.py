@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from lorakit.compiled import CompiledForward
+from lorakit.config import PrefixConfig
 from lorakit.errors import LorakitError
 from lorakit.routing import Route, use_adapter, use_route
 from lorakit.serve.kv_cache import BatchCache
@@ -224,13 +226,14 @@ class Engine:
         for event in stream: ...             # or: async for event in await engine.submit_async(...)
     """
 
-    # Whether this engine can run its decode steps compiled (compile_decode=True); an engine that can
-    # sets it and swaps decode_forward for the compiled step.
-    compiled_decode_available: bool = False
+    # Decode steps can run through lorakit.CompiledForward (compile_decode=True): the rows' route is an input
+    # of the compiled step, so rows joining and leaving change tensors, not code.
+    compiled_decode_available: bool = True
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch: int = 16,
                  max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
-                 prefill_tokens: int = 512, compile_decode: bool = False) -> None:
+                 prefill_tokens: int = 512, compile_decode: bool = False, compile_backend: str = "inductor",
+                 compile_mode: str | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool) or prefill_tokens < 1:
@@ -243,6 +246,10 @@ class Engine:
             raise EngineError("compile_decode=True: this engine has no compiled decode step yet; its decode steps "
                               "run eagerly through Engine.decode_forward (serve without --compile)")
         self.compile_decode = compile_decode  # decode steps through a compiled decode_forward
+        # the KV cache and the context grow step by step: dynamic shapes, and graph breaks allowed in the cache's
+        # code (the adapted layers themselves trace without one, tests/test_compiled.py)
+        self._compiled = (CompiledForward(model, backend=compile_backend, mode=compile_mode, dynamic=True,
+                                          fullgraph=False) if compile_decode else None)
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -502,14 +509,25 @@ class Engine:
         self.stats.max_running = max(self.stats.max_running, len(batch))
         self.stats.step_seconds += time.perf_counter() - start
 
+    def _compilable(self, route: Route) -> bool:
+        """Whether the compiled step can run `route`: not a prefix adapter (its hook is not carried)."""
+        configs = self._compiled.registry.configs
+        names = route.names if isinstance(route.names, tuple) else (route.names,)
+        return not any(isinstance(configs.get(n), PrefixConfig) for n in names if n is not None)
+
     def decode_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                        cache: Any) -> torch.Tensor:
         """One decode step of the model, called under the rows' route: (B, 1) tokens → (B, V) logits.
 
         The one place a decode step calls the model, so a compiled (or CUDA-graph captured) step can replace
         it without touching the batching around it; `compile_decode` asks for that replacement."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True)
+        route = self._decode_route
+        if self._compiled is not None and route is not None and self._compilable(route):
+            out = self._compiled(route, **kwargs)
+        else:
+            out = self.model(**kwargs)
         return out.logits[:, -1]
 
     def _check_adapter(self, name: str | None) -> None:

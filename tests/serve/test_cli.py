@@ -120,7 +120,7 @@ def test_a_llama_config_base_is_served_with_random_weights_on_the_asked_dtype():
 
 @pytest.mark.parametrize("flags, words", [
     (["--prefill-tokens", "0"], "prefill-tokens must be >= 1"),
-    (["--compile"], "no compiled decode step"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode needs --compile"),
     (["--device", "meta"], "runs on cpu or cuda"),
     (["--device", "nonsense"], "not a device name"),
 ])

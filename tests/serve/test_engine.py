@@ -262,12 +262,22 @@ def test_every_decode_step_goes_through_decode_forward(model):
     assert max(engine.rows_per_step) == 4
 
 
-def test_compile_decode_is_refused_until_the_engine_has_a_compiled_step(model):
-    with pytest.raises(EngineError, match="no compiled decode step.*decode_forward"):
-        Engine(model, compile_decode=True)
-    assert Engine(model).compile_decode is False
-
-    class Compiled(Engine):
-        compiled_decode_available = True
-
-    assert Compiled(model, compile_decode=True).compile_decode is True
+def test_compiled_decode_serves_the_same_tokens_as_eager_across_changing_rows(model):
+    """compile_decode=True: decode steps run through lorakit.CompiledForward (aot_eager here: no C compiler
+    needed), rows with different adapters joining and leaving mid-flight; tokens equal each row alone."""
+    requests = _requests(3, seed=13)
+    engine = Engine(model, max_batch=2, compile_decode=True, compile_backend="aot_eager")
+    assert engine.compile_decode is True
+    calls = []
+    compiled = engine._compiled.compiled
+    engine._compiled.compiled = lambda *args: calls.append(1) or compiled(*args)
+    streams = [engine.submit(p, a, SamplingParams(max_tokens=3 + i, ignore_eos=True))
+               for i, (p, a) in enumerate(requests)]
+    engine.start()
+    try:
+        results = [s.result() for s in streams]
+    finally:
+        engine.close()
+    for i, ((p, a), got) in enumerate(zip(requests, results)):
+        assert got.token_ids == greedy_alone(model, p, a, 3 + i, eos=None)
+    assert len(calls) == engine.stats.steps  # every decode step ran compiled

@@ -1,0 +1,90 @@
+"""The compiled forward: no graph break in adapted layers, no recompile when the route changes, equal to eager.
+
+torch.compile runs with backend="aot_eager" here (AOTAutograd's traced graph, run by eager kernels): it
+needs no C compiler, and a graph break or recompile shows exactly as with inductor. `fullgraph=True` makes
+any graph break an error; `error_on_recompile` makes any recompile one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import lorakit as lk
+from lorakit.bank import pack_adapter
+from tests.conftest import randomize_adapters, tiny_llama
+
+ROUTES = [["l0", "x0", None, "v"], ["x1", "l2", "l1", "l0"], [None, None, "x1", "x1"], ["v", "v", "l2", "x0"]]
+
+
+@pytest.fixture()
+def model():
+    model = tiny_llama().eval()
+    for i in range(3):
+        lk.attach(model, lk.LoraConfig(r=2 + i, lora_alpha=4), f"l{i}")
+    lk.attach(model, lk.LoraXSConfig(r=4), "x0")
+    lk.attach(model, lk.LoraXSConfig(r=2), "x1")
+    lk.attach(model, lk.VeraConfig(r=4), "v")
+    randomize_adapters(model, std=0.1)
+    pack_adapter(model, "x1")  # packed and attached LoRA-XS in one batch
+    return model
+
+
+@pytest.fixture()
+def no_recompile_after_first():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+
+
+def _eager(model, route, **kwargs):
+    with torch.no_grad(), lk.use_adapter(model, route):
+        return model(**kwargs).logits
+
+
+def test_one_graph_for_every_route_equal_to_eager(model, no_recompile_after_first):
+    step = lk.CompiledForward(model, backend="aot_eager")  # fullgraph=True: a graph break would raise
+    ids = torch.randint(0, 101, (4, 7), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.utils.counters.clear()
+    for k, route in enumerate(ROUTES):
+        torch._dynamo.config.error_on_recompile = k > 0
+        got = step(route, input_ids=ids).logits
+        assert (got - _eager(model, route, input_ids=ids)).abs().max() < 1e-5, route
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_merged_adapters_stay_exact_in_the_compiled_forward(model, no_recompile_after_first):
+    lk.merge(model, "l1")
+    step = lk.CompiledForward(model, backend="aot_eager")
+    ids = torch.randint(0, 101, (4, 5), generator=torch.Generator().manual_seed(1))
+    for k, route in enumerate(ROUTES):
+        torch._dynamo.config.error_on_recompile = k > 0
+        assert (step(route, input_ids=ids).logits - _eager(model, route, input_ids=ids)).abs().max() < 1e-5
+
+
+def test_compiled_decode_equals_eager_decode(model, no_recompile_after_first):
+    """generate(compile=True): a StaticCache decode step compiled once, tokens equal to the eager loop's."""
+    ids = torch.randint(0, 101, (4, 6), generator=torch.Generator().manual_seed(2))
+    step = lk.CompiledForward(model, backend="aot_eager")
+    for k, route in enumerate(ROUTES[:2]):
+        eager = lk.generate(model, ids, route, max_new_tokens=5)
+        torch._dynamo.config.error_on_recompile = k > 0
+        compiled = lk.generate(model, ids, route, max_new_tokens=5, step=step)
+        assert torch.equal(compiled, eager), route
+    alone = lk.generate(model, ids[1:2], "l2", max_new_tokens=5)  # and per-row equals alone
+    assert torch.equal(lk.generate(model, ids, ROUTES[1], max_new_tokens=5)[1:2], alone)
+
+
+def test_bad_routes_are_refused_before_compiling(model):
+    lk.attach(model, lk.PrefixConfig(num_virtual_tokens=2), "p")
+    step = lk.CompiledForward(model, backend="aot_eager")
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(lk.RoutingError, match="2 rows"):
+        step(["l0", "l1", "l2"], input_ids=ids)
+    with pytest.raises(lk.AdapterNotFoundError, match="nope"):
+        step(["l0", "nope"], input_ids=ids)
+    with pytest.raises(lk.RoutingError, match="prefix adapter"):
+        step(["p", None], input_ids=ids)
