@@ -94,7 +94,7 @@ def parse_pytest(text: str) -> dict:
 
 def tests_part(s: dict, out: Path) -> dict:
     command = [sys.executable, "-m", "pytest", "-v", "-ra", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", "-k", s["tests_k"], *s["tests"].split()]
+               "--continue-on-collection-errors", "-m", "not slow", "-k", s["tests_k"], *s["tests"].split()]
     part = run_part(command, out / "pytest.log", s["tests_timeout"])
     part.update(parse_pytest((out / "pytest.log").read_text(errors="replace")))
     # pytest: 0 all passed, 1 some failed (or collection errors), 5 nothing selected

@@ -45,6 +45,7 @@ def test_staging_on_the_cpu_copies_nothing_and_elsewhere_keeps_fingerprints_on_t
     assert on_meta[f"m{HOST_ONLY_SUFFIX}"] is tensors[f"m{HOST_ONLY_SUFFIX}"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_staging_on_cuda_goes_through_pinned_memory_and_equals_the_file(monkeypatch):
     pinned = []
@@ -58,6 +59,7 @@ def test_staging_on_cuda_goes_through_pinned_memory_and_equals_the_file(monkeypa
         assert moved[key].is_cuda and torch.equal(moved[key].cpu(), tensors[key])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_store_on_cuda_serves_its_adapters_as_the_source_does(source, adapter_dir):
     model = tiny_llama().cuda()
