@@ -51,8 +51,8 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
         if kind == "lora":
             only = (layer.adapters[rows.names[0]] if checked is not None and route.groups == 1
                     and rows.names[0] in layer.adapters else None)
-            coef = only.scaling if only is not None else scales.index_select(0, index)  # eager, one adapter: a float
-            add_lora_rows_(out, xd, fields["a"], fields["b"], coef, index)
+            a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
+            add_lora_rows_(out, xd, a_rows, b_rows, only.scaling if only is not None else coef)
         else:  # VeRA, one kind per shared basis
             basis = layer.bases[kind]
             add_vera_rows_(out, xd, basis.down, basis.up, fields["d"].index_select(0, index),
@@ -61,8 +61,18 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
         recorded = layer.merged_factors(name)
         if recorded is not None:
             up, down = recorded
-            add_lora_rows_(out, x, down[None], up.T[None], coef, torch.zeros_like(coef, dtype=torch.long))
+            add_lora_rows_(out, x, down[None].expand(coef.shape[0], -1, -1), up.T[None].expand(coef.shape[0], -1, -1),
+                           coef)
     return out
+
+
+def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's A, Bᵀ (in `dtype`) and scale, gathered from the stack every call. (Keeping the gathered
+    rows with a decode loop's route measured slower on the CPU: 1.63× base against 1.32×, the kept copies
+    doubling the bytes a step touches.)"""
+    return (fields["a"].index_select(0, index).to(dtype), fields["b"].index_select(0, index).to(dtype),
+            scales.index_select(0, index))
 
 
 def _source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, checked: dict | None,
@@ -91,7 +101,11 @@ def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | 
     stack = stack_for(layer, kind, layer.registry.slot_table)
     if stack is None or checked.get(("stack", id(layer), kind)) is stack:
         return stack
-    if not all(stack.holds(layer, n) for n in rows.names if n in layer.adapters):  # a parameter was re-pointed
+    # parameters re-pointed behind lorakit's back (`param.data = ...`, `.to()` on a submodule alone): checked
+    # on the route's first adapter here, once per route and layer (every adapter's check cost 34 ms per
+    # SmolLM2 step for a 32-adapter route); model-level moves re-point them all (slots.moved)
+    first = next((n for n in rows.names if n in layer.adapters), None)
+    if first is not None and not stack.holds(layer, first):
         stack.table_version = -1
         stack = stack_for(layer, kind, layer.registry.slot_table)
     checked[("stack", id(layer), kind)] = stack

@@ -57,7 +57,7 @@ def kind_of(adapter: nn.Module) -> str:
 
 
 def _pointers(adapter: nn.Module) -> tuple[int, ...]:
-    return tuple(p.data_ptr() for p in adapter.parameters())
+    return tuple(p.data_ptr() for p in adapter._parameters.values())  # its own, not a generator walk
 
 
 def names_of_kind(layer: nn.Module, kind: str) -> tuple[str, ...]:

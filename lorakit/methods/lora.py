@@ -62,18 +62,17 @@ class LoraAdapter(nn.Module):
         return self.lora_A.numel() + self.lora_B.numel()
 
 
-def add_lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   coef: torch.Tensor | float, index: torch.Tensor) -> None:
-    """out += coef_i·(x_i·a[index_i])·b[index_i] for every group i of rows, in place.
+def add_lora_rows_(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
+                   coef: torch.Tensor | float) -> None:
+    """out += coef_i·(x_i·A_iᵀ)·B_iᵀ for every group i of rows, in place.
 
-    a (S, r, in) and b (S, r, out) are stacked A and Bᵀ (slot 0 zero), `index` (n,) picks one slot per
-    group and `coef` (n,) scales it (α/r, or −1 to take a merged adapter back out, 0 for nothing). The
-    batch is split into n equal groups of rows (`coef` may be one float for all): n = 1 runs one adapter over the whole batch (two GEMMs),
-    n = batch rows gives every row its own adapter (bmm over gathered slots). One path for both."""
-    n, dtype = index.shape[0], x.dtype
+    a_rows (n, r, in) and b_rows (n, r, out) are each group's A and Bᵀ (gathered from a slot stack, zero for a
+    group without an adapter); `coef` (n,) scales each group (α/r, −1 to take a merged adapter back out, 0
+    for nothing), or is one float for all. The batch is split into n equal groups of rows: n = 1 runs one
+    adapter over the whole batch (two GEMMs), n = batch rows gives every row its own (bmm). One path."""
+    n, dtype = a_rows.shape[0], x.dtype
     x3 = x.reshape(n, -1, x.shape[-1])  # (n, tokens per group, in)
-    a_rows = a.index_select(0, index).to(dtype)  # (n, r, in)
-    b_rows = b.index_select(0, index).to(dtype)  # (n, r, out)
+    a_rows, b_rows = a_rows.to(dtype), b_rows.to(dtype)
     if n == 1:  # plain GEMMs (a shape, so fixed for a compiled graph), A applied as PEFT's nn.Linear applies
         # it (F.linear over an (r, in) weight): BLAS then rounds the sums the same way
         h = F.linear(x3[0], a_rows[0])  # (T, r)
