@@ -31,3 +31,26 @@ def test_kept_memory_is_reused_without_page_faults():
     default, keep = _faults_per_step("default"), _faults_per_step("keep")
     assert default > 1000  # glibc unmaps such blocks on free: every step faults them in again
     assert keep < 0.1 * default, (keep, default)
+
+
+def test_in_fresh_thread_returns_the_result_raises_the_error_and_ends_its_thread():
+    import threading
+
+    from lorakit.perf import in_fresh_thread
+
+    seen = []
+
+    def work(x, y=1):
+        seen.append(threading.current_thread())
+        return x + y
+
+    assert in_fresh_thread(work, 2, y=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()  # its OpenMP team is gone with it
+
+    def fail():
+        raise ValueError("bad adapter file")
+
+    import pytest
+
+    with pytest.raises(ValueError, match="bad adapter file"):
+        in_fresh_thread(fail)

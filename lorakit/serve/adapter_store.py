@@ -36,6 +36,7 @@ from lorakit.io.guard import install_bases
 from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
 from lorakit.io.peft_lora import load_lora
 from lorakit.names import adapter_name_problem
+from lorakit.perf import in_fresh_thread
 from lorakit.serve.adapter_memory import adapter_device_bytes, stage
 
 log = logging.getLogger("lorakit.serve")
@@ -157,8 +158,8 @@ class AdapterStore:
                 owner = future is None
                 if owner:
                     future = self._loading[name] = Future()
-            if owner:
-                self._load(name, future, pin=True)
+            if owner:  # torch work on a thread that ends with it (lorakit.perf.in_fresh_thread)
+                in_fresh_thread(self._load, name, future, pin=True)
                 return
             future.result()  # another thread is loading it; re-raises its error
         raise AdapterLoadError(f"adapter {name!r} was evicted repeatedly while loading: the budget is too small")

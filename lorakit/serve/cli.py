@@ -68,7 +68,7 @@ def build_app(args: argparse.Namespace):
     """Load the base and build the app (separate from running it, for tests and the demo)."""
     from lorakit.serve.app import ServeConfig, create_app, make_server
     from lorakit.serve.base_loader import DeviceUnavailableError, load_serving_base, serving_device
-    from lorakit.serve.engine import Engine
+    from lorakit.perf import in_fresh_thread
 
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise UsageError(f"--adapters {args.adapters} is not a directory")
@@ -88,7 +88,8 @@ def build_app(args: argparse.Namespace):
         device = serving_device(args.device)
     except DeviceUnavailableError as exc:
         raise UsageError(f"--device: {exc}") from None
-    model, tokenizer = load_serving_base(args.base, device, args.dtype)
+    # loaded on a thread that ends: the engine's thread then runs the only OpenMP team (lorakit.perf)
+    model, tokenizer = in_fresh_thread(load_serving_base, args.base, device, args.dtype)
     budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
                          max_tokens_limit=args.max_tokens_limit, title=args.title,
