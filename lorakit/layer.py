@@ -127,7 +127,8 @@ class AdaptedLinear(nn.Module):
 
     def slot_stack(self, kind: str) -> SlotStack | None:
         """The stack of `kind` as it stands (built by lorakit.slots.stack_for), without checks."""
-        return stacks(self).get(kind)
+        stack = stacks(self).get(kind)
+        return stack if isinstance(stack, SlotStack) else None
 
     # -- merging -----------------------------------------------------------------------------------
     def merged_names(self) -> list[str]:

@@ -22,6 +22,7 @@ class SlotTable:
         self._slots: dict[str, dict[str, int]] = {}  # kind -> {name: slot}
         self._kind: dict[str, str] = {}
         self.version = 0
+        self._capacity: tuple[int, dict[str, int]] = (-1, {})  # per version: read by every layer and call
 
     def assign(self, kind: str, name: str) -> int:
         """The smallest free slot (≥ 1) of `kind` for adapter `name`."""
@@ -56,5 +57,10 @@ class SlotTable:
 
     def capacity(self, kind: str) -> int:
         """Slots a stack of `kind` must have: the highest slot + 1, rounded up to a power of two (≥ 2)."""
-        need = max(self._slots.get(kind, {}).values(), default=0) + 1
-        return max(2, 1 << (need - 1).bit_length())
+        if self._capacity[0] != self.version:
+            self._capacity = (self.version, {})
+        known = self._capacity[1]
+        if kind not in known:
+            need = max(self._slots.get(kind, {}).values(), default=0) + 1
+            known[kind] = max(2, 1 << (need - 1).bit_length())
+        return known[kind]

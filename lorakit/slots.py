@@ -76,11 +76,19 @@ def stack_for(layer: nn.Module, kind: str, table) -> SlotStack | None:
     """The layer's stack of `kind`, rebuilt when the model's slot table changed since it was built; None
     when the layer has no adapter of that kind or its adapters cannot share one tensor (mixed dtypes or
     devices: the forward then stacks their parameters per call, lorakit.batched)."""
-    stack = stacks(layer).get(kind)
+    found = stacks(layer)
+    stack = found.get(kind)
     if stack is not None and stack.table_version == table.version:
         return stack
+    absent = found.get(("absent", kind))
+    if stack is None and absent == table.version:  # known to have none: no walk over the layer's adapters
+        return None
     stack = _build(layer, kind, table)
-    stacks(layer)[kind] = stack  # type: ignore[assignment]
+    if stack is None:
+        found.pop(kind, None)
+        found[("absent", kind)] = table.version  # type: ignore[index]
+    else:
+        found[kind] = stack
     return stack
 
 
@@ -138,7 +146,7 @@ def unshare(layer: nn.Module, deleting: str) -> None:
     """Called before adapter `deleting` is removed: if a stack holds it, give every other adapter of that
     stack its own storage again and drop the stack, so the deleted adapter's memory is freed at once."""
     for kind, stack in list(stacks(layer).items()):
-        if stack is None or deleting not in stack.held:
+        if not isinstance(stack, SlotStack) or deleting not in stack.held:
             continue
         with torch.inference_mode(False), torch.no_grad():
             for name in stack.held:
@@ -151,7 +159,7 @@ def unshare(layer: nn.Module, deleting: str) -> None:
 def held_names(layer: nn.Module) -> dict[str, tuple[str, ...]]:
     """Per kind, the adapters whose parameters live in the layer's stacks now (recorded before a move)."""
     return {kind: tuple(n for n in stack.held if stack.holds(layer, n))
-            for kind, stack in stacks(layer).items() if stack is not None}
+            for kind, stack in stacks(layer).items() if isinstance(stack, SlotStack)}
 
 
 def moved(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], held: dict[str, tuple[str, ...]]) -> None:
@@ -159,8 +167,10 @@ def moved(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], held: di
     point the adapters that lived in them back in, so the weights stay held once and no stale copy on the
     old device or dtype stays alive. A stack nobody lived in is dropped."""
     for kind, stack in list(stacks(layer).items()):
+        if not isinstance(stack, SlotStack):
+            continue
         names = held.get(kind, ())
-        if stack is None or not names:
+        if not names:
             stacks(layer).pop(kind, None)
             continue
         with torch.inference_mode(False), torch.no_grad():
