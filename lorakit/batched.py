@@ -26,7 +26,7 @@ from lorakit.methods.lora import add_lora_rows_
 from lorakit.methods.lora_xs import add_core_rows_
 from lorakit.methods.vera import add_vera_rows_
 from lorakit.route_slots import KindRows, RouteSlots
-from lorakit.slots import names_of_kind, param_source, stack_for
+from lorakit.slots import SlotStack, names_of_kind, param_source, stack_for
 
 # `layer` below is an AdaptedLinear: lorakit.layer imports this module, so annotations say nn.Module
 
@@ -43,6 +43,8 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
         if kind == "lora_xs":
             _add_lora_xs(layer, x, out, rows, per_call, checked)
             continue
+        if checked is not None and route.groups == 1 and rows.names[0] not in layer.adapters:
+            continue  # one adapter for the batch, and it does not touch this layer
         source = _source(layer, kind, rows, per_call, checked, x)
         if source is None:
             continue
@@ -61,8 +63,8 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
         recorded = layer.merged_factors(name)
         if recorded is not None:
             up, down = recorded
-            add_lora_rows_(out, x, down[None].expand(coef.shape[0], -1, -1), up.T[None].expand(coef.shape[0], -1, -1),
-                           coef)
+            groups = coef.shape[0]
+            add_lora_rows_(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
     return out
 
 
@@ -95,7 +97,7 @@ def _source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, checked
     return fields, scales, rows.local, (torch.tensor(rates, device=x.device) if any(rates) else None)
 
 
-def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | None):
+def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | None) -> SlotStack | None:
     if checked is None:  # compiling: lorakit.compiled prepared every stack before tracing
         return layer.slot_stack(kind)
     stack = stack_for(layer, kind, layer.registry.slot_table)

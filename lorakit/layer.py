@@ -20,7 +20,7 @@ from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
 from lorakit.quant_layer import quantized_base
 from lorakit.route_slots import RouteSlots, resolve
-from lorakit.route_state import AS_STORED, current_route
+from lorakit.route_state import AS_STORED, RowNames, current_route
 from lorakit.slots import SlotStack, stacks
 
 try:  # GPT-2 style layers store the weight as (in, out)
@@ -115,7 +115,7 @@ class AdaptedLinear(nn.Module):
             x = x.to(out.dtype)  # adapter math and its in-place adds then run in the output's dtype
         return add_routed_deltas(self, x, out, resolved, cache)
 
-    def resolved(self, names, cache: dict, device: torch.device, merged: tuple[str, ...]) -> RouteSlots:
+    def resolved(self, names: RowNames, cache: dict, device: torch.device, merged: tuple[str, ...]) -> RouteSlots:
         """The route's tensors (lorakit.route_slots), made once per route, table version and device (and
         inference mode: an inference tensor may not be saved for backward later)."""
         table = self.registry.slot_table
@@ -127,8 +127,7 @@ class AdaptedLinear(nn.Module):
 
     def slot_stack(self, kind: str) -> SlotStack | None:
         """The stack of `kind` as it stands (built by lorakit.slots.stack_for), without checks."""
-        stack = stacks(self).get(kind)
-        return stack if isinstance(stack, SlotStack) else None
+        return stacks(self).get(kind)
 
     # -- merging -----------------------------------------------------------------------------------
     def merged_names(self) -> list[str]:

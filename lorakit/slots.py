@@ -27,9 +27,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit.slot_table import SlotTable
+
 # `layer` below is an AdaptedLinear: lorakit.layer imports this module, so annotations say nn.Module
 
 ATTR = "_lorakit_slot_stacks"  # on a layer: {kind: SlotStack}, a plain attribute (never in state_dict)
+ABSENT_ATTR = "_lorakit_no_slot_stacks"  # on a layer: {kind: slot-table version at which it had none}
 
 
 @dataclass(eq=False)
@@ -72,7 +75,7 @@ def stacks(layer: nn.Module) -> dict[str, SlotStack]:
     return found
 
 
-def stack_for(layer: nn.Module, kind: str, table) -> SlotStack | None:
+def stack_for(layer: nn.Module, kind: str, table: SlotTable) -> SlotStack | None:
     """The layer's stack of `kind`, rebuilt when the model's slot table changed since it was built; None
     when the layer has no adapter of that kind or its adapters cannot share one tensor (mixed dtypes or
     devices: the forward then stacks their parameters per call, lorakit.batched)."""
@@ -80,19 +83,19 @@ def stack_for(layer: nn.Module, kind: str, table) -> SlotStack | None:
     stack = found.get(kind)
     if stack is not None and stack.table_version == table.version:
         return stack
-    absent = found.get(("absent", kind))
-    if stack is None and absent == table.version:  # known to have none: no walk over the layer's adapters
+    absent = layer.__dict__.setdefault(ABSENT_ATTR, {})
+    if stack is None and absent.get(kind) == table.version:  # known to have none: no walk over its adapters
         return None
     stack = _build(layer, kind, table)
     if stack is None:
         found.pop(kind, None)
-        found[("absent", kind)] = table.version  # type: ignore[index]
+        absent[kind] = table.version
     else:
         found[kind] = stack
     return stack
 
 
-def _build(layer: nn.Module, kind: str, table) -> SlotStack | None:
+def _build(layer: nn.Module, kind: str, table: SlotTable) -> SlotStack | None:
     names = names_of_kind(layer, kind)
     adapters = [layer.adapters[n] for n in names]
     if not adapters:
@@ -146,7 +149,7 @@ def unshare(layer: nn.Module, deleting: str) -> None:
     """Called before adapter `deleting` is removed: if a stack holds it, give every other adapter of that
     stack its own storage again and drop the stack, so the deleted adapter's memory is freed at once."""
     for kind, stack in list(stacks(layer).items()):
-        if not isinstance(stack, SlotStack) or deleting not in stack.held:
+        if deleting not in stack.held:
             continue
         with torch.inference_mode(False), torch.no_grad():
             for name in stack.held:
@@ -159,16 +162,15 @@ def unshare(layer: nn.Module, deleting: str) -> None:
 def held_names(layer: nn.Module) -> dict[str, tuple[str, ...]]:
     """Per kind, the adapters whose parameters live in the layer's stacks now (recorded before a move)."""
     return {kind: tuple(n for n in stack.held if stack.holds(layer, n))
-            for kind, stack in stacks(layer).items() if isinstance(stack, SlotStack)}
+            for kind, stack in stacks(layer).items()}
 
 
 def moved(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], held: dict[str, tuple[str, ...]]) -> None:
     """After `layer` went through `fn` (a `.to(...)`, `.half()`, `.cuda()`...): move its stacks the same way and
     point the adapters that lived in them back in, so the weights stay held once and no stale copy on the
     old device or dtype stays alive. A stack nobody lived in is dropped."""
+    layer.__dict__.pop(ABSENT_ATTR, None)  # adapters of mixed dtypes may share one now
     for kind, stack in list(stacks(layer).items()):
-        if not isinstance(stack, SlotStack):
-            continue
         names = held.get(kind, ())
         if not names:
             stacks(layer).pop(kind, None)
