@@ -88,3 +88,20 @@ def test_bad_routes_are_refused_before_compiling(model):
         step(["l0", "nope"], input_ids=ids)
     with pytest.raises(lk.RoutingError, match="prefix adapter"):
         step(["p", None], input_ids=ids)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_decode_equals_eager_decode_on_cuda(no_recompile_after_first):
+    """On a GPU: inductor with mode="reduce-overhead" (CUDA graphs) on a bf16 base, per-row LoRA and LoRA-XS;
+    greedy tokens equal the eager loop's for two routes of one batch size. scripts/gpu_check.py runs it."""
+    model = tiny_llama().eval().to("cuda", torch.bfloat16)
+    for i in range(3):
+        lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), f"l{i}")
+    lk.attach(model, lk.LoraXSConfig(r=4), "x0")
+    randomize_adapters(model, std=0.1)
+    ids = torch.randint(0, 101, (4, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    step = lk.CompiledForward(model, mode="reduce-overhead")
+    for route in (["l0", "x0", None, "l2"], ["l1", "l1", "x0", None]):
+        assert torch.equal(lk.generate(model, ids, route, max_new_tokens=6, step=step),
+                           lk.generate(model, ids, route, max_new_tokens=6)), route
