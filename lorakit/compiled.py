@@ -25,7 +25,7 @@ from torch import nn
 from lorakit.config import PrefixConfig
 from lorakit.errors import RoutingError
 from lorakit.layer import adapted_layers
-from lorakit.model_adapters import adapters_of
+from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, ModelAdapters
 from lorakit.route_slots import RouteSlots, resolve
 from lorakit.route_state import Route, route_for
 from lorakit.slots import kind_of, stack_for
@@ -37,12 +37,18 @@ class CompiledForward:
     def __init__(self, model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
                  dynamic: bool | None = None, fullgraph: bool = True) -> None:
         self.model = model
-        self.registry = adapters_of(model)
-        self._prepared = -1
+        self._prepared = (None, -1)
         self.compiled = torch.compile(self._run, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
 
-    def _run(self, slots: RouteSlots, args: tuple, kwargs: dict) -> Any:
+    @property
+    def registry(self) -> ModelAdapters | None:
+        """The model's adapter record, looked up per call: adapters may be attached after this was made."""
+        return self.model.__dict__.get(ADAPTERS_ATTR)
+
+    def _run(self, slots: RouteSlots | None, args: tuple, kwargs: dict) -> Any:
         registry = self.registry
+        if registry is None:  # a plain model (base-only serving): nothing to route
+            return self.model(*args, **kwargs)
         registry.traced_slots = slots  # read only while tracing (AdaptedLinear.forward); reset below
         try:
             return self.model(*args, **kwargs)
@@ -56,34 +62,42 @@ class CompiledForward:
         per_row = route.names if isinstance(route.names, tuple) else (route.names,) * rows
         if len(per_row) != rows:
             raise RoutingError(f"route has {len(per_row)} row names but the batch has {rows} rows")
-        with route_for(self.registry, per_row):  # validates the names
+        registry = self.registry
+        if registry is None:
+            if any(n is not None for n in per_row):
+                raise RoutingError(f"adapter {next(n for n in per_row if n)!r} requested but the model has no "
+                                   "lorakit adapters attached")
+            with torch.no_grad():
+                return self.compiled(None, args, kwargs)
+        with route_for(registry, per_row):  # validates the names
             pass
-        prefix = sorted({n for n in per_row if isinstance(self.registry.configs.get(n), PrefixConfig)})
+        prefix = sorted({n for n in per_row if isinstance(registry.configs.get(n), PrefixConfig)})
         if prefix:
             raise RoutingError(f"prefix adapter(s) {prefix} cannot run in a compiled forward; use the eager model")
         self.prepare()
         device = next(self.model.parameters()).device
-        table = self.registry.slot_table
-        key = ("compiled", per_row, table.version, tuple(self.registry.merged), str(device))
+        table = registry.slot_table
+        key = ("compiled", per_row, table.version, tuple(registry.merged), str(device))
         slots = route.cache.get(key)
         if slots is None:
-            slots = route.cache[key] = resolve(per_row, table, tuple(self.registry.merged), device, complete=True)
+            slots = route.cache[key] = resolve(per_row, table, tuple(registry.merged), device, complete=True)
         with torch.no_grad():
             return self.compiled(slots, args, kwargs)
 
     def prepare(self) -> None:
         """Build every layer's slot stacks (and grow the bank) now, outside the compiled region; again only
         when the model's slots changed (an adapter attached, deleted or packed)."""
-        table = self.registry.slot_table
-        if self._prepared == table.version:
+        registry = self.registry
+        table = registry.slot_table
+        if self._prepared == (id(registry), table.version):
             return
-        bank = self.registry.bank
+        bank = registry.bank
         for layer in adapted_layers(self.model).values():
             for kind in {kind_of(a) for a in layer.adapters.values()}:
                 stack_for(layer, kind, table)
         if bank is not None:
             bank.ensure_capacity(table.capacity("lora_xs"))
-        self._prepared = table.version
+        self._prepared = (id(registry), table.version)
 
 
 def _batch_rows(args: tuple, kwargs: dict) -> int:

@@ -90,6 +90,21 @@ def test_bad_routes_are_refused_before_compiling(model):
         step(["p", None], input_ids=ids)
 
 
+def test_a_model_without_adapters_compiles_and_refuses_adapter_names(no_recompile_after_first):
+    """Base-only serving with --compile: the plain model runs compiled; naming an adapter is a clear error,
+    and adapters attached after the CompiledForward was made are seen."""
+    model = tiny_llama().eval()
+    step = lk.CompiledForward(model, backend="aot_eager")
+    ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (step(None, input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-5
+    with pytest.raises(lk.RoutingError, match="no lorakit adapters"):
+        step(["a", None], input_ids=ids)
+    lk.attach(model, lk.LoraConfig(r=2), "a")
+    randomize_adapters(model, std=0.1)
+    assert (step(["a", None], input_ids=ids).logits - _eager(model, ["a", None], input_ids=ids)).abs().max() < 1e-5
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graph_decode_equals_eager_decode_on_cuda(no_recompile_after_first):

@@ -159,13 +159,17 @@ def test_packed_cores_from_the_cpu_land_on_the_model(device, dtype, ids):
 
 METHOD_CONFIGS = {"lora": lk.LoraConfig(r=4), "lora_xs": lk.LoraXSConfig(r=4), "vera": lk.VeraConfig(r=4)}
 
+
+def _one_adapter(device: torch.device, dtype: torch.dtype, method: str) -> torch.nn.Module:
+    """A base with adapter "a" of `method` holding non-trivial weights."""
+    model = _base(device, dtype)
+    lk.attach(model, METHOD_CONFIGS[method], "a")
+    randomize_adapters(model, std=0.1)
+    return model
+
 @pytest.mark.parametrize("method", ["lora", "lora_xs", "vera"])
 def test_merge_adds_in_float32_rounds_once_and_unmerges(device, dtype, ids, method):
-    model = _base(device, dtype)
-    config = METHOD_CONFIGS[method]
-    lk.attach(model, config, "a")
-    randomize_adapters(model, std=0.1)
-    ids = ids.to(device)
+    model, ids = _one_adapter(device, dtype, method), ids.to(device)
     unmerged = _logits(model, ids, "a")
     layer = lk.adapted_layers(model)[Q_PROJ]
     w0 = layer.weight.detach().clone()
@@ -188,11 +192,7 @@ def test_merge_adds_in_float32_rounds_once_and_unmerges(device, dtype, ids, meth
 
 @pytest.mark.parametrize("method", ["lora", "lora_xs", "vera"])
 def test_save_load_and_export_on_each_device_and_dtype(device, dtype, ids, tmp_path, method):
-    model = _base(device, dtype)
-    config = METHOD_CONFIGS[method]
-    lk.attach(model, config, "a")
-    randomize_adapters(model, std=0.1)
-    ids = ids.to(device)
+    model, ids = _one_adapter(device, dtype, method), ids.to(device)
     expected = _logits(model, ids, "a")
     io.save_adapter(model, "a", tmp_path / "ad")
     fresh = _base(device, dtype)

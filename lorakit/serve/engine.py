@@ -511,8 +511,9 @@ class Engine:
 
     def _compilable(self, route: Route) -> bool:
         """Whether the compiled step can run `route`: not a prefix adapter (its hook is not carried)."""
-        configs = self._compiled.registry.configs
+        registry = self._compiled.registry
         names = route.names if isinstance(route.names, tuple) else (route.names,)
+        configs = registry.configs if registry is not None else {}
         return not any(isinstance(configs.get(n), PrefixConfig) for n in names if n is not None)
 
     def decode_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

@@ -37,6 +37,15 @@ def with_adapters(model: torch.nn.Module, names: list[str], seed: int = 1) -> to
     return model
 
 
+def saved_adapters(source: torch.nn.Module, names: list[str], root):
+    """Each named adapter of `source` saved as root/<name> (an adapter directory the store and server read)."""
+    from lorakit.io import save_adapter
+
+    for name in names:
+        save_adapter(source, name, root / name)
+    return root
+
+
 def greedy_alone(model: torch.nn.Module, prompt: list[int], adapter: str | None, max_new_tokens: int,
                  eos: int | None = 2) -> list[int]:
     """What `model.generate` (greedy, the adapter alone) produces, cut at the first eos."""

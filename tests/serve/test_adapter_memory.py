@@ -9,12 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.io import save_adapter
 from lorakit.serve.adapter_memory import HOST_ONLY_SUFFIX, adapter_device_bytes, stage
 from lorakit.serve.adapter_store import AdapterLoadError, AdapterStore
 from lorakit.serve.engine import Engine, SamplingParams
 from tests.conftest import tiny_llama
-from tests.serve.conftest import greedy_alone, with_adapters
+from tests.serve.conftest import greedy_alone, saved_adapters, with_adapters
 
 NAMES = ["xs0", "lora1"]  # with_adapters: even indices LoRA-XS, odd LoRA (r=4)
 
@@ -26,10 +25,7 @@ def source():
 
 @pytest.fixture(scope="module")
 def adapter_dir(source, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for name in NAMES:
-        save_adapter(source, name, root / name)
-    return root
+    return saved_adapters(source, NAMES, tmp_path_factory.mktemp("adapters"))
 
 
 def _file_tensors(path) -> dict[str, torch.Tensor]:

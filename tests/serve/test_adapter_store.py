@@ -14,7 +14,7 @@ from lorakit.io import save_adapter
 from lorakit.serve.engine import Engine, SamplingParams
 from lorakit.serve.adapter_store import AdapterLoadError, InvalidAdapterNameError, AdapterStore
 from tests.conftest import tiny_llama
-from tests.serve.conftest import greedy_alone, with_adapters
+from tests.serve.conftest import greedy_alone, saved_adapters, with_adapters
 
 NAMES = ["xs0", "lora1", "xs2", "lora3"]
 
@@ -27,10 +27,7 @@ def source():
 
 @pytest.fixture(scope="module")
 def adapter_dir(source, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for name in NAMES:
-        save_adapter(source, name, root / name)
-    return root
+    return saved_adapters(source, NAMES, tmp_path_factory.mktemp("adapters"))
 
 
 def test_loads_on_first_use_and_matches_the_directly_attached_adapter(source, adapter_dir):

@@ -11,9 +11,8 @@ import httpx
 import openai
 import pytest
 
-from lorakit.io import save_adapter
 from lorakit.serve.app import BackgroundServer, ServeConfig, create_app, make_server
-from tests.serve.conftest import greedy_alone, tiny_chat_llama, with_adapters
+from tests.serve.conftest import greedy_alone, saved_adapters, tiny_chat_llama, with_adapters
 
 NAMES = ["pirate", "robot", "poet", "lora4"] + [f"c{i:02d}" for i in range(12)]  # 16 adapters
 
@@ -25,10 +24,7 @@ def source(tokenizer):
 
 @pytest.fixture(scope="module")
 def adapter_dir(source, tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    for name in NAMES:
-        save_adapter(source, name, root / name)
-    return root
+    return saved_adapters(source, NAMES, tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
