@@ -64,6 +64,14 @@ def base_model_id(base: str) -> str:
     return path.stem if path.suffix == ".json" else base
 
 
+def _cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would call, if there is one."""
+    import shutil
+
+    return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)),
+                None)
+
+
 def build_app(args: argparse.Namespace):
     """Load the base and build the app (separate from running it, for tests and the demo)."""
     from lorakit.serve.app import ServeConfig, create_app, make_server
@@ -84,6 +92,9 @@ def build_app(args: argparse.Namespace):
         raise UsageError(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
     if args.compile_mode and not args.compile:
         raise UsageError("--compile-mode needs --compile")
+    if args.compile and str(args.device).startswith("cpu") and not _cpp_compiler():
+        raise UsageError("--compile on the CPU needs a C++ compiler for torch.compile's code (none found: set CXX "
+                         "or install g++), or serve without --compile")
     try:
         device = serving_device(args.device)
     except DeviceUnavailableError as exc:

@@ -136,3 +136,11 @@ def test_cuda_without_a_gpu_is_a_usage_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(UsageError, match="no CUDA device"):
         build_app(build_parser().parse_args(["--device", "cuda"]))
+
+
+def test_compile_on_the_cpu_without_a_cpp_compiler_is_refused_before_the_model_loads(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match="needs a C\\+\\+ compiler"):
+        build_app(build_parser().parse_args(["--compile"]))
