@@ -216,11 +216,17 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 # ------------------------------------------------------------------------------------- GGUF cache
 
+# transformers 5.25 defaults from_pretrained(use_kernels=True): hub kernels then replace whole layers' forwards
+# (a fused MLP would skip the AdaptedLinear inside it) and need the `kernels` package. lorakit's bases keep
+# transformers' own modules unless the caller asks for kernels (load_base(..., use_kernels=True)).
+NO_HUB_KERNELS: dict[str, Any] = {"use_kernels": False}
+
+
 def load_gguf(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file straight through transformers (dequantised to float32; slow, no cache)."""
     directory, filename = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, **NO_HUB_KERNELS)
     return model.eval(), tokenizer
 
 
@@ -403,6 +409,7 @@ def _default_task(architectures: list[str]) -> str:
 
 def _from_pretrained(source: str, task: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
     auto = _AUTO_CLASSES[task]
+    kwargs = {**NO_HUB_KERNELS, **kwargs}
     if task != "classification":
         return auto.from_pretrained(source, dtype=dtype, **kwargs)
     # A classification head is new by design; hide transformers' report of it but keep anything else.

@@ -6,6 +6,7 @@ into a temp dir, which doubles as the GGUF-vs-cache equivalence check (one conve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -305,3 +306,30 @@ def test_embedded_models_report_their_hub_id_and_it_loads_offline(monkeypatch):
                                          ("minilm_l6", ["minilm-l6"]), ("gpt2", [])])
 def test_close_names(name, close):
     assert models.close_names(name) == close
+
+
+# ------------------------------------------------------------------------------------------ hub kernels
+
+@pytest.fixture
+def kernels_by_default(monkeypatch):
+    """from_pretrained as transformers 5.25 has it (use_kernels=True unless told), on any installed release."""
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("the kernels package is installed: use_kernels=True would work here")
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("use_kernels", True)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+
+
+def test_load_base_keeps_transformers_modules_without_the_kernels_package(tmp_path, kernels_by_default):
+    from transformers import AutoTokenizer
+
+    tiny_llama().save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(ensure_cache(SMOL)).save_pretrained(tmp_path)
+    model, _ = load_base(str(tmp_path))  # 5.25's default alone: "Kernels are not available"
+    assert not model.use_kernels and type(model).__name__ == "LlamaForCausalLM"

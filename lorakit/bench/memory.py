@@ -89,7 +89,7 @@ def _build(config: str, model_name: str, rank: int):
                                     bnb_4bit_compute_dtype=torch.float32)
     path = ensure_cache(model_name) if model_name == "smollm2-135m" else model_name
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config, device_map="cpu",
-                                                 dtype=torch.float32)
+                                                 dtype=torch.float32, use_kernels=False)
     bits = quant.bits_per_weight(model).bits_per_weight
     model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     model.train()
