@@ -54,7 +54,7 @@ TESTED: dict[str, Releases] = {
     "transformers": Releases("5.17", "5.25"),
     "peft": Releases("0.21", "0.21"),
     "bitsandbytes": Releases("0.50", "0.50"),
-    "safetensors": Releases("0.4", "0.8"),
+    "safetensors": Releases("0.8", "0.8"),  # transformers 5.17 needs 0.8
 }
 SUPPORTED_TRANSFORMERS = f"transformers {TESTED['transformers'].describe()}"
 

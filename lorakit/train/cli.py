@@ -38,11 +38,11 @@ def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.A
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = _command(sub, "train", help="train an adapter on a JSONL file", description=TRAIN_DESCRIPTION)
+    p = _command(sub, "train", help="train an adapter on a data file", description=TRAIN_DESCRIPTION)
     p.add_argument("--config", help="TOML / YAML / JSON file of settings (flags override it)")
     p.add_argument("--base", help="embedded model name (smollm2-135m, minilm-l6), local HF directory or hub id")
-    p.add_argument("--data", help="training JSONL")
-    p.add_argument("--eval-data", help="eval JSONL (default: none, no eval loss)")
+    p.add_argument("--data", help="training data: .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory")
+    p.add_argument("--eval-data", help="eval data, as --data (default: none, no eval loss)")
     p.add_argument("--output-dir", help="run directory (adapter, checkpoints, logs, plot)")
     p.add_argument("--method", choices=["lora", "lora_xs", "vera"], help="adapter method" + _d("method"))
     p.add_argument("--rank", "--r", dest="r", type=int,
@@ -68,8 +68,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--save-every", type=int, help="checkpoint every N steps, 0: only at the end" + _d("save_every"))
     p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept on disk" + _d("keep_checkpoints"))
     p.add_argument("--seed", type=int, help="seeds the data order, adapter init and dropout" + _d("seed"))
-    p.add_argument("--on-bad-line", choices=["stop", "skip"], help="what a malformed JSONL line does" +
+    p.add_argument("--on-bad-line", choices=["stop", "skip"], help="what a malformed row does" +
                    _d("on_bad_line"))
+    p.add_argument("--last-turn-only", action="store_true",
+                   help="chats: loss on the last assistant turn only (default: on every assistant turn)")
     p.add_argument("--labels", help="comma-separated class names in head order (default: from the data)")
     p.add_argument("--dtype", help="model dtype" + _d("dtype"))
     resume = p.add_mutually_exclusive_group()
@@ -147,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              "max_length": args.max_length, "eval_every": args.eval_every, "save_every": args.save_every,
              "keep_checkpoints": args.keep_checkpoints, "seed": args.seed, "on_bad_line": args.on_bad_line,
              "labels": args.labels.split(",") if args.labels else None, "dtype": args.dtype,
-             "progress": False if args.no_progress else None}
+             "progress": False if args.no_progress else None,
+             "last_turn_only": True if args.last_turn_only else None}
     flags = {k: v for k, v in flags.items() if v is not None}
     if args.config:
         file_config = TrainConfig.from_file(args.config)

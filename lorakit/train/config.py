@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from lorakit.config import CONFIG_CLASSES, AdapterConfig, config_from_dict
+from lorakit.train.data_sources import describe, is_hf_dataset
 from lorakit.train.errors import TrainConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -20,9 +21,9 @@ class TrainConfig:
     """A training run. Paths are stored as strings so the config round-trips through JSON."""
 
     base: str  # embedded model name (smollm2-135m, minilm-l6), local HF directory or hub id
-    data: str  # training JSONL file
+    data: Any  # training data: a JSONL/JSON/CSV/parquet/Arrow file, a save_to_disk directory, a datasets.Dataset
     output_dir: str  # where the adapter, checkpoints, logs and plot go
-    eval_data: str | None = None  # optional JSONL file for the eval loss
+    eval_data: Any = None  # optional data for the eval loss (any form `data` takes)
     method: str = "lora"  # lora | lora_xs | vera
     adapter: dict[str, Any] = field(default_factory=dict)  # method settings: r, lora_alpha, target_modules...
     adapter_name: str = "default"  # name of the trained adapter
@@ -41,13 +42,16 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # write a log row every N steps
     seed: int = 0  # seeds the data order, the adapter init and dropout
-    on_bad_line: str = "stop"  # stop | skip malformed JSONL lines
+    on_bad_line: str = "stop"  # stop | skip malformed rows
+    last_turn_only: bool = False  # chats: loss on the last assistant turn only (default: every assistant turn)
     labels: tuple[str, ...] | None = None  # classification: label names in head order (default: from data)
     dtype: str = "float32"  # model dtype
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
         for name in ("base", "data", "output_dir"):
+            if name == "data" and is_hf_dataset(self.data):
+                continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TrainConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.method not in CONFIG_CLASSES:
@@ -70,6 +74,11 @@ class TrainConfig:
                                    f"{self.weight_decay!r}, {self.max_grad_norm!r}")
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.eval_data is not None and not (is_hf_dataset(self.eval_data) or
+                                               (isinstance(self.eval_data, str) and self.eval_data)):
+            raise TrainConfigError(f"eval_data must be a path or a datasets.Dataset, got {self.eval_data!r}")
+        if not isinstance(self.last_turn_only, bool):
+            raise TrainConfigError(f"last_turn_only must be true or false, got {self.last_turn_only!r}")
         if self.on_bad_line not in BAD_LINE_POLICIES:
             raise TrainConfigError(f"on_bad_line must be one of {BAD_LINE_POLICIES}, got {self.on_bad_line!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
@@ -88,7 +97,10 @@ class TrainConfig:
             raise TrainConfigError(f"adapter settings {self.adapter!r} for {self.method}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["adapter"] = dict(self.adapter)
+        data["data"] = describe(self.data)  # a Dataset is recorded by content fingerprint: resume checks it
+        data["eval_data"] = describe(self.eval_data) if self.eval_data is not None else None
         data["betas"] = list(self.betas)
         data["labels"] = list(self.labels) if self.labels is not None else None
         return data

@@ -1,23 +1,26 @@
-"""JSONL data formats, read line by line and tokenized into training samples.
+"""Training data formats, read from JSONL, parquet, Arrow, CSV, JSON, save_to_disk or a datasets.Dataset.
 
     {"text": ...}                                  language modelling: loss on every token
     {"prompt": ..., "completion": ...}             loss on the completion (+ eos) only
-    {"messages": [{"role", "content"}, ...]}       chat template; loss on the last (assistant) turn only
+    {"messages": [{"role", "content"}, ...]}       chat template; loss on every assistant turn (or the last:
+                                                   last_turn_only). Also content parts, tool calls, ShareGPT
+                                                   and TRL's conversational prompt/completion (chat_format)
     {"text": ..., "label": ...}                    sequence classification (encoder + trained head)
     {"text": ..., "text_pair": ..., "label": ...}  sentence-pair classification
 
-The format is set by the first valid line; a later line of another shape is a bad line. Bad lines
-raise DataFormatError naming file:line, or are skipped and counted (on_bad_line="skip").
+Where rows come from is data_sources' concern. The format is set by the first valid row; a later row of
+another shape is a bad row. Bad rows raise DataFormatError naming file:line (or file: row N), or are
+skipped and counted (on_bad_line="skip").
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from lorakit.train.chat_format import conversation, is_chat, segments
+from lorakit.train.data_sources import describe, read_rows
 from lorakit.train.errors import DataFormatError, EmptyDatasetError, LabelMismatchError
 
 IGNORE = -100  # label of positions the loss skips
@@ -27,10 +30,10 @@ GENERATIVE = ("text", "prompt_completion", "chat")
 
 @dataclass(frozen=True)
 class Record:
-    """One parsed JSONL line and where it came from."""
+    """One parsed row and where it came from."""
 
     data: dict[str, Any]
-    where: str  # "file:line"
+    where: str  # "file:line" or "file: row N"
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Dataset:
 
 def detect_format(data: dict[str, Any]) -> str | None:
     keys = set(data)
-    if "messages" in keys:
+    if is_chat(data):
         return "chat"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
@@ -84,14 +87,7 @@ def _check(fmt: str, data: dict[str, Any]) -> None:
         if not data["completion"]:
             raise ValueError("'completion' is empty: nothing to train on")
     elif fmt == "chat":
-        msgs = data.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError("each message needs string 'role' and 'content'")
-        if msgs[-1]["role"] != "assistant":
-            raise ValueError(f"the last message must be the assistant's answer, got role {msgs[-1]['role']!r}")
+        conversation(data)
     else:
         need_str("text")
         if "text_pair" in data:
@@ -100,43 +96,36 @@ def _check(fmt: str, data: dict[str, Any]) -> None:
             raise ValueError(f"'label' must be a string or an integer, got {data.get('label')!r}")
 
 
-def read_jsonl(path: str | Path, on_bad_line: str = "stop") -> tuple[list[Record], str, list[str]]:
-    """(records, format, skipped) of a JSONL file; blank lines are ignored."""
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise EmptyDatasetError(f"cannot read data file {path}: {exc}") from None
+def read_records(source: Any, on_bad_line: str = "stop") -> tuple[list[Record], str, list[str]]:
+    """(records, format, skipped) of a data file, save_to_disk directory or datasets.Dataset."""
     records: list[Record] = []
     skipped: list[str] = []
     fmt: str | None = None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    for row in read_rows(source):
+        try:
+            if row.error is not None:
+                raise ValueError(row.error)
+            data = row.data
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            row_fmt = detect_format(data)
+            if row_fmt is None:
+                raise ValueError(f"keys {sorted(data)} fit no format (text | prompt+completion | messages | "
+                                 "conversations | text+label)")
+            if fmt is not None and row_fmt != fmt:
+                raise ValueError(f"a {row_fmt} record in a {fmt} file (set by its first record)")
+            _check(row_fmt, data)
+        except ValueError as exc:
+            message = f"{row.where}: {exc}"
+            if on_bad_line == "skip":
+                skipped.append(message)
                 continue
-            where = f"{path}:{number}"
-            try:
-                data = json.loads(line)
-                if not isinstance(data, dict):
-                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-                line_fmt = detect_format(data)
-                if line_fmt is None:
-                    raise ValueError(f"keys {sorted(data)} fit no format (text | prompt+completion | messages "
-                                     "| text+label)")
-                if fmt is not None and line_fmt != fmt:
-                    raise ValueError(f"a {line_fmt} record in a {fmt} file (set by its first line)")
-                _check(line_fmt, data)
-            except (ValueError, UnicodeDecodeError) as exc:
-                message = f"{where}: {exc}"
-                if on_bad_line == "skip":
-                    skipped.append(message)
-                    continue
-                raise DataFormatError(f"{message} (use on_bad_line='skip' / --on-bad-line skip to skip it)") from None
-            fmt = fmt or line_fmt
-            records.append(Record(data, where))
+            raise DataFormatError(f"{message} (use on_bad_line='skip' / --on-bad-line skip to skip it)") from None
+        fmt = fmt or row_fmt
+        records.append(Record(data, row.where))
     if not records:
-        extra = f"; {len(skipped)} bad line(s) skipped, first: {skipped[0]}" if skipped else ""
-        raise EmptyDatasetError(f"{path} holds no usable example{extra}")
+        extra = f"; {len(skipped)} bad row(s) skipped, first: {skipped[0]}" if skipped else ""
+        raise EmptyDatasetError(f"{describe(source)} holds no usable example{extra}")
     return records, fmt, skipped
 
 
@@ -147,10 +136,13 @@ def label_names(records: Sequence[Record]) -> tuple[str, ...]:
     return tuple(sorted(names, key=int if numeric else str))
 
 
-def load_dataset(path: str | Path, tokenizer: Any, *, max_length: int, on_bad_line: str = "stop",
-                 labels: Sequence[str] | None = None, expect_format: str | None = None) -> Dataset:
-    """Read and tokenize a JSONL file. `labels` fixes the classifier's label order (else from the data)."""
-    records, fmt, skipped = read_jsonl(path, on_bad_line)
+def load_dataset(source: Any, tokenizer: Any, *, max_length: int, on_bad_line: str = "stop",
+                 labels: Sequence[str] | None = None, expect_format: str | None = None,
+                 last_turn_only: bool = False) -> Dataset:
+    """Read and tokenize a data file or datasets.Dataset. `labels` fixes the classifier's label order (else
+    from the data); `last_turn_only` takes a chat's loss on its last assistant turn only."""
+    path = describe(source)
+    records, fmt, skipped = read_records(source, on_bad_line)
     if expect_format is not None and not _compatible(fmt, expect_format):
         raise DataFormatError(f"{path}: holds {fmt} records but the run trains on {expect_format} records")
     names: tuple[str, ...] | None = None
@@ -167,7 +159,7 @@ def load_dataset(path: str | Path, tokenizer: Any, *, max_length: int, on_bad_li
     truncated = 0
     for record in records:
         try:
-            sample, cut = encode(record.data, fmt, tokenizer, max_length, names)
+            sample, cut = encode(record.data, fmt, tokenizer, max_length, names, last_turn_only=last_turn_only)
         except ValueError as exc:
             if on_bad_line == "skip":
                 skipped.append(f"{record.where}: {exc}")
@@ -178,7 +170,7 @@ def load_dataset(path: str | Path, tokenizer: Any, *, max_length: int, on_bad_li
     if not samples:
         raise EmptyDatasetError(f"{path} holds no usable example ({len(skipped)} skipped)")
     kept = tuple(r for r in records if not any(s.startswith(r.where + ":") for s in skipped))
-    return Dataset(tuple(samples), fmt, str(path), truncated, tuple(skipped), names, kept)
+    return Dataset(tuple(samples), fmt, path, truncated, tuple(skipped), names, kept)
 
 
 def _compatible(found: str, expected: str) -> bool:
@@ -190,7 +182,7 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 
 def encode(data: dict[str, Any], fmt: str, tokenizer: Any, max_length: int,
-           names: Sequence[str] | None = None) -> tuple[Sample, bool]:
+           names: Sequence[str] | None = None, *, last_turn_only: bool = False) -> tuple[Sample, bool]:
     """(sample, whether it was truncated) for one record."""
     if fmt == "classification":
         enc = tokenizer(data["text"], data.get("text_pair"), truncation=False)
@@ -209,27 +201,32 @@ def encode(data: dict[str, Any], fmt: str, tokenizer: Any, max_length: int,
         if len(ids) < 2:
             raise ValueError("text has fewer than 2 tokens: nothing to predict")
         return Sample(tuple(ids), labels=tuple(ids)), cut
-    prompt, answer = _split(data, fmt, tokenizer)
-    cut = len(prompt) + len(answer) > max_length
+    prompt, answer = _split(data, fmt, tokenizer, last_turn_only)  # prompt: (ids, labels); answer: ids
+    cut = len(prompt[0]) + len(answer) > max_length
     if cut:  # keep the answer: drop the prompt's oldest tokens first, then the answer's tail
         answer = answer[: max_length - 1]
-        prompt = prompt[len(prompt) - (max_length - len(answer)):]
-    ids = prompt + answer
-    return Sample(tuple(ids), labels=tuple([IGNORE] * len(prompt) + answer), prompt_len=len(prompt)), cut
+        keep = max_length - len(answer)
+        prompt = (prompt[0][len(prompt[0]) - keep:], prompt[1][len(prompt[1]) - keep:])
+    ids = prompt[0] + answer
+    return Sample(tuple(ids), labels=tuple(prompt[1] + answer), prompt_len=len(prompt[0])), cut
 
 
-def _split(data: dict[str, Any], fmt: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the answer the loss is taken on."""
+def _split(data: dict[str, Any], fmt: str, tokenizer: Any,
+           last_turn_only: bool) -> tuple[tuple[list[int], list[int]], list[int]]:
+    """((ids, labels) before the last answer, ids of the last answer). Before it, earlier assistant turns of
+    a chat carry their own ids as labels; everything else is IGNORE."""
     eos = tokenizer.eos_token_id
     if fmt == "prompt_completion":
         answer = _ids(tokenizer, data["completion"], False) + ([eos] if eos is not None else [])
-        return _ids(tokenizer, data["prompt"], True), answer
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat records need a tokenizer with a chat template, and this one has none")
-    messages = data["messages"]
-    head = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(head):
-        raise ValueError("the chat template does not render the conversation as prompt + answer")
-    answer = _ids(tokenizer, full[len(head):], False)
-    return _ids(tokenizer, head, False), answer
+        prompt = _ids(tokenizer, data["prompt"], True)
+        return (prompt, [IGNORE] * len(prompt)), answer
+    pieces = segments(tokenizer, conversation(data), last_turn_only)
+    last = max(i for i, (_, trained) in enumerate(pieces) if trained)
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces[:last]:
+        piece = _ids(tokenizer, text, False)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    answer = _ids(tokenizer, pieces[last][0], False)
+    return (ids, labels), answer

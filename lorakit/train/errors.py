@@ -36,3 +36,7 @@ class NonFiniteLossError(LorakitError, FloatingPointError):
         super().__init__(message)
         self.step = step
         self.last_checkpoint = last_checkpoint
+
+
+class DataDependencyError(LorakitError, ImportError):
+    """Reading this data needs an optional package (`datasets` for parquet, Arrow, CSV, JSON, save_to_disk)."""

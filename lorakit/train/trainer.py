@@ -29,7 +29,7 @@ from lorakit.io.atomic import atomic_write_json, fsync_dir, tensors_bytes
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.collate import collate
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import label_names, load_dataset, read_jsonl
+from lorakit.train.data import label_names, load_dataset, read_records
 from lorakit.train.errors import NonFiniteLossError, RunExistsError, TrainConfigError
 from lorakit.train.metrics import MetricsLog, loss_sum, mean_loss
 from lorakit.train.plots import plot_losses
@@ -165,7 +165,7 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
     if config.batch_size % world:
         raise TrainConfigError(f"batch_size={config.batch_size} must divide evenly over {world} processes")
 
-    records, fmt, _ = read_jsonl(config.data, config.on_bad_line)
+    records, fmt, _ = read_records(config.data, config.on_bad_line)
     labels = (config.labels or label_names(records)) if fmt == "classification" else None
     torch.manual_seed(config.seed)  # the head and adapter initialisations come from here
     if model is None:
@@ -173,9 +173,10 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = config.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 512)
     train_set = load_dataset(config.data, tokenizer, max_length=max_length, on_bad_line=config.on_bad_line,
-                             labels=labels)
+                             labels=labels, last_turn_only=config.last_turn_only)
     eval_set = (load_dataset(config.eval_data, tokenizer, max_length=max_length, on_bad_line=config.on_bad_line,
-                             labels=labels, expect_format=fmt) if config.eval_data else None)
+                             labels=labels, expect_format=fmt, last_turn_only=config.last_turn_only)
+                if config.eval_data is not None else None)
     if rank == 0:
         for ds in (train_set, eval_set):
             if ds is not None and ds.truncated:
@@ -296,7 +297,7 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
         save(total)
         write_adapter(model, name, adapter_dir, head, labels)
         log.flush()
-        plot_losses(log.rows, out / "loss.png", title=f"{config.method} on {Path(config.data).name}")
+        plot_losses(log.rows, out / "loss.png", title=f"{config.method} on {Path(train_set.path).name}")
     seconds = time.perf_counter() - t0
     result = TrainResult(out, adapter_dir, total, losses, eval_loss, tokens, seconds, train_set.truncated,
                          train_set.skipped, str(resume_from) if resume_from else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lorakit.train.cli import main
-from lorakit.train.data import read_jsonl
+from lorakit.train.data import read_records
 from lorakit.tasks.docstrings import FAMILIES, docstring_rows
 from lorakit.tasks.topics import topics_rows
 
@@ -25,7 +25,7 @@ def test_topics_split_by_topic():
 
 def test_data_command_writes_readable_jsonl(tmp_path, capsys):
     assert main(["data", "docstrings", "--out", str(tmp_path)]) == 0
-    records, fmt, skipped = read_jsonl(tmp_path / "train.jsonl")
+    records, fmt, skipped = read_records(tmp_path / "train.jsonl")
     assert fmt == "classification" and not skipped and len(records) > 300
     assert "test.jsonl" in capsys.readouterr().out
 
@@ -34,7 +34,7 @@ def test_data_command_writes_the_arithmetic_task_as_chat(tmp_path):
     from lorakit.tasks import arithmetic
 
     assert main(["data", "arithmetic", "--out", str(tmp_path)]) == 0
-    records, fmt, _ = read_jsonl(tmp_path / "test.jsonl")
+    records, fmt, _ = read_records(tmp_path / "test.jsonl")
     assert fmt == "chat" and len(records) == 100
     first = arithmetic.make_splits().test[0]
     assert [m["content"] for m in records[0].data["messages"]] == [arithmetic.SYSTEM_PROMPT, first.question,

@@ -11,7 +11,7 @@ import lorakit.train.trainer as trainer
 from lorakit.train import (DataFormatError, EmptyDatasetError, LabelMismatchError, NonFiniteLossError, TrainConfig,
                            TrainConfigError, train)
 from lorakit.train.checkpoint import list_checkpoints, read_checkpoint
-from lorakit.train.data import read_jsonl
+from lorakit.train.data import read_records
 from tests.train.conftest import class_rows, prompt_rows, run_config, write_jsonl
 
 BAD = ['{"prompt": "1+1=", "completion": "2"}', '{"prompt": "2+2=", "completion": "4"', '[1, 2]',
@@ -28,7 +28,7 @@ def test_malformed_line_names_file_and_line(tmp_path, llama_dir):
 
 def test_skip_bad_lines_reports_each(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", BAD)
-    records, fmt, skipped = read_jsonl(data, "skip")
+    records, fmt, skipped = read_records(data, "skip")
     assert fmt == "prompt_completion" and len(records) == 2
     assert [s.split(": ")[0].rsplit(":", 1)[1] for s in skipped] == ["2", "3", "4", "5", "6"]
     assert "fit no format" in skipped[2] and "a text record in a prompt_completion file" in skipped[3]
