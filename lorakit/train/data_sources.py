@@ -10,6 +10,7 @@ Rows are counted from 0, as dataset[N] counts them; JSONL lines from 1, as edito
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import tempfile
@@ -23,6 +24,7 @@ from lorakit.train.errors import DataDependencyError, DataFormatError, EmptyData
 
 # file suffix -> the `datasets` builder that reads it (.jsonl is read here)
 BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
 JSONL = ".jsonl"
 SPLIT = "train"  # the split taken from a DatasetDict directory
 
@@ -121,10 +123,19 @@ def _from_file(path: Path, builder: str) -> Any:
     # an in-memory table, its build cache in a temp dir: reading a file leaves nothing behind
     with tempfile.TemporaryDirectory(prefix="lorakit-data-") as cache, _quiet(datasets):
         try:
+            options = _csv_options(datasets, path) if builder == "csv" else {}
             return datasets.load_dataset(builder, data_files=str(path), split=SPLIT, keep_in_memory=True,
-                                         cache_dir=cache)
+                                         cache_dir=cache, **options)
         except Exception as exc:  # noqa: BLE001 - pyarrow/datasets raise many types for one cause: bad input
             raise DataFormatError(f"{path}: cannot be read as {builder} ({_reason(exc)})") from None
+
+
+def _csv_options(datasets: Any, path: Path) -> dict[str, Any]:
+    """Every column as text: CSV has no types, and a completion "5" must stay "5" (inferred, it becomes 5)."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False}
 
 
 def _from_disk(path: Path) -> Any:
