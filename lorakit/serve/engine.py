@@ -357,21 +357,20 @@ class Engine:
                     self._prefill_step()  # a model error fails its own rows only, never the running ones
                 except Exception as exc:  # a bug here must not stop the engine thread (clients would hang)
                     log.exception("prefill step failed")
-                    for request, _ in self._prefilling:
-                        self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
-                    self._prefilling = []
+                    failed, self._prefilling = self._prefilling, []
+                    self._finish_all([(request, "error", f"{type(exc).__name__}: {exc}") for request, _ in failed])
             if not self._batch:
                 continue
             try:
                 self._step()
             except Exception as exc:  # a model error fails the rows of this step, never the server
                 log.exception("decode step failed")
-                for request in self._batch.rows:
-                    self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
-                self._batch = _Batch(self.max_batch)
+                failed, self._batch = self._batch.rows, _Batch(self.max_batch)
+                self._finish_all([(request, "error", f"{type(exc).__name__}: {exc}") for request in failed])
         self._run_calls()
-        for request in self._batch.rows + [request for request, _ in self._prefilling] + self._pending:
-            self._finish(request, "cancelled")
+        rows = self._batch.rows + [request for request, _ in self._prefilling] + self._pending
+        self._batch, self._prefilling, self._pending = _Batch(self.max_batch), [], []
+        self._finish_all([(request, "cancelled", None) for request in rows])
         while not self._inbox.empty():
             self._finish(self._inbox.get(), "cancelled")
 
@@ -410,13 +409,14 @@ class Engine:
     def _prefill_step(self) -> None:
         """Prefill the next chunks of the admitted prompts together (`prefill_tokens` at most); rows whose
         prompt is done sample their first token and join the running batch."""
-        live = []
+        live, leaving = [], []  # leaving: (request, reason, error), finished once off the prefill list
         for request, row in self._prefilling:
             if request.stream.cancelled.is_set():
-                self._finish(request, "cancelled")  # its partial cache goes with it
+                leaving.append((request, "cancelled", None))  # its partial cache goes with it
             else:
                 live.append((request, row))
         self._prefilling = live
+        self._finish_all(leaving)
         sizes = plan_chunks([row for _, row in live], self.prefill_tokens)
         now = [(entry, size) for entry, size in zip(live, sizes) if size]
         if not now:
@@ -435,26 +435,29 @@ class Engine:
                         results.append((entry, self._prefill_forward([(entry, size)])[0]))
                     except Exception as one:
                         results.append((entry, one))
-        joining, leaving = [], set()
+        joining, leaving = [], []
         for (request, row), outcome in results:
             if isinstance(outcome, Exception):
                 log.warning("prefill failed for request %d: %s", request.id, outcome)
-                self._finish(request, "error", error=f"{type(outcome).__name__}: {outcome}")
-                leaving.add(request.id)
+                leaving.append((request, "error", f"{type(outcome).__name__}: {outcome}"))
                 continue
             if row.remaining:
                 continue  # more chunks next step
-            leaving.add(request.id)  # leaves the prefill list, to the batch or finished
             try:
                 token = self._sample(request, outcome)
             except Exception as exc:
                 log.warning("sampling failed for request %d: %s", request.id, exc)
-                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                leaving.append((request, "error", f"{type(exc).__name__}: {exc}"))
                 continue
-            if self._emit(request, token):
+            reason = self._emit(request, token)
+            if reason is None:
                 joining.append((request, row))
-        self._prefilling = [(request, row) for request, row in self._prefilling if request.id not in leaving]
+            else:
+                leaving.append((request, reason, None))
+        gone = {request.id for request, _ in joining} | {request.id for request, _, _ in leaving}
+        self._prefilling = [(request, row) for request, row in self._prefilling if request.id not in gone]
         self._batch.add(joining)
+        self._finish_all(leaving)
 
     @torch.no_grad()
     def _prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> torch.Tensor:
@@ -488,10 +491,10 @@ class Engine:
         batch.pos = [p + 1 for p in batch.pos]
         bad = (~torch.isfinite(logits.max(-1).values) | logits.isnan().any(-1)).tolist()  # one check for all rows
         greedy = logits.argmax(-1).tolist()
-        keep = []
+        keep, leaving = [], []  # leaving: (request, reason, error), finished once out of the batch
         for i, request in enumerate(batch.rows):
             if request.stream.cancelled.is_set():
-                self._finish(request, "cancelled")
+                leaving.append((request, "cancelled", None))
                 continue
             try:  # one row's bad state (NaN logits from its adapter, ...) fails that row only
                 if bad[i] or request.params.temperature != 0.0:
@@ -500,11 +503,15 @@ class Engine:
                     token = greedy[i]
             except Exception as exc:
                 log.warning("sampling failed for request %d: %s", request.id, exc)
-                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                leaving.append((request, "error", f"{type(exc).__name__}: {exc}"))
                 continue
-            if self._emit(request, token):
+            reason = self._emit(request, token)
+            if reason is None:
                 keep.append(i)
+            else:
+                leaving.append((request, reason, None))
         batch.keep(keep)
+        self._finish_all(leaving)
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(batch))
         self.stats.step_seconds += time.perf_counter() - start
@@ -583,14 +590,14 @@ class Engine:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=request.generator))
 
-    def _emit(self, request: Request, token: int) -> bool:
-        """Record one new token and stream what it completes; False when the request is finished."""
+    def _emit(self, request: Request, token: int) -> str | None:
+        """Record one new token and stream what it completes; the finish reason when the request is done
+        (the caller finishes it once the row has left the batch, so no one sees it counted twice)."""
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         params = request.params
         if token in self.eos_token_ids and not params.ignore_eos:
-            self._finish(request, "stop")
-            return False
+            return "stop"
         request.out_ids.append(token)
         self.stats.completion_tokens += 1
         text = self._decode(request.out_ids)
@@ -599,13 +606,11 @@ class Engine:
             at = text.find(stop)
             if at >= 0:
                 request.text = text[:at]
-                self._finish(request, "stop")
-                return False
+                return "stop"
         if len(request.out_ids) >= params.max_tokens:
-            self._finish(request, "length")
-            return False
+            return "length"
         self._send(request, text, token)
-        return True
+        return None
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -624,6 +629,12 @@ class Engine:
         chunk = text[request.sent_chars:safe] if safe > request.sent_chars else ""
         request.sent_chars = max(request.sent_chars, safe)
         request.stream.put(Delta(chunk, [token]))
+
+    def _finish_all(self, leaving: Sequence[tuple[Request, str, str | None]]) -> None:
+        """Finish requests that have already left the batch and the prefill list: a finish is published
+        (counters, the Finished event, on_finish) only once `running` no longer counts its row."""
+        for request, reason, error in leaving:
+            self._finish(request, reason, error=error)
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         if reason in ("stop", "length") and request.sent_chars < len(request.text):  # what was held back

@@ -281,3 +281,35 @@ def test_compiled_decode_serves_the_same_tokens_as_eager_across_changing_rows(mo
     for i, ((p, a), got) in enumerate(zip(requests, results)):
         assert got.token_ids == greedy_alone(model, p, a, 3 + i, eos=None)
     assert len(calls) == engine.stats.steps  # every decode step ran compiled
+
+
+@pytest.mark.parametrize("how", ["length", "stop", "cancelled mid-decode", "cancelled mid-prefill", "error"])
+def test_a_finish_is_published_only_after_its_row_left_the_batch(model, how):
+    """Whoever sees a request finished (its counter, its Finished event, on_finish) sees it no longer running:
+    the disconnect test read `running == 1` after the cancelled counter had moved."""
+    engine = Engine(model, max_batch=2, prefill_tokens=4 if how == "cancelled mid-prefill" else 512)
+    seen = []  # engine.running as each finish is published, on the engine thread
+    params = {"length": SamplingParams(max_tokens=3), "stop": SamplingParams(max_tokens=50),
+              "error": SamplingParams(max_tokens=50, temperature=1.0)}.get(how, SamplingParams(max_tokens=50,
+                                                                                              ignore_eos=True))
+    (prompt, adapter), = _requests(1, seed=11)
+    prompt = prompt * 4 if how == "cancelled mid-prefill" else prompt  # several prefill chunks
+    if how == "stop":
+        engine.eos_token_ids = frozenset({greedy_alone(model, prompt, adapter, 2, eos=None)[1]})
+    if how == "error":
+        engine._sample = lambda request, logits: (_ for _ in ()).throw(RuntimeError("sampler broke"))
+    stream = engine.submit(prompt, adapter, params, on_finish=lambda: seen.append(engine.running))
+    if how == "cancelled mid-prefill":
+        engine._admit()
+        engine._prefill_step()  # one chunk in: the row is prefilling
+        assert engine.running == 1
+        stream.cancel()
+    engine.start()
+    try:
+        if how == "cancelled mid-decode":
+            next(iter(stream))
+            stream.cancel()
+        finished = stream.result()
+    finally:
+        engine.close()
+    assert finished.reason == how.split()[0] and seen == [0]
