@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,3 +60,35 @@ def greedy_alone(model: torch.nn.Module, prompt: list[int], adapter: str | None,
                              do_sample=False, pad_token_id=0, eos_token_id=eos)
     new = out[0, len(prompt):].tolist()
     return new[: new.index(eos)] if eos is not None and eos in new else new
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll `condition` until it holds; the timeout is only a failsafe (a hung test fails, never waits on)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.01)
+    return True
+
+
+class Gate:
+    """A forward pre-hook that lets the first `free` forwards through and holds every later one until
+    open(): rows stay running exactly as long as a test needs, however loaded the machine (no sleeps)."""
+
+    def __init__(self, model: torch.nn.Module, free: int) -> None:
+        self.free, self.calls = free, 0
+        self._open = threading.Event()
+        self._handle = model.register_forward_pre_hook(self._hold)
+
+    def _hold(self, module, args) -> None:
+        self.calls += 1
+        if self.calls > self.free:
+            self._open.wait(60)  # failsafe: a test that never opens the gate fails slowly, never hangs
+
+    def open(self) -> None:
+        self._open.set()
+
+    def remove(self) -> None:
+        self._open.set()
+        self._handle.remove()

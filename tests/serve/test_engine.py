@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 from lorakit.serve.engine import Delta, Engine, EngineError, Finished, SamplingParams
 from tests.conftest import tiny_llama
-from tests.serve.conftest import greedy_alone, with_adapters
+from tests.serve.conftest import Gate, greedy_alone, with_adapters
 
 NAMES = ["a0", "a1", "a2", "a3"]
 
@@ -32,13 +31,16 @@ def _requests(n: int, seed: int = 3) -> list[tuple[list[int], str | None]]:
 def test_mixed_adapters_in_one_running_batch_match_each_alone(model):
     requests = _requests(15)
     expected = [greedy_alone(model, p, a, 12) for p, a in requests]
-    engine = Engine(model, max_batch=6).start()
+    engine = Engine(model, max_batch=6)
+    streams = [engine.submit(p, a, SamplingParams(max_tokens=12)) for p, a in requests[:4]]  # start together
+    engine.start()
     try:
-        streams = []
-        for k, (prompt, adapter) in enumerate(requests):  # staggered: rows join while others decode
+        first = {}
+        for k, (prompt, adapter) in enumerate(requests[4:], start=4):  # rows join while others decode:
+            if k % 3 == 0:  # wait for the newest row's first event before the next ones come
+                first[k - 1] = next(iter(streams[-1]))
             streams.append(engine.submit(prompt, adapter, SamplingParams(max_tokens=12)))
-            time.sleep(0.003 * (k % 4))
-        results = [s.result() for s in streams]
+        results = [first[k] if isinstance(first.get(k), Finished) else s.result() for k, s in enumerate(streams)]
     finally:
         engine.close()
     for (prompt, adapter), want, got in zip(requests, expected, results):
@@ -200,16 +202,18 @@ def test_cancel_all_finishes_every_request_with_the_reason_and_keeps_serving(mod
     engine = Engine(model, max_batch=2)
     long = SamplingParams(max_tokens=60, ignore_eos=True)
     streams = [engine.submit([3 + k, 4], None, long) for k in range(3)]  # 2 running, 1 waiting
-    slow = model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # the rows stay running
+    gate = Gate(model, free=1)  # the two rows' prefill runs; their first decode step waits for the gate
     engine.start()
     try:
         next(iter(streams[0]))  # decoding has begun
-        cancelled = engine.cancel_all("shutdown", "drain time is up").result(timeout=10)
+        cancelling = engine.cancel_all("shutdown", "drain time is up")  # queued before the step ends
+        gate.open()
+        cancelled = cancelling.result(timeout=30)
         results = [s.result() for s in streams]
         after = engine.submit([5, 6], None, SamplingParams(max_tokens=3)).result()
     finally:
         engine.close()
-        slow.remove()
+        gate.remove()
     assert [r.reason for r in results] == ["shutdown"] * 3, results
     assert cancelled == 3
     assert all(r.error == "drain time is up" and r.completion_tokens < 60 for r in results)

@@ -13,7 +13,7 @@ import pytest
 
 from lorakit.io import save_adapter
 from lorakit.serve.app import BackgroundServer, ServeConfig, create_app, make_server
-from tests.serve.conftest import tiny_chat_llama, with_adapters
+from tests.serve.conftest import tiny_chat_llama, wait_until, with_adapters
 
 LONG = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": 200, "ignore_eos": True}
 
@@ -59,13 +59,6 @@ def _assert_error_shape(r: httpx.Response, status: int) -> dict:
     return error
 
 
-def _wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while not condition() and time.time() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def test_a_disconnected_non_streaming_request_frees_its_row(served):
     """11.1: a non-streaming request kept generating to max_tokens after its client left."""
     url, server = served
@@ -73,7 +66,7 @@ def test_a_disconnected_non_streaming_request_frees_its_row(served):
     before = stats.requests_finished.get("cancelled", 0)
     with pytest.raises(httpx.TimeoutException):  # the client gives up after 0.5 s and closes the connection
         httpx.post(url + "/v1/completions", json=LONG, headers=AUTH, timeout=0.5)
-    assert _wait_until(lambda: stats.requests_finished.get("cancelled", 0) == before + 1, timeout=5)
+    assert wait_until(lambda: stats.requests_finished.get("cancelled", 0) == before + 1)
     assert server.engine.running == 0  # the row was freed, not run to its 200 tokens (finished as "length")
 
 
@@ -158,7 +151,7 @@ def test_sigterm_drains_for_at_most_the_drain_timeout_then_cuts_off_with_a_reaso
     with background as url:
         threads = [threading.Thread(target=stream, args=(k, url)) for k in range(4)]
         [t.start() for t in threads]
-        assert _wait_until(lambda: server.engine.running == 4)
+        assert wait_until(lambda: server.engine.running == 4)
         start = time.time()
         background.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
         background.thread.join(15)
