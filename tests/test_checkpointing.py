@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lorakit
 from lorakit.errors import RoutingError
+from lorakit.models import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters, tiny_llama
 
 LORAS = {f"l{i}": p for i, p in enumerate([0.2, 0.0, 0.5, 0.1, 0.3])}  # five: the gathered LoRA path
@@ -190,7 +191,7 @@ def test_lorakit_trainer_with_gradient_checkpointing(tmp_path, other):
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows(8))
     trained = {}
     for checkpointed in (False, True):
-        model = LlamaForCausalLM.from_pretrained(base)
+        model = LlamaForCausalLM.from_pretrained(base, **NO_HUB_KERNELS)
         if other:
             lorakit.attach(model, lorakit.LoraXSConfig(r=2), "other")
         if checkpointed:

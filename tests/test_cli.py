@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.cli import main
+from lorakit.models import NO_HUB_KERNELS
 
 
 def _run(*args, timeout=120):
@@ -91,8 +92,8 @@ def test_merge_writes_a_plain_model_with_the_adapted_outputs(tiny_base_and_adapt
 
     base_dir, adapter, ids, adapted = tiny_base_and_adapter
     assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()  # plain transformers, no lorakit
-    plain = AutoModelForCausalLM.from_pretrained(base_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", **NO_HUB_KERNELS).eval()  # plain transformers, no lorakit
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     assert set(merged.state_dict()) == set(plain.state_dict())
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - adapted).abs().max() < 1e-5
@@ -106,7 +107,7 @@ def test_export_to_peft_loads_in_peft_with_the_same_outputs(tiny_base_and_adapte
     base_dir, adapter, ids, adapted = tiny_base_and_adapter
     out = tmp_path / "peft"
     assert main(["export", "--to", "peft", str(adapter), "--base", str(base_dir), "--out", str(out)]) == 0
-    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS), str(out)).eval()
     with torch.no_grad():
         assert (model(input_ids=ids).logits - adapted).abs().max() < 1e-5
 
@@ -221,7 +222,7 @@ def other_base(tiny_base_and_adapter, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = tiny_base_and_adapter[0]
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5).add_(0.01)

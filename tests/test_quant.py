@@ -11,6 +11,7 @@ from lorakit import LoraConfig, LoraXSConfig, VeraConfig
 from lorakit import quant_model as quant
 from lorakit.errors import BitsAndBytesUnavailableError, MergeStateError, QuantizationError
 from lorakit.methods.lora_xs import svd_basis
+from lorakit.models import NO_HUB_KERNELS
 from tests.conftest import MODEL_FACTORIES, model_output, randomize_adapters, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -49,7 +50,7 @@ def test_quantize_equals_transformers_bitsandbytes_loading(tmp_path, ids):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu",
-                                                  dtype=torch.float32)
+                                                  dtype=torch.float32, **NO_HUB_KERNELS)
     ours = _quantized("llama")
     # (with grad enabled, so bitsandbytes does not repack the loaded model's weights for bf16 CPU kernels)
     assert torch.equal(ours(input_ids=ids).logits, loaded(input_ids=ids).logits)
