@@ -90,7 +90,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--base", required=True,
                    help="embedded model name (smollm2-135m, minilm-l6), local HF directory or hub id")
     p.add_argument("--adapter", help="adapter directory (omit to score the base only)")
-    p.add_argument("--data", required=True, help="JSONL file in any training format")
+    p.add_argument("--data", required=True, help="data in any training format and any file type --data of train reads")
     p.add_argument("--max-length", type=int, help="truncate longer sequences (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--no-generate", action="store_true", help="skip exact-match generation")

@@ -37,10 +37,11 @@ def scores(model: nn.Module, tokenizer: Any, data: Dataset, pad_id: int, *, gene
     return out
 
 
-def evaluate(base: str, adapter_dir: str | Path | None, data_path: str | Path, *, max_length: int | None = None,
+def evaluate(base: str, adapter_dir: str | Path | None, data_path: Any, *, max_length: int | None = None,
              batch_size: int = 16, generate: bool = True, on_bad_line: str = "stop", model: nn.Module | None = None,
              tokenizer: Any = None, strict: bool = True) -> dict[str, dict[str, float]]:
-    """{"base": metrics, "adapter": metrics} (no "adapter" entry when adapter_dir is None).
+    """{"base": metrics, "adapter": metrics} (no "adapter" entry when adapter_dir is None). `data_path`: any
+    data file lorakit reads, a save_to_disk directory or a datasets.Dataset.
 
     strict=False loads an adapter that only partly fits the base (see lorakit.io.load_adapter).
     """
