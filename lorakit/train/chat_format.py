@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 # ShareGPT speaker -> chat role (anything else is refused by name)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "function_response": "tool", "observation": "tool"}
@@ -150,7 +152,11 @@ def segments(tokenizer: Any, conv: Conversation, last_turn_only: bool = False) -
     tools = list(conv.tools) if conv.tools else None
 
     def render(upto: int, prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs[:upto], tools=tools, add_generation_prompt=prompt, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(msgs[:upto], tools=tools, add_generation_prompt=prompt,
+                                                 tokenize=False)
+        except TemplateError as exc:  # the template's own raise_exception: roles must alternate, ...
+            raise ValueError(f"the chat template refused messages[:{upto}]: {exc}") from None
 
     full = render(len(msgs), False)
     _check_tools_rendered(full, conv)

@@ -119,3 +119,11 @@ def test_a_template_that_rewrites_earlier_turns_says_so(llama_dir):
         encode({"messages": TWO_TURNS}, "chat", tok, 512)
     sample, _ = encode({"messages": TWO_TURNS}, "chat", tok, 512, last_turn_only=True)
     assert tok.decode([t for t in sample.labels if t != IGNORE]) == "dos</s>"
+
+
+def test_a_template_that_refuses_the_conversation_is_a_data_error(llama_dir):
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                         + tok.chat_template)
+    with pytest.raises(ValueError, match=r"the chat template refused messages\[:5\]: no system role"):
+        encode({"messages": TWO_TURNS}, "chat", tok, 512)
