@@ -22,7 +22,8 @@ from lorakit.train.errors import CheckpointError, TrainConfigError
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 TRAIN_DESCRIPTION = """\
-Train an adapter on a JSONL file. Settings come from --config FILE, then the flags (a flag wins over
+Train an adapter on a data file (JSONL, JSON, CSV, parquet, Arrow, a save_to_disk directory; docs/training.md).
+Settings come from --config FILE, then the flags (a flag wins over
 the file); without --config, --base, --data and --output-dir are required. Defaults shown are
 TrainConfig's; the method's own (r, lora_alpha...) are those of lorakit.LoraConfig / LoraXSConfig /
 VeraConfig."""
