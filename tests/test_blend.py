@@ -84,15 +84,7 @@ def test_a_blend_trains_every_part_it_holds(ids):
     assert grads == {"pirate": True, "poet": False, "robot": True, "ghost": False, "sailor": False}
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.config.error_on_recompile = False
-    torch._dynamo.reset()
-
-
-def test_compiled_forward_takes_new_blend_weights_without_recompiling(ids, fresh_dynamo):
+def test_compiled_forward_takes_new_blend_weights_without_recompiling(ids, no_recompile_after_first):
     model = adapters_model().eval()
     step = lk.CompiledForward(model, backend="aot_eager")  # fullgraph: a graph break raises
     routes = [[{"pirate": w, "poet": 1 - w}, {"robot": w, "ghost": 2 * w}, None, {"sailor": -w, "pirate": w}]
