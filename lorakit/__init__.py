@@ -7,6 +7,7 @@ check_core_versions()  # before anything reaches into torch's or transformers' i
 from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
                               count_trainable, delete_adapter)
 from lorakit.attach import attach, find_targets
+from lorakit.combine import combine
 from lorakit.compiled import CompiledForward
 from lorakit.generation import generate
 from lorakit.config import LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
@@ -21,7 +22,7 @@ __version__ = LORAKIT_VERSION
 
 __all__ = [
     "AdaptedLinear", "CompiledForward", "LoraConfig", "LoraXSConfig", "VeraConfig", "adapted_layers", "adapter_config",
-    "checkpoint_with_route", "route_context",
+    "checkpoint_with_route", "combine", "route_context",
     "adapter_names", "adapter_parameters", "adapter_state_dict", "attach", "count_trainable",
     "delete_adapter", "disable_adapters", "find_targets", "generate", "merge", "merge_and_unload", "merged_names", "PrefixConfig",
     "quantize",

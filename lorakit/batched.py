@@ -39,26 +39,12 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     per_call = torch.is_grad_enabled() or layer.training  # gradients must reach the parameters themselves
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
-    for kind, rows in route.kinds.items():
-        if kind == "lora_xs":
-            _add_lora_xs(layer, x, out, rows, per_call, checked)
+    for kind, columns in route.kinds.items():
+        if kind == "lora_xs":  # every column's cores summed first: a blend costs one product
+            _add_lora_xs(layer, x, out, columns, per_call, checked)
             continue
-        if checked is not None and route.groups == 1 and rows.names[0] not in layer.adapters:
-            continue  # one adapter for the batch, and it does not touch this layer
-        source = _source(layer, kind, rows, per_call, checked, x)
-        if source is None:
-            continue
-        fields, scales, index, rates = source
-        xd = row_dropout(x, rates, index) if rates is not None else x
-        if kind == "lora":
-            only = (layer.adapters[rows.names[0]] if checked is not None and route.groups == 1
-                    and rows.names[0] in layer.adapters else None)
-            a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
-            add_lora_rows_(out, xd, a_rows, b_rows, only.scaling if only is not None else coef)
-        else:  # VeRA, one kind per shared basis
-            basis = layer.bases[kind]
-            add_vera_rows_(out, xd, basis.down, basis.up, fields["d"].index_select(0, index),
-                           fields["b"].index_select(0, index))
+        for rows in columns:  # a blend of m adapters of this kind: m passes, each weighted
+            _add_column(layer, kind, x, out, rows, route.groups, per_call, checked)
     for name, coef in route.merged.items():  # rows not routed to a merged adapter must not see it
         recorded = layer.merged_factors(name)
         if recorded is not None:
@@ -66,6 +52,31 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
             groups = coef.shape[0]
             add_lora_rows_(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
     return out
+
+
+def _add_column(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, rows: KindRows, groups: int,
+                per_call: bool, checked: dict | None) -> None:
+    """One column of a LoRA or VeRA kind: each group's adapter in it, times its blend weight."""
+    if checked is not None and groups == 1 and rows.lead not in layer.adapters:
+        return  # one adapter for the batch, and it does not touch this layer
+    source = _source(layer, kind, rows, per_call, checked, x)
+    if source is None:
+        return
+    fields, scales, index, rates = source
+    xd = row_dropout(x, rates, index) if rates is not None else x
+    if kind == "lora":
+        a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
+        if checked is not None and groups == 1:  # one adapter for the batch: a float scale, as PEFT rounds it
+            coef = layer.adapters[rows.lead].scaling * rows.lead_weight
+        elif rows.weights is not None:
+            coef = coef * rows.weights
+        add_lora_rows_(out, xd, a_rows, b_rows, coef)
+    else:  # VeRA, one kind per shared basis
+        basis = layer.bases[kind]
+        d = fields["d"].index_select(0, index)  # (n, r)
+        if rows.weights is not None:
+            d = d * rows.weights.to(d)[:, None]
+        add_vera_rows_(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
 
 
 def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: torch.Tensor,
@@ -108,26 +119,32 @@ def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | 
     # SmolLM2 step for a 32-adapter route); model-level moves re-point them all (slots.moved)
     first = next((n for n in rows.names if n in layer.adapters), None)
     if first is not None and not stack.holds(layer, first):
-        stack.table_version = -1
-        stack = stack_for(layer, kind, layer.registry.slot_table)
+        stack = stack_for(layer, kind, layer.registry.slot_table, stale=stack)
     checked[("stack", id(layer), kind)] = stack
     return stack
 
 
-def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rows: KindRows, per_call: bool,
-                 checked: dict | None) -> None:
-    """Attached LoRA-XS cores (slot stack or parameters) and packed ones (the model's bank) in one product."""
+def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+                 per_call: bool, checked: dict | None) -> None:
+    """Attached LoRA-XS cores (slot stack or parameters) and packed ones (the model's bank), of every column
+    (a blend's parts, weighted), summed into one core per group: one product whatever the blend."""
     parts: list[torch.Tensor] = []
-    rates = index = None
-    source = _source(layer, "lora_xs", rows, per_call, checked, x)
-    if source is not None:
-        fields, scales, index, rates = source
-        parts.append(fields["core"].index_select(0, index) * scales.index_select(0, index)[:, None, None])
+    dropout = None  # (rates, index): training drops the input once, at the first column's adapters' rates
     bank = layer.registry.bank
-    if bank is not None and layer.bank_index is not None:
-        if checked is not None:  # attached LoRA-XS adapters take numbers too: rows routed to them read zeros
-            bank.ensure_capacity(layer.registry.slot_table.capacity("lora_xs"))
-        parts.append(bank.cores[layer.bank_index].index_select(0, rows.slots))  # scaled; slot 0 zero
+    for rows in columns:
+        weights = rows.weights[:, None, None] if rows.weights is not None else None
+        source = _source(layer, "lora_xs", rows, per_call, checked, x)
+        if source is not None:
+            fields, scales, index, rates = source
+            if dropout is None and rates is not None:
+                dropout = (rates, index)
+            core = fields["core"].index_select(0, index) * scales.index_select(0, index)[:, None, None]
+            parts.append(core if weights is None else core * weights.to(core))
+        if bank is not None and layer.bank_index is not None:
+            if checked is not None:  # attached LoRA-XS adapters take numbers too: rows routed to them read zeros
+                bank.ensure_capacity(layer.registry.slot_table.capacity("lora_xs"))
+            packed = bank.cores[layer.bank_index].index_select(0, rows.slots)  # scaled; slot 0 zero
+            parts.append(packed if weights is None else packed * weights.to(packed))
     if not parts:
         return
     basis = layer.bases["lora_xs"]
@@ -137,7 +154,7 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rows: Kin
         r = part.shape[-1]
         part = part[:, :k, :k] if r >= k else nn.functional.pad(part, (0, k - r, 0, k - r))  # zero: exact
         cores = part.to(x.dtype) if cores is None else cores + part.to(x.dtype)
-    xd = row_dropout(x, rates, index) if rates is not None else x
+    xd = row_dropout(x, *dropout) if dropout is not None else x
     down, up = basis.sliced(k)
     add_core_rows_(out, xd, down, up, cores)
 

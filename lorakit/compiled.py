@@ -9,6 +9,8 @@ in every layer). Here the route is resolved into slot index tensors before the c
 compiled function hands them to the layers through the model's record while it is traced. At run time
 the compiled graph takes them as ordinary tensor inputs, so a new route of the same batch size changes
 values, not code: no graph break, no recompile. Slot stacks are built before the call, never inside it.
+Blends (`{"pirate": 0.7, "poet": 0.3}` for a row) are weight tensors: new weights change values only; a
+route with more parts of one kind than any before, or the first blend after plain names, compiles anew.
 
 Inference only (the layers read the slot stacks, not per-call stacks of parameters), and only adapters
 that live in layers: a prefix adapter's keys and values come from a hook this path does not carry.
@@ -16,7 +18,7 @@ that live in layers: a prefix adapter's keys and values come from a hook this pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ from lorakit.errors import RoutingError
 from lorakit.layer import adapted_layers
 from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, ModelAdapters
 from lorakit.route_slots import RouteSlots, resolve
-from lorakit.route_state import Route, route_for
+from lorakit.route_state import Route, RowName, normalised_names, route_for
 from lorakit.slots import kind_of, stack_for
 
 
@@ -55,10 +57,11 @@ class CompiledForward:
         finally:
             registry.traced_slots = None
 
-    def __call__(self, names: Route | str | None | Sequence[str | None], *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, names: Route | RowName | Mapping[str, float] | Sequence[RowName | Mapping[str, float]],
+                 *args: Any, **kwargs: Any) -> Any:
         rows = _batch_rows(args, kwargs)
-        route = names if isinstance(names, Route) else Route(
-            names if isinstance(names, (str, type(None))) else tuple(names))
+        route = names if isinstance(names, Route) else Route(normalised_names(
+            names if isinstance(names, (str, type(None), Mapping, list, tuple)) else tuple(names)))
         per_row = route.names if isinstance(route.names, tuple) else (route.names,) * rows
         if len(per_row) != rows:
             raise RoutingError(f"route has {len(per_row)} row names but the batch has {rows} rows")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 import contextvars
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -35,14 +36,57 @@ class AttachedConfigs(Protocol):
     configs: Mapping[str, Any]
 
 
-RowNames = Union[str, None, tuple[Union[str, None], ...]]
+@dataclass(frozen=True)
+class Blend:
+    """A weighted mix of adapters for one call or row, without creating an adapter: Σ wᵢ·Δᵢ.
+
+    Hashable (routes are cache keys) and canonical: parts in the order given, weights as floats."""
+
+    parts: tuple[tuple[str, float], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.parts)
+
+    def weight(self, name: str) -> float:
+        """The weight of adapter `name` in this blend (0 when it is not a part)."""
+        return sum(w for n, w in self.parts if n == name)
+
+
+def blend_of(value: Mapping[str, float] | Blend) -> Blend:
+    """`{"pirate": 0.7, "poet": 0.3}` as a Blend; names must be str, weights finite numbers."""
+    if isinstance(value, Blend):
+        return value
+    if not value:
+        raise RoutingError("a blend needs at least one adapter, got {}")
+    parts = []
+    for name, weight in value.items():
+        if not isinstance(name, str):
+            raise RoutingError(f"blend adapter names must be str, got {name!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise RoutingError(f"blend weight of {name!r} must be a finite number, got {weight!r}")
+        parts.append((name, float(weight)))
+    return Blend(tuple(parts))
+
+
+RowName = Union[str, None, Blend]  # one row's adapter: a name, the base (None), or a blend
+RowNames = Union[str, None, Blend, tuple[RowName, ...]]
+
+
+def row_parts(name: RowName) -> tuple[tuple[str, float], ...]:
+    """One row's (adapter, weight) parts: none for the base, one at weight 1 for a name."""
+    if name is None:
+        return ()
+    if isinstance(name, Blend):
+        return name.parts
+    return ((name, 1.0),)
 
 
 @dataclass(frozen=True)
 class Route:
     """`names`: one adapter name for all rows, None for the base, or a tuple with one entry per row."""
 
-    names: RowNames
+    names: RowNames  # one name, None, a Blend, or a tuple with one of those per row
     # Work derived from the names (row groups, slot tensors), done once per call rather than once per
     # layer. It lives and dies with this route, so it is never shared between calls.
     cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -70,21 +114,38 @@ def current_route(registry_id: int) -> Route | None:
     return _ROUTES.get().get(registry_id)
 
 
+def normalised_names(names: object) -> RowNames:
+    """A route's names as the layers read them: lists as tuples, blend dicts as Blends, checked for type."""
+    if isinstance(names, (list, tuple)):
+        if not names:
+            raise RoutingError("per-row adapter names must not be empty")
+        return tuple(normalised_names(n) if not isinstance(n, (list, tuple)) else _bad_name(n) for n in names)
+    if isinstance(names, Mapping) or isinstance(names, Blend):
+        return blend_of(names)  # type: ignore[arg-type]
+    if names is not None and not isinstance(names, str):  # an int is not a name (and a set may not even hash)
+        return _bad_name(names)
+    return names  # type: ignore[return-value]
+
+
+def _bad_name(name: object) -> RowNames:
+    raise RoutingError(f"adapter names must be str or None (or a {{name: weight}} blend), got {name!r}")
+
+
 @contextmanager
-def route_for(registry: AttachedConfigs, names: RowNames) -> Iterator[Route]:
+def route_for(registry: AttachedConfigs, names: object) -> Iterator[Route]:
     """Set a route for one adapter record for the duration of the block (validated first)."""
-    if isinstance(names, list):
-        names = tuple(names)
+    names = normalised_names(names)
     wanted = names if isinstance(names, tuple) else (names,)
-    if isinstance(names, tuple) and not names:
-        raise RoutingError("per-row adapter names must not be empty")
-    bad = [n for n in wanted if n is not None and not isinstance(n, str)]
-    if bad:  # before the look-up: a list or an int is not a name (and may not even hash)
-        raise RoutingError(f"adapter names must be str or None, got {bad[:3]!r}")
-    unknown = sorted({n for n in wanted if n is not None and n not in registry.configs})
+    used = [n for row in wanted for n, _ in row_parts(row)]
+    unknown = sorted({n for n in used if n not in registry.configs})
     if unknown:
         raise AdapterNotFoundError(
             f"adapter(s) {unknown} not attached; attached: {sorted(registry.configs) or 'none'}")
+    blended = {n for row in wanted if isinstance(row, Blend) for n in row.names}
+    outside = sorted(n for n in blended if getattr(registry.configs[n], "method", None) == "prefix")
+    if outside:
+        raise RoutingError(f"prefix adapter(s) {outside} cannot be blended: a prefix adds attention keys and "
+                           "values, not a weight update to mix")
     with installed(registry, Route(names)) as route:
         yield route
 

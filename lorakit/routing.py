@@ -6,6 +6,7 @@ eight adapters through one model at once. Setting a route touches no layer: it c
 
     with use_adapter(model, "french"):          # every row uses "french"
     with use_adapter(model, ["a", None, "b"]):  # row i uses names[i]; None = the base model
+    with use_adapter(model, {"a": 0.7, "b": 0.3}):   # a blend: 0.7·Δa + 0.3·Δb, per call or per row
     with disable_adapters(model):               # base model only (merged adapters are subtracted)
 
 Gradient checkpointing recomputes a layer during backward(), usually after the `with` block has closed
@@ -20,17 +21,17 @@ model-level API (it finds the model's record, lorakit.model_adapters) and re-exp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from torch import nn
 
 from lorakit.errors import RoutingError
 from lorakit.model_adapters import adapters_of
-from lorakit.route_state import (AS_STORED, Route, RowNames, checkpoint_with_route, current_route, current_routes,
+from lorakit.route_state import (AS_STORED, Blend, Route, RowNames, checkpoint_with_route, current_route, current_routes,
                                  installed, route_context, route_for, routes_installed, with_routes)
 
-__all__ = ["AS_STORED", "Route", "RowNames", "checkpoint_with_route", "current_route", "current_routes",
+__all__ = ["AS_STORED", "Blend", "Route", "RowNames", "checkpoint_with_route", "current_route", "current_routes",
            "disable_adapters", "route_context", "route_for", "routes_installed", "use_adapter", "use_route",
            "with_routes"]
 
@@ -48,9 +49,12 @@ def use_route(model: nn.Module, route: Route) -> Iterator[Route]:
         yield route
 
 
-def use_adapter(model: nn.Module, names: str | None | Sequence[str | None]):
-    """Context manager: run `model` with adapter `names` (one name, or one per batch row)."""
-    return route_for(adapters_of(model), names if isinstance(names, (str, type(None))) else tuple(names))
+def use_adapter(model: nn.Module, names: str | None | Mapping[str, float] | Sequence[str | None | Mapping[str, float]]):
+    """Context manager: run `model` with adapter `names`: one name, a blend `{"pirate": 0.7, "poet": 0.3}`
+    (Σ wᵢ·Δᵢ, no adapter created), or one of those per batch row."""
+    if not isinstance(names, (str, type(None), Mapping, Blend, list, tuple)):
+        names = tuple(names)
+    return route_for(adapters_of(model), names)
 
 
 def disable_adapters(model: nn.Module):

@@ -21,6 +21,7 @@ and points the parameters back into it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -33,6 +34,10 @@ from lorakit.slot_table import SlotTable
 
 ATTR = "_lorakit_slot_stacks"  # on a layer: {kind: SlotStack}, a plain attribute (never in state_dict)
 ABSENT_ATTR = "_lorakit_no_slot_stacks"  # on a layer: {kind: slot-table version at which it had none}
+# One build at a time, in any thread: a build re-points adapters' parameters (`param.data = view`), which
+# frees their old storage while a concurrent build may still be copying from it (threads serving one model
+# built their first stacks at once and read freed memory). Reading a built stack takes no lock.
+_BUILDING = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -75,24 +80,29 @@ def stacks(layer: nn.Module) -> dict[str, SlotStack]:
     return found
 
 
-def stack_for(layer: nn.Module, kind: str, table: SlotTable) -> SlotStack | None:
-    """The layer's stack of `kind`, rebuilt when the model's slot table changed since it was built; None
-    when the layer has no adapter of that kind or its adapters cannot share one tensor (mixed dtypes or
-    devices: the forward then stacks their parameters per call, lorakit.batched)."""
-    found = stacks(layer)
-    stack = found.get(kind)
-    if stack is not None and stack.table_version == table.version:
+def stack_for(layer: nn.Module, kind: str, table: SlotTable, stale: SlotStack | None = None) -> SlotStack | None:
+    """The layer's stack of `kind`, rebuilt when the model's slot table changed since it was built (or when
+    it is `stale`: found not to hold its adapters' parameters any more); None when the layer has no adapter
+    of that kind or its adapters cannot share one tensor (mixed dtypes or devices: the forward then stacks
+    their parameters per call, lorakit.batched)."""
+    stack = stacks(layer).get(kind)
+    if stack is not None and stack is not stale and stack.table_version == table.version:
         return stack
-    absent = layer.__dict__.setdefault(ABSENT_ATTR, {})
-    if stack is None and absent.get(kind) == table.version:  # known to have none: no walk over its adapters
-        return None
-    stack = _build(layer, kind, table)
-    if stack is None:
-        found.pop(kind, None)
-        absent[kind] = table.version
-    else:
-        found[kind] = stack
-    return stack
+    with _BUILDING:
+        found = stacks(layer)
+        stack = found.get(kind)  # another thread may have built it while this one waited
+        if stack is not None and stack is not stale and stack.table_version == table.version:
+            return stack
+        absent = layer.__dict__.setdefault(ABSENT_ATTR, {})
+        if stack is None and absent.get(kind) == table.version:  # known to have none: no walk over its adapters
+            return None
+        stack = _build(layer, kind, table)
+        if stack is None:
+            found.pop(kind, None)
+            absent[kind] = table.version
+        else:
+            found[kind] = stack
+        return stack
 
 
 def _build(layer: nn.Module, kind: str, table: SlotTable) -> SlotStack | None:

@@ -85,3 +85,14 @@ def ids() -> torch.Tensor:
 @pytest.fixture(params=sorted(MODEL_FACTORIES))
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture()
+def no_recompile_after_first():
+    """A fresh dynamo cache for the test; the test sets `error_on_recompile` once its first graph is made."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()

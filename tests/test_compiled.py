@@ -31,14 +31,6 @@ def model():
     return model
 
 
-@pytest.fixture()
-def no_recompile_after_first():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.config.error_on_recompile = False
-    torch._dynamo.reset()
-
-
 def _eager(model, route, **kwargs):
     with torch.no_grad(), lk.use_adapter(model, route):
         return model(**kwargs).logits

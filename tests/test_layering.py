@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("layer", ("lorakit.layer",)),
     ("model record, routing, bases", ("lorakit.model_adapters", "lorakit.routing", "lorakit.basis_setup")),
     ("operations", ("lorakit.prefix_hook", "lorakit.attach", "lorakit.adapters", "lorakit.bank", "lorakit.merge",
-                    "lorakit.quant_model", "lorakit.compiled", "lorakit.generation")),
+                    "lorakit.combine", "lorakit.quant_model", "lorakit.compiled", "lorakit.generation")),
     ("package API", ("lorakit",)),
     ("io", ("lorakit.io.*",)),
     ("applications", ("lorakit.models", "lorakit.cli_common", "lorakit.train_loop", "lorakit.train.*",

@@ -186,6 +186,39 @@ def bench_mixed(s: Setup, counts: list[int], seq: int, repeats: int) -> tuple[li
     return results, curve
 
 
+def bench_blend(s: Setup, rows: int, seq: int, repeats: int) -> list[Result]:
+    """`rows` rows, each its own blend of two adapters ({a_i: 0.6, a_i+1: 0.4}) against each its own single
+    adapter: a LoRA-XS blend is one core per row (the goal: within 5% of distinct singles); a LoRA blend adds
+    both deltas (two passes)."""
+    ids = _random_ids(rows, seq, 4)
+    cases = {}
+
+    def routed(route):
+        def case():
+            with lorakit.use_adapter(s.ours, route):
+                s.ours(input_ids=ids)
+        return case
+
+    xs, lora = s.xs_names, s.lora_names
+    cases["base"] = routed(None)
+    cases["xs_single"] = routed([xs[i % len(xs)] for i in range(rows)])
+    cases["xs_blend"] = routed([{xs[i % len(xs)]: 0.6, xs[(i + 1) % len(xs)]: 0.4} for i in range(rows)])
+    cases["lora_single"] = routed([lora[i % len(lora)] for i in range(rows)])
+    cases["lora_blend"] = routed([{lora[i % len(lora)]: 0.6, lora[(i + 1) % len(lora)]: 0.4} for i in range(rows)])
+    with torch.inference_mode():
+        t = interleaved(cases, repeats)
+    shape = f"{rows} rows × {seq} tokens"
+    return [
+        Result(f"{shape}, {rows} distinct LoRA-XS adapters", "s", t["xs_single"], t["base"], None, "", None),
+        Result(f"{shape}, {rows} distinct LoRA-XS blends of 2 (vs distinct single LoRA-XS: "
+               f"{t['xs_blend'] / t['xs_single']:.3f}×)", "s", t["xs_blend"], t["base"], None,
+               "≤ 1.05× distinct single LoRA-XS", t["xs_blend"] <= 1.05 * t["xs_single"]),
+        Result(f"{shape}, {rows} distinct LoRA adapters", "s", t["lora_single"], t["base"], None, "", None),
+        Result(f"{shape}, {rows} distinct LoRA blends of 2 (vs distinct single LoRA: "
+               f"{t['lora_blend'] / t['lora_single']:.3f}×)", "s", t["lora_blend"], t["base"], None, "", None),
+    ]
+
+
 def bench_decode(s: Setup, rows: int, repeats: int) -> list[Result]:
     """One decode step (1 new token per row, KV cache of 32 tokens) with every row on its own adapter."""
     prompt = _random_ids(rows, 32, 4)
@@ -466,14 +499,15 @@ def run(args: argparse.Namespace) -> list[Result]:
     counts = sorted(set(args.counts)) if getattr(args, "counts", None) else [1, 8, 32, 64, 128] if full else [1, 8, 32]
     repeats = args.repeats or (5 if full else 3)
     only = set(args.only or SCENARIOS)
-    needs_setup = bool(only & {"prefill", "mixed", "decode", "switch", "merged-swap", "load"})
+    needs_setup = bool(only & {"prefill", "mixed", "blend", "decode", "switch", "merged-swap", "load"})
     n_lora = max(32, max(counts)) if "mixed" in only else 32
-    setup = Setup(args.model, n_lora=n_lora, n_xs=max(counts)) if needs_setup else None
+    setup = Setup(args.model, n_lora=n_lora, n_xs=max(32, max(counts))) if needs_setup else None
     agreement = setup.check_same_outputs() if setup else float("nan")
     if agreement > 1e-3:
         raise RuntimeError(f"lorakit and PEFT disagree by {agreement} on the same adapter: the comparison is unfair")
     steps = {"prefill": lambda: bench_prefill(setup, repeats),
              "mixed": lambda: bench_mixed(setup, counts, args.seq, max(3, repeats - 2)),
+             "blend": lambda: bench_blend(setup, 32, args.seq, max(3, repeats - 2)),
              "decode": lambda: bench_decode(setup, 32, repeats * 2),
              "switch": lambda: bench_switch(setup),
              "merged-swap": lambda: bench_merged_swap(setup, repeats),
@@ -508,7 +542,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-SCENARIOS = ("prefill", "mixed", "decode", "switch", "merged-swap", "load", "training", "resident")
+SCENARIOS = ("prefill", "mixed", "blend", "decode", "switch", "merged-swap", "load", "training", "resident")
 
 
 def _positive(text: str) -> int:
