@@ -56,11 +56,13 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 16) -> float:
+def mean_loss(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 16,
+              device: torch.device | str = "cpu") -> float:
     """Mean loss per labelled token (or per row for classification) over `samples`."""
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
-        nll, n = loss_sum(model, collate(samples[start:start + batch_size], pad_id))
+        batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size], pad_id).items()}
+        nll, n = loss_sum(model, batch)
         total, count = total + nll.item(), count + n
     return total / count if count else math.nan
 
