@@ -74,7 +74,11 @@ def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device, a
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise TrainConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it "
                                    "(transformers' supports_gradient_checkpointing is false)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad
+        if hasattr(model, "activation_checkpointing_enable"):  # the name transformers 5 prefers
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # a cache is useless in training and clashes with recomputation
     return model
