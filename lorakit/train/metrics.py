@@ -20,13 +20,18 @@ from lorakit.train.collate import collate, left_pad
 from lorakit.train.data import IGNORE, Sample
 
 
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model's forward can project only some positions to the vocabulary (HF causal LMs)."""
+def accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the model's forward takes `argument` (e.g. logits_to_keep, use_cache)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return argument in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can project only some positions to the vocabulary (HF causal LMs)."""
+    return accepts(model, "logits_to_keep")
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -41,6 +46,10 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     if labels.dim() == 1:  # classification: (B, C) logits
         logits = model(**inputs).logits
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    if accepts(model, "use_cache"):
+        # No cache when scoring: it is never read, and with one transformers would not read packed examples'
+        # boundaries from position_ids (lorakit.train.packing)
+        inputs["use_cache"] = False
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     columns = (targets != IGNORE).any(0).nonzero().flatten()  # positions whose prediction is scored
     if len(columns) and accepts_logits_to_keep(model):

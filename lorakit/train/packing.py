@@ -4,9 +4,11 @@
     pos   [  0  1  2  3 |  0  1  2 |  0  1 |   0   1 ]     position ids restart at every example
     label [  -  a1 a2 a3 |  -  b1 b2 |  -  c1 |   -   - ]  an example's first token is never a target
 
-No attention mask is passed: transformers (5.x) then reads the examples' boundaries from the position
-ids (masking_utils.find_packed_sequence_indices) and builds a block-diagonal causal mask for sdpa and
-eager attention; flash-attention 2 reads the same position ids as varlen sequences. Padding sits at a
+No attention mask and no cache are passed (lorakit.train.metrics.loss_sum sets use_cache=False):
+transformers (5.x) then reads the examples' boundaries from the position ids
+(masking_utils.find_packed_sequence_indices) and builds a block-diagonal causal mask for sdpa and eager
+attention; flash-attention 2 reads the same position ids as varlen sequences. With a cache (use_cache
+left on, the default even in training) it would not, and examples would attend to each other. Padding sits at a
 row's end, after every real token, so causality alone keeps it out of them. Each example then sees
 exactly the keys it sees alone, and the summed loss equals the unpacked one.
 
@@ -77,9 +79,9 @@ def check_packing(model: nn.Module, first: Sample, second: Sample, pad_id: int, 
     was_training = model.training
     model.eval()
     try:
-        want = model(input_ids=alone).logits[0]  # (n, V)
-        got = model(input_ids=packed["input_ids"].to(device),
-                    position_ids=packed["position_ids"].to(device)).logits[0]  # (W, V)
+        want = model(input_ids=alone, use_cache=False).logits[0]  # (n, V)
+        got = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                    use_cache=False).logits[0]  # (W, V)
     finally:
         model.train(was_training)
     tol = 1e-3 if want.dtype == torch.float32 else 3e-2  # 16-bit logits differ by rounding alone
