@@ -62,9 +62,11 @@ class WandbBackend:
                               name=output_dir.name, resume="allow" if start_step else None)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        self.run.log({SCALARS[k]: v for k, v in values.items()}, step=step)
+        # not committed yet: an eval loss of the same step may follow; the next step (or close) commits it
+        self.run.log({SCALARS[k]: v for k, v in values.items()}, step=step, commit=False)
 
     def close(self) -> None:
+        self.run.log({}, commit=True)  # the last step's row
         self.run.finish()
 
 

@@ -57,3 +57,29 @@ def test_tensorboard_after_resume_holds_each_step_once(tmp_path, llama_dir, monk
 def test_unknown_or_missing_backend_is_refused(tmp_path, llama_dir):
     with pytest.raises(TrainConfigError, match="report_to"):
         run_config(llama_dir, tmp_path / "d.jsonl", tmp_path / "run", report_to=["comet"])
+
+
+def test_wandb_offline_run_records_the_losses(tmp_path, llama_dir, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is lorakit's default
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    started, summaries = [], []
+    real_init = wandb.init
+
+    def spy(**kwargs):
+        run = real_init(**kwargs)
+        real_finish = run.finish
+
+        def finish(*a, **kw):
+            summaries.append(dict(run.summary))  # W&B clears it once the run is finished
+            return real_finish(*a, **kw)
+        run.finish = finish
+        started.append(run)
+        return run
+    monkeypatch.setattr(wandb, "init", spy)
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
+    run = train(run_config(llama_dir, data, tmp_path / "run", steps=3, report_to=["wandb"]))
+    assert len(started) == 1 and started[0].settings.mode == "offline"
+    assert summaries[0]["train/loss"] == pytest.approx(run.losses[-1], rel=1e-6) and summaries[0]["_step"] == 3
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert wandb.run is None  # the run was finished
