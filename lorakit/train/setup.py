@@ -51,15 +51,17 @@ def refuse_unsupported(config: TrainConfig, world: int) -> None:
                                "--nproc-per-node N (N >= 2); one process trains unsharded without it")
     if config.fsdp and config.quantize:
         raise TrainConfigError(
-            f"quantize = {config.quantize!r} with fsdp: bitsandbytes' 4-bit weights (Params4bit) cannot be "
-            "sharded by FSDP2 here: bitsandbytes 0.50 implements no FSDP2 all-gather hooks "
-            "(fsdp_pre_all_gather / fsdp_post_all_gather), so fully_shard would cut its packed 4-bit bytes "
-            "into plain shards and lose their quantisation state. Train QLoRA in one process, or under "
-            "torchrun without --fsdp (DDP: each process holds the whole 4-bit base, ~0.55 bytes per weight)")
+            f"quantize = {config.quantize!r} with fsdp: FSDP2's fully_shard turns bitsandbytes' 4-bit weights "
+            "(Params4bit) into plain uint8 DTensor shards, because bitsandbytes 0.50 defines no FSDP2 all-gather "
+            "hooks (fsdp_pre_all_gather / fsdp_post_all_gather); the gathered weight has lost its quant_state and "
+            "the first forward fails ('Parameter' object has no attribute 'quant_state'), on CPU and CUDA alike. "
+            "Train QLoRA in one process, or under torchrun without --fsdp (DDP: each process holds the whole "
+            "4-bit base, about 0.52 bytes per weight)")
     if config.fsdp and config.optimizer == "adamw8bit":
-        raise TrainConfigError("optimizer = 'adamw8bit' with fsdp: bitsandbytes' 8-bit AdamW updates plain "
-                               "tensors, not the DTensor shards FSDP2 trains; use optimizer = 'adamw' (the "
-                               "adapter's AdamW state is small), or DDP for the 8-bit optimiser")
+        raise TrainConfigError("optimizer = 'adamw8bit' with fsdp: bitsandbytes' 8-bit AdamW kernels take plain "
+                               "tensors, not the DTensor shards FSDP2 trains (its optimizer_update_8bit_blockwise "
+                               "fails on 'mixed torch.Tensor and DTensor'); use optimizer = 'adamw' (an adapter's "
+                               "AdamW state is small), or DDP (torchrun without --fsdp) for the 8-bit optimiser")
 
 
 def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device, attach) -> nn.Module:
