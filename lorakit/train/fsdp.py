@@ -46,6 +46,13 @@ def shard(model: nn.Module, **kwargs: Any) -> nn.Module:
     A layer's adapters shard with it: their parameters are read inside the layer's forward (lorakit's
     slot stacks), never through a forward of their own, so only the layer's unshard hook can reach them.
     """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                # after a forward the adapter's parameters are views into their layer's slot stack
+                # (lorakit.slots), often strided ones, which FSDP2 cannot shard; own storage again, and the
+                # stack is rebuilt from the unsharded parameters at the next forward (it notices they moved)
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

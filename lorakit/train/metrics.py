@@ -64,15 +64,23 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return nll, int((targets != IGNORE).sum())
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 16,
-              device: torch.device | str = "cpu") -> float:
-    """Mean loss per labelled token (or per row for classification) over `samples`."""
+              device: torch.device | str = "cpu", autograd: bool = False) -> float:
+    """Mean loss per labelled token (or per row for classification) over `samples`.
+
+    autograd=True runs the forwards with autograd on (no graph outlives a batch): lorakit's layers then
+    read the adapter's parameters per call instead of adopting them into a slot stack (a no-grad forward
+    re-points `param.data` into it). Under FSDP2 the stack's storage is then no longer the all-gather
+    buffer later unshards fill, so the layers read stale weights; under DDP a mid-run eval on rank 0 alone
+    made the run drift from one process (seen on main: step-4 loss 4.0966 vs 4.0931). Training passes it
+    whenever there are several processes.
+    """
     total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size], pad_id).items()}
-        nll, n = loss_sum(model, batch)
-        total, count = total + nll.item(), count + n
+    with torch.set_grad_enabled(autograd):
+        for start in range(0, len(samples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size], pad_id).items()}
+            nll, n = loss_sum(model, batch)
+            total, count = total + nll.item(), count + n
     return total / count if count else math.nan
 
 

@@ -245,7 +245,8 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
             return None
         model.eval()
         with lorakit.use_adapter(model, name):
-            value = mean_loss(model, eval_set.samples, pad_id, batch_size=config.batch_size, device=device)
+            value = mean_loss(model, eval_set.samples, pad_id, batch_size=config.batch_size, device=device,
+                              autograd=world > 1)
         model.train()
         return value
 

@@ -7,6 +7,7 @@ the DDP comparison, the resume and the LoRA-XS twin are marked slow.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--steps", "4", "--batch-size", "8", "--lr", "1e-2", "--rank", "4", "--no-progress", "--schedule", "cosine",
         "--warmup-steps", "1", "--save-every", "2"]
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
+# packing and checkpointing change no number (tests/train/test_packing.py, test_knobs.py): here they run sharded.
+# The eval at step 2 runs a no-grad forward mid-run, after which the shards must still reach the layers.
+FSDP_FLAGS = ("--fsdp", "--packing", "--gradient-checkpointing")
 
 
 def _env() -> dict[str, str]:
@@ -56,8 +60,9 @@ class Runs:
 
     def get(self, kind: str) -> Path:
         if kind not in self.done:
-            extra = {"one": ((), 1), "ddp": ((), 2), "fsdp": (("--fsdp",), 2)}[kind]
-            _launch(self.base, self.data, self.root / kind, *extra[0], processes=extra[1])
+            flags, processes = {"one": ((), 1), "ddp": ((), 2), "fsdp": (FSDP_FLAGS, 2)}[kind]
+            _launch(self.base, self.data, self.root / kind, "--eval-data", str(self.data), "--eval-every", "2",
+                    *flags, processes=processes)
             self.done[kind] = self.root / kind
         return self.done[kind]
 
@@ -69,6 +74,9 @@ def lora_runs(tmp_path_factory, llama_dir) -> Runs:
 
 def test_fsdp_adapter_equals_one_process(lora_runs):
     _assert_close(lora_runs.get("fsdp"), lora_runs.get("one"), atol=1e-5)
+    logs = [json.loads((lora_runs.get(k) / "metrics.json").read_text()) for k in ("fsdp", "one")]
+    assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-5)
+    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], abs=1e-5)
     saved = load_file(lora_runs.get("fsdp") / "checkpoints" / "step-000004" / "state.safetensors")
     assert any(k.startswith("optim/") for k in saved)  # whole AdamW moments, gathered from the shards
     ref = load_file(lora_runs.get("one") / "checkpoints" / "step-000004" / "state.safetensors")
@@ -91,7 +99,8 @@ def test_fsdp_resume_from_its_checkpoint_is_exact(lora_runs, tmp_path):
     shutil.copytree(run, kept)  # the uninterrupted run's files, to compare with
     shutil.rmtree(run / "checkpoints" / "step-000004")  # as if it had stopped after step 2
     shutil.rmtree(run / "adapter")
-    _launch(lora_runs.base, lora_runs.data, run, "--fsdp", "--resume", processes=2)
+    _launch(lora_runs.base, lora_runs.data, run, "--eval-data", str(lora_runs.data), "--eval-every", "2", *FSDP_FLAGS,
+            "--resume", processes=2)
     a, b = load_file(kept / ADAPTER), load_file(run / ADAPTER)
     assert set(a) == set(b)
     for key in a:
