@@ -31,7 +31,8 @@ VeraConfig."""
 
 def _d(name: str) -> str:
     """' (default: X)' from TrainConfig: train's flags default to None so that a --config file's values stand."""
-    return f" (default: {_DEFAULTS[name]})"
+    value = _DEFAULTS[name]
+    return f" (default: {('on' if value else 'off') if isinstance(value, bool) else value})"
 
 
 def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:

@@ -162,6 +162,6 @@ def test_help_shows_the_knobs_defaults(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for flag, default in [("--grad-accum", "1"), ("--optimizer", "adamw"), ("--device", "cpu"),
-                          ("--fsdp", "False"), ("--packing", "False"), ("--gradient-checkpointing", "False")]:
+                          ("--fsdp", "off"), ("--packing", "off"), ("--gradient-checkpointing", "off")]:
         assert flag in text
         assert f"(default: {default})" in text.split(flag, 2)[-1][:400]
