@@ -124,3 +124,12 @@ def test_fsdp_refusals_say_why(tmp_path, llama_dir):
 
         refuse_unsupported(run_config(llama_dir, data, tmp_path / "b", fsdp=True, quantize="nf4"), world=2)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_qlora_over_processes_runs_as_ddp(tmp_path, llama_dir):
+    """The multi-process QLoRA path that --fsdp refuses: DDP over a 4-bit base equals one process."""
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
+    _launch(llama_dir, data, tmp_path / "one", "--quantize", "nf4")
+    _launch(llama_dir, data, tmp_path / "ddp", "--quantize", "nf4", processes=2)
+    _assert_close(tmp_path / "ddp", tmp_path / "one", atol=1e-5)
