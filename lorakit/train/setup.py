@@ -8,8 +8,8 @@ The order matters and is kept here in one place:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,8 @@ def refuse_unsupported(config: TrainConfig, world: int) -> None:
                                "AdamW state is small), or DDP (torchrun without --fsdp) for the 8-bit optimiser")
 
 
-def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device, attach) -> nn.Module:
+def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device,
+                  attach: Callable[[nn.Module], None]) -> nn.Module:
     """Move, quantize, attach (`attach(model)`), enable checkpointing: everything before wrapping."""
     model.to(device)
     if config.quantize:
