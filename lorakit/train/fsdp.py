@@ -1,4 +1,4 @@
-"""FSDP2 for `lorakit train --fsdp`: the base sharded per decoder layer, the adapter saved without gathering it.
+"""FSDP2 for `lorakit train --fsdp`: the base sharded per decoder layer; the adapter saved without gathering the base.
 
     shard(model)          fully_shard(layer) per decoder layer, its adapters included, then
                           fully_shard(model) for what is left (embeddings, head, prefix store)
@@ -13,6 +13,10 @@ shards, so each rank holds it whole.
 Checkpoints stay one format for 1 process, DDP and FSDP: whole tensors. `ShardedTarget` and
 `WholeOptimizerState` let lorakit.train.checkpoint restore whole tensors into the shards (every rank
 reads the same file and keeps its own chunk: no communication).
+
+Every forward of a sharded model must run with autograd on (the trainer's eval passes autograd=True to
+lorakit.train.metrics.mean_loss): a no-grad forward lets lorakit adopt the unsharded adapter parameters
+into a slot stack, and later unshards would fill FSDP's buffers while the layers read the stale stack.
 """
 
 from __future__ import annotations
