@@ -1,4 +1,4 @@
-"""Training: data from files or datasets.Dataset, a resumable AdamW trainer (1 process or DDP), checkpoints, logs, eval.
+"""Training: data from files or a datasets.Dataset, a resumable trainer (1 process, DDP or FSDP2), checkpoints, logs, eval.
 
     from lorakit.train import TrainConfig, train
     result = train(TrainConfig(base="smollm2-135m", data="train.jsonl", output_dir="runs/a", steps=100))

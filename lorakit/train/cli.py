@@ -3,6 +3,7 @@
     lorakit train --base smollm2-135m --data train.jsonl --output-dir runs/a --method lora_xs --r 16 --steps 200
     lorakit train --config run.toml [--resume | --resume-if-present] [flags override the file]
     torchrun --nproc-per-node 2 -m lorakit.train train ...        DDP over gloo on CPU
+    torchrun --nproc-per-node 2 -m lorakit train ... --fsdp        FSDP2: the base sharded per decoder layer
     lorakit eval --base smollm2-135m --adapter runs/a/adapter --data test.jsonl
 """
 
@@ -16,7 +17,7 @@ from dataclasses import MISSING, fields
 from lorakit.cli_common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, run_command
 from lorakit.tasks.files import ROWS, write_task
 from lorakit.train.checkpoint import latest_checkpoint, run_checkpoints
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import DEVICES, DTYPES, OPTIMIZERS, QUANTIZE, REPORT_TO, TrainConfig
 from lorakit.train.errors import CheckpointError, TrainConfigError
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
@@ -31,7 +32,8 @@ VeraConfig."""
 
 def _d(name: str) -> str:
     """' (default: X)' from TrainConfig: train's flags default to None so that a --config file's values stand."""
-    return f" (default: {_DEFAULTS[name]})"
+    value = _DEFAULTS[name]
+    return f" (default: {('on' if value else 'off') if isinstance(value, bool) else value})"
 
 
 def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
@@ -45,7 +47,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--data", help="training data: .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory")
     p.add_argument("--eval-data", help="eval data, as --data (default: none, no eval loss)")
     p.add_argument("--output-dir", help="run directory (adapter, checkpoints, logs, plot)")
-    p.add_argument("--method", choices=["lora", "lora_xs", "vera"], help="adapter method" + _d("method"))
+    p.add_argument("--method", choices=["lora", "lora_xs", "vera", "prefix"],
+                   help="adapter method (prefix: --set num_virtual_tokens=N)" + _d("method"))
     p.add_argument("--rank", "--r", dest="r", type=int,
                    help="adapter rank r (--r is refused by torchrun: use --rank; default: the method's, "
                         "8 for lora, 16 for lora_xs, 256 for vera)")
@@ -57,7 +60,23 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--adapter-name", help="name of the trained adapter" + _d("adapter_name"))
     p.add_argument("--steps", type=int, help="optimiser steps (default: from --epochs)")
     p.add_argument("--epochs", type=float, help="passes over the data when --steps is not given (default: 1)")
-    p.add_argument("--batch-size", type=int, help="global batch, split over DDP processes" + _d("batch_size"))
+    p.add_argument("--batch-size", type=int, help="global micro-batch, split over processes; a step sees "
+                   "batch-size × grad-accum examples" + _d("batch_size"))
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step" + _d("grad_accum"))
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="causal LM: pack several examples per row (position ids restart, no attention across "
+                        "them)" + _d("packing"))
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute decoder layers in the backward to save activation memory" +
+                        _d("gradient_checkpointing"))
+    p.add_argument("--quantize", choices=QUANTIZE, help="4-bit base (QLoRA) (default: none)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw, or bitsandbytes' 8-bit AdamW" + _d("optimizer"))
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: shard the base per decoder layer (FSDP2) instead of DDP" + _d("fsdp"))
+    p.add_argument("--device", choices=DEVICES, help="cpu, or cuda (cuda:LOCAL_RANK under torchrun)" +
+                   _d("device"))
+    p.add_argument("--report-to", help=f"comma-separated extra loggers ({', '.join(REPORT_TO)}); the CSV log and "
+                   "PNG plot are always written (default: none)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate" + _d("lr"))
     p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay" + _d("weight_decay"))
     p.add_argument("--schedule", choices=["constant", "linear", "cosine"],
@@ -74,7 +93,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--last-turn-only", action="store_true",
                    help="chats: loss on the last assistant turn only (default: on every assistant turn)")
     p.add_argument("--labels", help="comma-separated class names in head order (default: from the data)")
-    p.add_argument("--dtype", help="model dtype" + _d("dtype"))
+    p.add_argument("--dtype", choices=DTYPES, help="base dtype; adapters stay float32 on a 16-bit base" +
+                   _d("dtype"))
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last checkpoint; an error if it has none")
@@ -150,7 +170,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              "max_length": args.max_length, "eval_every": args.eval_every, "save_every": args.save_every,
              "keep_checkpoints": args.keep_checkpoints, "seed": args.seed, "on_bad_line": args.on_bad_line,
              "labels": args.labels.split(",") if args.labels else None, "dtype": args.dtype,
-             "progress": False if args.no_progress else None,
+             "progress": False if args.no_progress else None, "grad_accum": args.grad_accum,
+             "packing": args.packing, "gradient_checkpointing": args.gradient_checkpointing,
+             "quantize": args.quantize, "optimizer": args.optimizer, "fsdp": args.fsdp, "device": args.device,
+             "report_to": [r for r in args.report_to.split(",") if r] if args.report_to is not None else None,
              "last_turn_only": True if args.last_turn_only else None}
     flags = {k: v for k, v in flags.items() if v is not None}
     if args.config:

@@ -14,6 +14,11 @@ from lorakit.train.errors import TrainConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
 BAD_LINE_POLICIES = ("stop", "skip")
+OPTIMIZERS = ("adamw", "adamw8bit")  # lorakit.train.optim builds them
+QUANTIZE = ("nf4", "fp4")  # 4-bit bases (QLoRA) made by lorakit.quant_model.quantize
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+REPORT_TO = ("tensorboard", "wandb")  # lorakit.train.logging_backends; the CSV log and PNG plot always stay
 
 
 @dataclass(frozen=True)
@@ -24,12 +29,18 @@ class TrainConfig:
     data: Any  # training data: a JSONL/JSON/CSV/parquet/Arrow file, a save_to_disk directory, a datasets.Dataset
     output_dir: str  # where the adapter, checkpoints, logs and plot go
     eval_data: Any = None  # optional data for the eval loss (any form `data` takes)
-    method: str = "lora"  # lora | lora_xs | vera
+    method: str = "lora"  # lora | lora_xs | vera | prefix
     adapter: dict[str, Any] = field(default_factory=dict)  # method settings: r, lora_alpha, target_modules...
     adapter_name: str = "default"  # name of the trained adapter
     steps: int | None = None  # optimiser steps; None: derived from epochs
     epochs: float | None = None  # passes over the data when steps is None (default 1)
-    batch_size: int = 8  # global batch (split over DDP processes)
+    batch_size: int = 8  # global micro-batch (split over processes); a step sees batch_size × grad_accum
+    grad_accum: int = 1  # micro-batches per optimiser step: K of B equal one step of K·B
+    packing: bool = False  # causal LM: several examples per row up to max_length, position ids reset per example
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward (less activation memory)
+    quantize: str | None = None  # nf4 | fp4: a 4-bit base (QLoRA); None keeps the base in `dtype`
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW)
+    fsdp: bool = False  # under torchrun: shard the base per decoder layer (FSDP2 fully_shard) instead of DDP
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
@@ -45,7 +56,9 @@ class TrainConfig:
     on_bad_line: str = "stop"  # stop | skip malformed rows
     last_turn_only: bool = False  # chats: loss on the last assistant turn only (default: every assistant turn)
     labels: tuple[str, ...] | None = None  # classification: label names in head order (default: from data)
-    dtype: str = "float32"  # model dtype
+    dtype: str = "float32"  # base dtype (float32 | bfloat16 | float16); adapters stay float32 on a 16-bit base
+    device: str = "cpu"  # cpu | cuda (under torchrun: cuda:LOCAL_RANK, NCCL)
+    report_to: tuple[str, ...] = ()  # extra loggers: tensorboard, wandb (offline unless WANDB_MODE says otherwise)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -61,7 +74,7 @@ class TrainConfig:
             raise TrainConfigError(f"steps must be a positive integer, got {self.steps!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise TrainConfigError(f"epochs must be > 0, got {self.epochs!r}")
-        for name in ("batch_size", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "keep_checkpoints", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise TrainConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -84,11 +97,31 @@ class TrainConfig:
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise TrainConfigError(f"max_length must be an integer >= 2, got {self.max_length!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        self._check_choices()
         if self.labels is not None:
             labels = tuple(str(x) for x in self.labels)
             if len(set(labels)) != len(labels) or len(labels) < 2:
                 raise TrainConfigError(f"labels must be at least 2 distinct names, got {self.labels!r}")
             object.__setattr__(self, "labels", labels)
+
+    def _check_choices(self) -> None:
+        for name, allowed in (("optimizer", OPTIMIZERS), ("device", DEVICES), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise TrainConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise TrainConfigError(f"quantize must be one of {QUANTIZE} or None, got {self.quantize!r}")
+        for name in ("packing", "gradient_checkpointing", "fsdp", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        report = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to or ())
+        unknown = [r for r in report if r not in REPORT_TO]
+        if unknown:
+            raise TrainConfigError(f"report_to must list some of {REPORT_TO}, got {list(report)!r}")
+        object.__setattr__(self, "report_to", report)
+        if self.packing and self.method == "prefix":
+            raise TrainConfigError("packing cannot be used with the prefix method: the prefix hook shifts each "
+                                   "row's position ids past its prefix, which would hide the packed examples' "
+                                   "boundaries (set packing = false)")
 
     def adapter_config(self) -> AdapterConfig:
         try:
@@ -103,6 +136,7 @@ class TrainConfig:
         data["eval_data"] = describe(self.eval_data) if self.eval_data is not None else None
         data["betas"] = list(self.betas)
         data["labels"] = list(self.labels) if self.labels is not None else None
+        data["report_to"] = list(self.report_to)
         return data
 
     @classmethod

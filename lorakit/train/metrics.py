@@ -20,13 +20,18 @@ from lorakit.train.collate import collate, left_pad
 from lorakit.train.data import IGNORE, Sample
 
 
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model's forward can project only some positions to the vocabulary (HF causal LMs)."""
+def accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the model's forward takes `argument` (e.g. logits_to_keep, use_cache)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return argument in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can project only some positions to the vocabulary (HF causal LMs)."""
+    return accepts(model, "logits_to_keep")
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -41,6 +46,10 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     if labels.dim() == 1:  # classification: (B, C) logits
         logits = model(**inputs).logits
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    if accepts(model, "use_cache"):
+        # No cache when scoring: it is never read, and with one transformers would not read packed examples'
+        # boundaries from position_ids (lorakit.train.packing)
+        inputs["use_cache"] = False
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     columns = (targets != IGNORE).any(0).nonzero().flatten()  # positions whose prediction is scored
     if len(columns) and accepts_logits_to_keep(model):
@@ -55,13 +64,23 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return nll, int((targets != IGNORE).sum())
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 16) -> float:
-    """Mean loss per labelled token (or per row for classification) over `samples`."""
+def mean_loss(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 16,
+              device: torch.device | str = "cpu", autograd: bool = False) -> float:
+    """Mean loss per labelled token (or per row for classification) over `samples`.
+
+    autograd=True runs the forwards with autograd on (no graph outlives a batch): lorakit's layers then
+    read the adapter's parameters per call instead of adopting them into a slot stack (a no-grad forward
+    re-points `param.data` into it). Under FSDP2 the stack's storage is then no longer the all-gather
+    buffer later unshards fill, so the layers read stale weights; under DDP a mid-run eval on rank 0 alone
+    made the run drift from one process (seen on main: step-4 loss 4.0966 vs 4.0931). Training passes it
+    whenever there are several processes.
+    """
     total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        nll, n = loss_sum(model, collate(samples[start:start + batch_size], pad_id))
-        total, count = total + nll.item(), count + n
+    with torch.set_grad_enabled(autograd):
+        for start in range(0, len(samples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size], pad_id).items()}
+            nll, n = loss_sum(model, batch)
+            total, count = total + nll.item(), count + n
     return total / count if count else math.nan
 
 

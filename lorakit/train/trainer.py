@@ -1,9 +1,11 @@
-"""`train(TrainConfig) -> TrainResult`: one adapter (plus a classifier head) trained with AdamW.
+"""`train(TrainConfig) -> TrainResult`: one adapter (plus a classifier head) trained with AdamW (or 8-bit AdamW).
 
-Every step takes the next `batch_size` indices of a seeded, per-epoch shuffled order, so the data a
-step sees depends on (seed, step) only: resuming needs no sampler state, and under DDP the global
-batch is split over processes as rows [rank::world]. The loss is a sum over labelled tokens divided
-by the global count, so 2 processes compute the same gradient as 1 (DDP averages, hence ×world).
+Every step takes the next `batch_size × grad_accum` indices of a seeded, per-epoch shuffled order, so
+the data a step sees depends on (seed, step) only: resuming needs no sampler state. The step's indices
+are cut into grad_accum micro-batches of batch_size, each split over processes as rows [rank::world]
+(DDP, or FSDP2 with fsdp = true). The loss is a sum over labelled tokens divided by the step's global
+count, so K micro-batches equal one K× batch and 2 processes compute the gradient of 1 (DDP and FSDP
+average, hence ×world). Packing (lorakit.train.packing) changes the rows, never the sum.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +32,23 @@ from lorakit.io.atomic import atomic_write_json, fsync_dir, tensors_bytes
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.collate import collate
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import label_names, load_dataset, read_records
+from lorakit.train.data import IGNORE, label_names, load_dataset, read_records
 from lorakit.train.errors import NonFiniteLossError, RunExistsError, TrainConfigError
+from lorakit.train.fsdp import WholeOptimizerState, full_tensors, plain_parameters, restore_targets
+from lorakit.train.logging_backends import Reporters
 from lorakit.train.metrics import MetricsLog, loss_sum, mean_loss
+from lorakit.train.optim import checkpoint_state, make_optimizer
+from lorakit.train.packing import check_packing, pack
 from lorakit.train.plots import plot_losses
+from lorakit.train.setup import gradient_sync, init_distributed, prepare_model, refuse_unsupported, run_device, wrap
 
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 RUN_FILE = "run_config.json"  # marks a directory as holding a run
 HEAD_FILE = "head.safetensors"  # classifier head, saved beside the adapter files
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like / decoder models
 # Settings that may change on resume without changing the result.
-_RESUMABLE = {"progress", "keep_checkpoints", "save_every", "log_every", "eval_every", "eval_data"}
+_RESUMABLE = {"progress", "keep_checkpoints", "save_every", "log_every", "eval_every", "eval_data", "report_to",
+              "gradient_checkpointing"}
 
 
 @dataclass
@@ -103,21 +113,12 @@ def _check_output_dir(out: Path, config: TrainConfig, resume: bool) -> Path | No
         raise RunExistsError(f"cannot resume in {out}: it holds no {RUN_FILE}, so it is not a lorakit run")
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     now = config.to_dict()
+    saved = {**_DEFAULTS, **saved}  # a run saved before a setting existed ran with its default
     differ = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE and saved.get(k) != now.get(k))
     if differ:
         raise TrainConfigError(f"cannot resume {out}: settings {differ} differ from the run's "
                                f"({[(k, saved.get(k), now.get(k)) for k in differ][:3]})")
     return ckpt.latest_checkpoint(out / "checkpoints")
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world); initialises a gloo process group when launched by torchrun with >1 process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def load_model(config: TrainConfig, labels: tuple[str, ...] | None):
@@ -146,6 +147,12 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_NAMES}
 
 
+def _labelled(batch: dict[str, torch.Tensor]) -> float:
+    """Loss terms in a batch: labelled next-token targets, or rows for classification."""
+    labels = batch["labels"]
+    return float((labels[:, 1:] != IGNORE).sum()) if labels.dim() == 2 else float(labels.shape[0])
+
+
 def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None = None,
           tokenizer: Any = None) -> TrainResult:
     """Train adapter `config.adapter_name` as `config` says; writes everything under config.output_dir.
@@ -155,7 +162,9 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
     (to inspect or evaluate it before training); otherwise it is attached here. Only that adapter's
     parameters (and a classifier head) are trained, whatever other adapters the model holds.
     """
-    rank, world = _dist()
+    rank, world = init_distributed(config)
+    refuse_unsupported(config, world)
+    device = run_device(config)
     out = Path(config.output_dir)
     resume_from = _check_output_dir(out, config, resume) if rank == 0 else None
     if world > 1:
@@ -167,6 +176,9 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
 
     records, fmt, _ = read_records(config.data, config.on_bad_line)
     labels = (config.labels or label_names(records)) if fmt == "classification" else None
+    if config.packing and labels is not None:
+        raise TrainConfigError(f"packing is for causal-LM data; {config.data} holds classification records "
+                               "(one label per row): set packing = false")
     torch.manual_seed(config.seed)  # the head and adapter initialisations come from here
     if model is None:
         model, tokenizer = load_model(config, labels)
@@ -185,50 +197,63 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
                 _say(f"{ds.path}: skipped {len(ds.skipped)} bad line(s), first: {ds.skipped[0]}")
 
     name = config.adapter_name
-    attach_or_check(model, config)
+    prepare_model(model, config, device, lambda m: attach_or_check(m, config))
     head = head_parameters(model) if labels is not None else {}
     for p in head.values():
         p.requires_grad_(True)
+    if config.packing and len(train_set) > 1:
+        with lorakit.use_adapter(model, name):
+            check_packing(model, train_set.samples[0], train_set.samples[1], pad_id, device)
+    runner = wrap(model, config, world, device)  # FSDP2 shards `model` in place: collect parameters after
+    head = head_parameters(model) if labels is not None else {}
     trained = {id(p) for p in lorakit.adapter_parameters(model, name)} | {id(p) for p in head.values()}
     params = {n: p for n, p in model.named_parameters() if id(p) in trained}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, betas=config.betas,
-                                  weight_decay=config.weight_decay)
-    per_epoch = math.ceil(len(train_set) / config.batch_size)
+    optimizer = make_optimizer(config.optimizer, list(params.values()), config.lr, config.betas,
+                               config.weight_decay)
+    step_size = config.batch_size * config.grad_accum  # examples per optimiser step
+    per_epoch = math.ceil(len(train_set) / step_size)
     total = config.steps or max(1, math.ceil((config.epochs or 1.0) * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total))
 
     log = MetricsLog(out)
     start_step, tokens, elapsed0 = 0, 0, 0.0
     if resume_from is not None:
-        meta = ckpt.restore(resume_from, params, optimizer, scheduler)
+        meta = ckpt.restore(resume_from, restore_targets(params), WholeOptimizerState(optimizer), scheduler)
         start_step, tokens, elapsed0 = meta["step"], meta["tokens"], meta["elapsed_s"]
         log = MetricsLog(out, meta["log"])
         if rank == 0:
             _say(f"resuming from {resume_from} at step {start_step}")
+    reporters = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_FILE, config.to_dict())
-
-    runner: nn.Module = model
-    if world > 1:
-        runner = nn.parallel.DistributedDataParallel(model)
+        reporters = Reporters(config.report_to, out, config.to_dict(), start_step)
+    collective = config.fsdp  # gathering shards, and any forward, needs every rank
 
     def save(step: int) -> Path | None:
+        if rank != 0 and not collective:
+            return None
+        whole_params = full_tensors(params)
+        whole_optim = WholeOptimizerState.gather(optimizer, checkpoint_state(optimizer))
         if rank != 0:
             return None
-        return ckpt.save_checkpoint(out / "checkpoints", step, {n: p.detach() for n, p in params.items()},
-                                    optimizer, scheduler, {"tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t0,
-                                                           "log": log.rows, "config": config.to_dict()},
-                                    keep=config.keep_checkpoints)
+        return ckpt.save_checkpoint(out / "checkpoints", step, whole_params, whole_optim, scheduler,
+                                    {"tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t0,
+                                     "log": log.rows, "config": config.to_dict()}, keep=config.keep_checkpoints)
 
     def evaluate() -> float | None:
-        if eval_set is None:
+        if eval_set is None or (rank != 0 and not collective):
             return None
         model.eval()
         with lorakit.use_adapter(model, name):
-            value = mean_loss(model, eval_set.samples, pad_id, batch_size=config.batch_size)
+            value = mean_loss(model, eval_set.samples, pad_id, batch_size=config.batch_size, device=device,
+                              autograd=world > 1)
         model.train()
         return value
+
+    def batch_of(samples: list) -> dict[str, torch.Tensor]:
+        batch = pack(samples, pad_id, max_length) if config.packing else collate(samples, pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
 
     from tqdm.auto import tqdm
 
@@ -240,28 +265,29 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
     last_saved: Path | None = resume_from
     try:
         for step in range(start_step, total):
-            indices = step_indices(step, config.batch_size, len(train_set), config.seed)[rank::world]
-            batch = collate([train_set.samples[i] for i in indices], pad_id)
-            stats = torch.tensor([0.0, float(batch["attention_mask"].sum())])  # (loss sum, tokens)
-            counts = torch.tensor([float((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].dim() == 2
-                                   else float(len(indices))])
+            indices = step_indices(step, step_size, len(train_set), config.seed)
+            micro = [[train_set.samples[i] for i in indices[j * config.batch_size:(j + 1) * config.batch_size]
+                      [rank::world]] for j in range(config.grad_accum)]
+            batches = [batch_of(samples) for samples in micro]
+            stats = torch.tensor([0.0, float(sum(len(s.input_ids) for m in micro for s in m))])  # (loss sum, tokens)
+            counts = torch.tensor([sum(_labelled(b) for b in batches)])  # loss terms of the whole step
             if world > 1:
                 dist.all_reduce(counts)
-            with lorakit.use_adapter(model, name):
-                nll, _ = loss_sum(runner, batch)
-            loss = nll * world / counts.clamp_min(1)[0]
-            stats[0] = nll.detach()
+            optimizer.zero_grad(set_to_none=True)
+            for j, batch in enumerate(batches):
+                with gradient_sync(runner, j == len(batches) - 1), lorakit.use_adapter(model, name):
+                    nll, _ = loss_sum(runner, batch)
+                    (nll * world / counts.clamp_min(1)[0]).backward()  # DDP / FSDP average: ×world
+                stats[0] += float(nll.detach())
             if world > 1:
                 dist.all_reduce(stats)
             step_loss = float(stats[0] / counts.clamp_min(1)[0])
-            if not math.isfinite(step_loss):
+            if not math.isfinite(step_loss):  # the parameters are still those of the last good step
                 kept = last_saved
-                if step > start_step and rank == 0 and all(torch.isfinite(p).all() for p in params.values()):
-                    kept = save(step)  # the parameters are still those of the last good step
+                if step > start_step and all(bool(torch.isfinite(t).all()) for t in full_tensors(params).values()):
+                    kept = save(step)
                 raise NonFiniteLossError(f"loss became {step_loss} at step {step + 1}; training stopped, last "
                                          f"good checkpoint: {kept}", step + 1, str(kept) if kept else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
@@ -272,31 +298,44 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
             done = step + 1
             elapsed = elapsed0 + time.perf_counter() - t0
             if done % config.log_every == 0 or done == total:
-                log.add(step=done, epoch=round(done * config.batch_size / len(train_set), 4), loss=step_loss, lr=lr,
-                        tokens=tokens, tokens_per_s=round(tokens / max(elapsed, 1e-9), 1), elapsed_s=round(elapsed, 3))
-            if rank == 0 and config.eval_every and done % config.eval_every == 0 and done != total:
-                log.set_eval(done, evaluate())
-                log.flush()
+                tok_s = round(tokens / max(elapsed, 1e-9), 1)
+                log.add(step=done, epoch=round(done * step_size / len(train_set), 4), loss=step_loss, lr=lr,
+                        tokens=tokens, tokens_per_s=tok_s, elapsed_s=round(elapsed, 3))
+                if reporters is not None:
+                    reporters.scalars(done, loss=step_loss, lr=lr, tokens_per_s=tok_s)
+            if config.eval_every and done % config.eval_every == 0 and done != total:
+                value = evaluate()
+                if rank == 0:
+                    log.set_eval(done, value)
+                    reporters.scalars(done, eval_loss=value)
+                    log.flush()
             elif rank == 0 and done % (20 * config.log_every) == 0:
                 log.flush()  # the CSV/JSON logs can be followed while training runs
-            if rank == 0 and (config.save_every and done % config.save_every == 0 and done != total):
+            if config.save_every and done % config.save_every == 0 and done != total:
                 last_saved = save(done)
-                log.flush()
+                if rank == 0:
+                    log.flush()
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
     finally:
         bar.close()
         model.eval()
-    eval_loss = None
+        if reporters is not None and sys.exc_info()[0] is not None:
+            reporters.close()
     adapter_dir = out / "adapter"
+    eval_loss = evaluate()
+    model.eval()
+    save(total)
+    whole_params = full_tensors(params)  # the adapter (and head) whole: every rank gathers, rank 0 writes
     if rank == 0:
-        eval_loss = evaluate()
-        model.eval()
         if eval_loss is not None:
             log.set_eval(total, eval_loss)
-        save(total)
-        write_adapter(model, name, adapter_dir, head, labels)
+            reporters.scalars(total, eval_loss=eval_loss)
+        whole_head = {n: whole_params[n] for n in head}
+        with plain_parameters(model, whole_params) if collective else nullcontext():
+            write_adapter(model, name, adapter_dir, whole_head, labels)
         log.flush()
+        reporters.close()
         plot_losses(log.rows, out / "loss.png", title=f"{config.method} on {Path(train_set.path).name}")
     seconds = time.perf_counter() - t0
     result = TrainResult(out, adapter_dir, total, losses, eval_loss, tokens, seconds, train_set.truncated,

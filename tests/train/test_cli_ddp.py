@@ -25,7 +25,8 @@ def _env() -> dict[str, str]:
 def test_ddp_two_processes_match_one(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
     args = ["train", "--base", str(llama_dir), "--data", str(data), "--steps", "4", "--batch-size", "8",
-            "--lr", "1e-2", "--rank", "4", "--no-progress", "--schedule", "cosine", "--warmup-steps", "1"]
+            "--lr", "1e-2", "--rank", "4", "--no-progress", "--schedule", "cosine", "--warmup-steps", "1",
+            "--eval-data", str(data), "--eval-every", "2"]  # a mid-run eval on rank 0 alone must not make DDP drift
     single = subprocess.run([sys.executable, "-m", "lorakit.train", *args, "--output-dir", str(tmp_path / "one")],
                             env=_env(), capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -41,6 +42,7 @@ def test_ddp_two_processes_match_one(tmp_path, llama_dir):
     log1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     log2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert [r["loss"] for r in log1] == pytest.approx([r["loss"] for r in log2], abs=1e-5)
+    assert [r["eval_loss"] for r in log1] == pytest.approx([r["eval_loss"] for r in log2], abs=1e-5)
     assert log1[-1]["tokens"] == log2[-1]["tokens"]
 
 
