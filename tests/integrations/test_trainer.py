@@ -114,3 +114,24 @@ def test_sft_trainer_saves_and_resumes_the_adapter(base_dir, tmp_path):
     resumed = run(tmp_path / "b", resume=str(checkpoint))
     before = _adapter(straight, "default")
     assert all(torch.equal(before[k], v) for k, v in _adapter(resumed, "default").items())
+
+
+def test_qlora_run_saves_an_adapter_that_loads_onto_a_fresh_4bit_base(base_dir, rows, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = lk.quantize(AutoModelForCausalLM.from_pretrained(base_dir), "nf4")
+    lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "default")
+    trainer = prepare_trainer(Trainer(model=model, args=_args(tmp_path / "run", steps=2),
+                                      train_dataset=token_rows(rows)))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    files = _files(tmp_path / "final")
+    assert "adapter_model.safetensors" in files and not files & FULL_FILES
+    assert (tmp_path / "final" / "adapter_model.safetensors").stat().st_size < 64 * 1024  # no 4-bit weights in it
+    fresh = lk.quantize(AutoModelForCausalLM.from_pretrained(base_dir), "nf4")
+    load_adapter(fresh, tmp_path / "final", "default")
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=rows).logits
+        with lk.disable_adapters(model):
+            assert (model(input_ids=rows).logits - want).abs().max() > 1e-4  # it trained
+        assert (fresh(input_ids=rows).logits - want).abs().max() < 1e-5
