@@ -14,6 +14,7 @@ from torch import nn
 from lorakit import names
 from lorakit.adapters import apply_trainable
 from lorakit.basis_setup import layer_shape, lora_xs_bases_for
+from lorakit.compiled import install_route_entry
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
@@ -138,6 +139,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     freeze_base(model)
     apply_trainable(model)  # a declared trained adapter (set_trainable) stays the only one that trains
     carry_routes_through_checkpointing(model)  # routes hold for gradient checkpointing's recomputation
+    install_route_entry(model)  # torch.compile(model): the route read once per call, outside the graph
     return model
 
 

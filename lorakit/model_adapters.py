@@ -41,6 +41,7 @@ class ModelAdapters:
         self.version = 0  # bumped when adapters or adapted layers are added or removed
         self.slot_table = SlotTable()  # model-wide slot numbers of the adapters in layers (lorakit.slot_table)
         self.traced_slots = None  # set only while lorakit.compiled traces a forward: the route as inputs
+        self.entry_slots = None  # torch.compile(model): the call's route, from entry to exit (compiled.RouteEntry)
         self.trained: str | None = None  # the adapter being trained (set_trainable): routeless calls use it
         self._memo: tuple[int, dict] = (-1, {})
         self._layer_map: tuple[int, dict] = (-1, {})
