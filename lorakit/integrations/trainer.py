@@ -11,7 +11,7 @@ What it does, each through the seam transformers offers for it:
   Trainer's create_optimizer puts in the optimizer; calls without a route run it);
 - resuming: the Trainer's checkpoint loader, for this trainer object only, first looks for lorakit adapter
   files and copies them into the attached adapters in place (lorakit.integrations.resume); anything else
-  (a merged full model's checkpoint) goes to transformers' own loader. Optimizer, scheduler and RNG state are
+  (a merged full model's checkpoint) goes to transformers' own loader; `load_best_model_at_end` likewise. Optimizer, scheduler and RNG state are
   transformers' own files, restored by the Trainer as always, so a resumed run continues bit-exact.
 """
 
@@ -30,6 +30,7 @@ from lorakit.io.files import CONFIG_NAME
 from lorakit.model_adapters import adapters_of
 
 LOADER_ATTR = "_load_from_checkpoint"  # transformers' Trainer method that loads a checkpoint's weights
+BEST_ATTR = "_load_best_model"  # and the one load_best_model_at_end calls
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -54,6 +55,23 @@ class AdapterCheckpointLoader:
         self.fallback(resume_from_checkpoint, model)
 
 
+class BestAdapterLoader:
+    """`load_best_model_at_end`: the best checkpoint's adapters copied into the model's (transformers' own
+    loader would look for model.safetensors there)."""
+
+    def __init__(self, trainer: Any, fallback: Any) -> None:
+        self.trainer = trainer
+        self.fallback = fallback
+
+    def __call__(self) -> None:
+        best = self.trainer.state.best_model_checkpoint
+        target = _unwrapped(self.trainer, self.trainer.model)
+        if saved_adapter_dirs(best, adapter_names(target)):
+            restore_adapters(target, best)
+        else:
+            self.fallback()
+
+
 def _unwrapped(trainer: Any, model: nn.Module) -> nn.Module:
     accelerator = getattr(trainer, "accelerator", None)
     return accelerator.unwrap_model(model) if accelerator is not None else model
@@ -71,10 +89,10 @@ def prepare_trainer(trainer: Any, train: str | None = None) -> Any:
     if train is not None:
         set_trainable(model, train)
     enable_adapter_saving(model)
-    loader = trainer.__dict__.get(LOADER_ATTR)
-    if not isinstance(loader, AdapterCheckpointLoader):
-        fallback = getattr(trainer, LOADER_ATTR, None)
-        if fallback is None:
-            raise LorakitError(f"{type(trainer).__name__} has no {LOADER_ATTR}: not a transformers Trainer")
-        trainer.__dict__[LOADER_ATTR] = AdapterCheckpointLoader(trainer, fallback)
+    for attr, kind in ((LOADER_ATTR, AdapterCheckpointLoader), (BEST_ATTR, BestAdapterLoader)):
+        if not isinstance(trainer.__dict__.get(attr), kind):
+            fallback = getattr(trainer, attr, None)
+            if fallback is None:
+                raise LorakitError(f"{type(trainer).__name__} has no {attr}: not a transformers Trainer")
+            trainer.__dict__[attr] = kind(trainer, fallback)
     return trainer

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import lorakit as lk
@@ -135,3 +136,17 @@ def test_qlora_run_saves_an_adapter_that_loads_onto_a_fresh_4bit_base(base_dir, 
         with lk.disable_adapters(model):
             assert (model(input_ids=rows).logits - want).abs().max() > 1e-4  # it trained
         assert (fresh(input_ids=rows).logits - want).abs().max() < 1e-5
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(base_dir, rows, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "default")
+    data = token_rows(rows)
+    args = _args(tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True)  # the worst loss "best": checkpoint-2
+    trainer = prepare_trainer(Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:2]))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    saved = load_file(Path(trainer.state.best_model_checkpoint) / "adapter_model.safetensors")
+    for module, layer in lk.adapted_layers(model).items():
+        assert torch.equal(layer.adapters["default"].lora_A, saved[f"base_model.model.{module}.lora_A.weight"])
