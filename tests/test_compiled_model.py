@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
@@ -72,7 +73,8 @@ def test_a_new_route_of_the_same_shape_does_not_recompile(ids):
 @pytest.mark.parametrize("route", ["l", ["l", "x", None]])
 def test_training_gradients_equal_eager(ids, route):
     model = _model().train()
-    compiled = torch.compile(model, backend="aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
     grads = []
     for run in (model, compiled):
         model.zero_grad()
@@ -81,6 +83,7 @@ def test_training_gradients_equal_eager(ids, route):
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert counter.frame_count == 1  # one graph: a graph break would start a second frame
     assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5
 
 
