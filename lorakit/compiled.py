@@ -14,9 +14,9 @@ Inference only (the layers read the slot stacks, not per-call stacks of paramete
 that live in layers: a prefix adapter's keys and values come from a hook this path does not carry.
 
 `torch.compile(model)`, the plain idiom, goes through the same seam (`RouteEntry`, hooks attach puts on the
-model): on entering the model, outside the graph (one graph break), the call's route is read from its
-ContextVar, resolved once into slot tensors and handed to the layers; on leaving (a second break) it is
-taken back. The whole model between is one graph, inference and training alike; a new route of the same
+model): on entering the model, outside the graph (Dynamo runs these disabled functions around it: no graph
+break was counted), the call's route is read from its ContextVar, resolved once into slot tensors and handed
+to the layers; on leaving it is taken back. The whole model between is one graph, inference and training alike; a new route of the same
 structure changes only tensor values. A lock held from entry to exit keeps two threads from sharing a
 model's handed-over route (their compiled calls take turns; eager calls never read it).
 """
@@ -113,12 +113,13 @@ def prepare_stacks(model: nn.Module, registry: ModelAdapters) -> None:
 
 @torch.compiler.disable
 def _enter(entry: "RouteEntry", model: nn.Module) -> None:
-    """Run eagerly (a graph break) at a compiled model call's start: hand its resolved route to the layers."""
+    """Run eagerly, outside the graph, at a compiled model call's start: hand its resolved route to the layers."""
     registry = model.__dict__.get(ADAPTERS_ATTR)
     if registry is None:
         return
-    entry.lock.acquire()
-    entry.held.yes = True
+    if not getattr(entry.held, "yes", False):  # held already: an earlier call of this thread ended without _leave
+        entry.lock.acquire()
+        entry.held.yes = True
     try:
         route = current_route(id(registry))
         names = route.names if route is not None else registry.default_names()  # RoutingError if ambiguous
@@ -144,7 +145,7 @@ def _enter(entry: "RouteEntry", model: nn.Module) -> None:
 
 @torch.compiler.disable
 def _leave(entry: "RouteEntry", model: nn.Module) -> None:
-    """Run eagerly (a graph break) when a compiled model call ends, even by an exception: take the route back."""
+    """Run eagerly, outside the graph, when a compiled model call ends, even by an exception: take the route back."""
     if not getattr(entry.held, "yes", False):  # this thread handed nothing over
         return
     registry = model.__dict__.get(ADAPTERS_ATTR)

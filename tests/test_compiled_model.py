@@ -146,3 +146,14 @@ def test_inductor_training_equals_eager(ids):
                 run(input_ids=ids, labels=ids).loss.backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5, route
+
+
+def test_an_error_inside_the_graph_leaves_the_model_usable(ids):
+    """A compiled call that fails inside the graph (where the exit hook does not run) does not block this
+    thread's next call: it still holds the model's hand-over and re-enters it."""
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.raises(Exception):
+        _logits(compiled, ["l", "x"], ids)  # two row names for three rows
+    assert (_logits(compiled, "l", ids) - _logits(model, "l", ids)).abs().max() < 1e-5
+    assert model.lorakit_registry.entry_slots is None  # a call that ends normally takes the route back
