@@ -16,9 +16,11 @@ that live in layers: a prefix adapter's keys and values come from a hook this pa
 `torch.compile(model)`, the plain idiom, goes through the same seam (`RouteEntry`, hooks attach puts on the
 model): on entering the model, outside the graph (Dynamo runs these disabled functions around it: no graph
 break was counted), the call's route is read from its ContextVar, resolved once into slot tensors and handed
-to the layers; on leaving it is taken back. The whole model between is one graph, inference and training alike; a new route of the same
-structure changes only tensor values. A lock held from entry to exit keeps two threads from sharing a
-model's handed-over route (their compiled calls take turns; eager calls never read it).
+to the layers; on leaving it is taken back. The whole model between is one graph, inference and training
+alike; a new route of the same structure changes only tensor values. A lock held from entry to exit keeps
+two threads from sharing a model's handed-over route (their compiled calls take turns; eager calls never
+read it). A call that fails inside the graph skips the exit hook: its thread re-enters the hand-over it
+still holds on its next compiled call.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def main() -> None:
         with torch.no_grad():
             want = model(input_ids=ids).logits
             silent = AutoModelForCausalLM.from_pretrained(tmp / "before" / "save_pretrained")
-            print("before: from_pretrained vs adapted, max |logit diff|", (silent(input_ids=ids).logits - want).abs().max().item())
+            diff = (silent(input_ids=ids).logits - want).abs().max().item()
+            print("before: from_pretrained vs adapted, max |logit diff|", diff)
             fresh = AutoModelForCausalLM.from_pretrained(base_dir)
             fresh.load_adapter(str(tmp / "now" / "final"))
             print("now: transformers load_adapter vs adapted", (fresh(input_ids=ids).logits - want).abs().max().item())

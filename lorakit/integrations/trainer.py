@@ -11,8 +11,9 @@ What it does, each through the seam transformers offers for it:
   Trainer's create_optimizer puts in the optimizer; calls without a route run it);
 - resuming: the Trainer's checkpoint loader, for this trainer object only, first looks for lorakit adapter
   files and copies them into the attached adapters in place (lorakit.integrations.resume); anything else
-  (a merged full model's checkpoint) goes to transformers' own loader; `load_best_model_at_end` likewise. Optimizer, scheduler and RNG state are
-  transformers' own files, restored by the Trainer as always, so a resumed run continues bit-exact.
+  (a merged full model's checkpoint) goes to transformers' own loader; `load_best_model_at_end` likewise.
+  Optimizer, scheduler and RNG state are transformers' own files, restored by the Trainer as always, so a
+  resumed run continues bit-exact.
 """
 
 from __future__ import annotations
