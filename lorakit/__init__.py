@@ -5,7 +5,7 @@ from lorakit.versions import LORAKIT_VERSION, check_core_versions
 check_core_versions()  # before anything reaches into torch's or transformers' internals
 
 from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
-                              count_trainable, delete_adapter)
+                              count_trainable, delete_adapter, set_trainable)
 from lorakit.attach import attach, find_targets
 from lorakit.combine import combine
 from lorakit.compiled import CompiledForward
@@ -25,6 +25,6 @@ __all__ = [
     "checkpoint_with_route", "combine", "route_context",
     "adapter_names", "adapter_parameters", "adapter_state_dict", "attach", "count_trainable",
     "delete_adapter", "disable_adapters", "find_targets", "generate", "merge", "merge_and_unload", "merged_names", "PrefixConfig",
-    "quantize",
+    "quantize", "set_trainable",
     "Route", "swap_merged", "unmerge", "use_adapter", "use_route",
 ]

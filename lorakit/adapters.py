@@ -54,6 +54,28 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
             for p in layer.adapters[name].parameters()]
 
 
+def set_trainable(model: nn.Module, name: str | None) -> None:
+    """Declare adapter `name` the one being trained (None: undo): only its parameters require gradients, so an
+    optimizer built from `requires_grad` parameters (transformers' Trainer, TRL) holds it alone, and calls
+    without a `use_adapter` block run it instead of raising RoutingError. The model's own state, like the
+    `requires_grad` flags it sets; a per-call route (use_adapter, per row too) still overrides it."""
+    registry = adapters_of(model)
+    if name is not None:
+        adapter_config(model, name)
+    registry.trained = name
+    apply_trainable(model)
+
+
+def apply_trainable(model: nn.Module) -> None:
+    """Freeze every adapter but the declared trained one (after attach or delete re-ran freeze_base)."""
+    registry = adapters_of(model)
+    for other in registry.configs:
+        if other in registry.packed:
+            continue
+        for param in adapter_parameters(model, other):
+            param.requires_grad_(registry.trained is None or other == registry.trained)
+
+
 def count_trainable(model: nn.Module, name: str) -> int:
     """Numbers the adapter trains (for a packed adapter: the numbers it trained, r² per module)."""
     return sum(t.numel() for t in adapter_state_dict(model, name).values())
@@ -79,8 +101,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if isinstance(registry.configs[name], PrefixConfig):
         remove_prefix(model, name)
     del registry.configs[name]
+    if registry.trained == name:
+        registry.trained = None
     registry.slot_table.release(name)
     if layers_changed:
         registry.version += 1
     if not packed:
         freeze_base(model)
+        apply_trainable(model)

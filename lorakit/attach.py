@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from lorakit import names
+from lorakit.adapters import apply_trainable
 from lorakit.basis_setup import layer_shape, lora_xs_bases_for
+from lorakit.compiled import install_route_entry
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
@@ -87,7 +89,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     """
     check_adapter_name(name)
     if isinstance(config, PrefixConfig):  # not a linear-layer adapter: keys/values prepended to attention
-        return attach_prefix(model, config, name)
+        attach_prefix(model, config, name)
+        apply_trainable(model)
+        return model
     if not isinstance(config, (LoraConfig, LoraXSConfig, VeraConfig)):
         raise AdapterConfigError(f"unsupported config type {type(config).__name__}")
     registry = adapters_of(model, create=True)
@@ -133,7 +137,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     registry.configs[name] = config
     registry.version += 1
     freeze_base(model)
+    apply_trainable(model)  # a declared trained adapter (set_trainable) stays the only one that trains
     carry_routes_through_checkpointing(model)  # routes hold for gradient checkpointing's recomputation
+    install_route_entry(model)  # torch.compile(model): the route read once per call, outside the graph
     return model
 
 

@@ -36,7 +36,9 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     """out + the route's deltas for this layer, added in place into `out` (the fresh base output) and
     returned. `checked` (the route's cache, None while compiling) remembers which stacks were verified to
     hold the route's adapters."""
-    per_call = torch.is_grad_enabled() or layer.training  # gradients must reach the parameters themselves
+    # gradients must reach the parameters themselves; and under torch.compile(model) the slot stacks must not be
+    # (re)built while tracing (`param.data` re-pointed under Dynamo: inductor's stride asserts then fail)
+    per_call = torch.is_grad_enabled() or layer.training or (checked is not None and torch.compiler.is_compiling())
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
     for kind, columns in route.kinds.items():

@@ -14,11 +14,22 @@ route with more parts of one kind than any before, or the first blend after plai
 
 Inference only (the layers read the slot stacks, not per-call stacks of parameters), and only adapters
 that live in layers: a prefix adapter's keys and values come from a hook this path does not carry.
+
+`torch.compile(model)`, the plain idiom, goes through the same seam (`RouteEntry`, hooks attach puts on the
+model): on entering the model, outside the graph (Dynamo runs these disabled functions around it: no graph
+break was counted), the call's route is read from its ContextVar, resolved once into slot tensors and handed
+to the layers; on leaving it is taken back. The whole model between is one graph, inference and training
+alike; a new route of the same structure changes only tensor values. A lock held from entry to exit keeps
+two threads from sharing a model's handed-over route (their compiled calls take turns; eager calls never
+read it). A call that fails inside the graph skips the exit hook: its thread re-enters the hand-over it
+still holds on its next compiled call.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
+
 from typing import Any
 
 import torch
@@ -29,7 +40,7 @@ from lorakit.errors import RoutingError
 from lorakit.layer import adapted_layers
 from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, ModelAdapters
 from lorakit.route_slots import RouteSlots, resolve
-from lorakit.route_state import Route, RowName, normalised_names, route_for
+from lorakit.route_state import AS_STORED, Route, RowName, current_route, normalised_names, route_for
 from lorakit.slots import kind_of, stack_for
 
 
@@ -91,16 +102,105 @@ class CompiledForward:
         """Build every layer's slot stacks (and grow the bank) now, outside the compiled region; again only
         when the model's slots changed (an adapter attached, deleted or packed)."""
         registry = self.registry
+        if self._prepared != (id(registry), registry.slot_table.version):
+            prepare_stacks(self.model, registry)
+            self._prepared = (id(registry), registry.slot_table.version)
+
+
+def prepare_stacks(model: nn.Module, registry: ModelAdapters) -> None:
+    """Every layer's slot stacks built (and the bank grown) for the model's current slots, outside any graph."""
+    table = registry.slot_table
+    for layer in adapted_layers(model).values():
+        for kind in {kind_of(a) for a in layer.adapters.values()}:
+            stack_for(layer, kind, table)
+    if registry.bank is not None:
+        registry.bank.ensure_capacity(table.capacity("lora_xs"))
+
+
+@torch.compiler.disable
+def _enter(entry: "RouteEntry", model: nn.Module) -> None:
+    """Run eagerly, outside the graph, at a compiled model call's start: hand its resolved route to the layers."""
+    registry = model.__dict__.get(ADAPTERS_ATTR)
+    if registry is None:
+        return
+    if not getattr(entry.held, "yes", False):  # held already: an earlier call of this thread ended without _leave
+        entry.lock.acquire()
+        entry.held.yes = True
+    try:
+        route = current_route(id(registry))
+        names = route.names if route is not None else registry.default_names()  # RoutingError if ambiguous
+        cache = route.cache if route is not None else registry.slot_table_memo()
+        device = next(model.parameters()).device
         table = registry.slot_table
-        if self._prepared == (id(registry), table.version):
-            return
-        bank = registry.bank
-        for layer in adapted_layers(self.model).values():
-            for kind in {kind_of(a) for a in layer.adapters.values()}:
-                stack_for(layer, kind, table)
-        if bank is not None:
-            bank.ensure_capacity(table.capacity("lora_xs"))
-        self._prepared = (id(registry), table.version)
+        key = ("compiled-entry", names, table.version, tuple(registry.merged), str(device), torch.is_grad_enabled())
+        slots = cache.get(key)
+        if slots is None:
+            if names is AS_STORED:  # merged weights as they stand: nothing added, nothing taken out
+                slots = RouteSlots(1, {}, {})
+            else:
+                slots = resolve(names, table, tuple(registry.merged), device, complete=True)
+            cache[key] = slots
+        if not torch.is_grad_enabled() and entry.prepared != (id(registry), table.version):
+            prepare_stacks(model, registry)  # inference reads the slot stacks: built here, never in the graph
+            entry.prepared = (id(registry), table.version)
+        registry.entry_slots = slots
+    except BaseException:
+        _leave(entry, model)
+        raise
+
+
+@torch.compiler.disable
+def _leave(entry: "RouteEntry", model: nn.Module) -> None:
+    """Run eagerly, outside the graph, when a compiled model call ends, even by an exception: take the route back."""
+    if not getattr(entry.held, "yes", False):  # this thread handed nothing over
+        return
+    registry = model.__dict__.get(ADAPTERS_ATTR)
+    if registry is not None:
+        registry.entry_slots = None
+    entry.held.yes = False
+    entry.lock.release()
+
+
+class RouteEntry:
+    """The model's forward pre-hook and (always called) forward hook for `torch.compile(model)`; nothing at all
+    in an eager call, nor inside CompiledForward (which hands the route over itself). Holds no model, so a
+    deepcopy's hooks serve the copy; deepcopy and pickle give the copy its own lock."""
+
+    def __init__(self) -> None:
+        self.__setstate__({})
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.lock = threading.Lock()
+        self.held = threading.local()  # .yes: this thread holds the lock
+        self.prepared: tuple[int, int] = (-1, -1)  # (record id, slot-table version) the stacks were built for
+
+    # `traced_slots` is set only while CompiledForward traces (never at run time: its trace resets it), so these
+    # trace-time checks see no other thread's call; the route handed over at run time is `entry_slots`
+    def enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        registry = model.__dict__.get(ADAPTERS_ATTR)
+        if torch.compiler.is_compiling() and registry is not None and registry.traced_slots is None:
+            _enter(self, model)
+
+    def leave(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        registry = model.__dict__.get(ADAPTERS_ATTR)
+        if torch.compiler.is_compiling() and registry is not None and registry.traced_slots is None:
+            _leave(self, model)
+
+
+ENTRY_ATTR = "lorakit_route_entry"  # on the model: its RouteEntry, once installed
+
+
+def install_route_entry(model: nn.Module) -> None:
+    """Hook `model` so that `torch.compile(model)` reads the route once per call (attach calls it; idempotent)."""
+    if ENTRY_ATTR in model.__dict__:
+        return
+    entry = RouteEntry()
+    model.__dict__[ENTRY_ATTR] = entry
+    model.register_forward_pre_hook(entry.enter, with_kwargs=True)
+    model.register_forward_hook(entry.leave, with_kwargs=True, always_call=True)
 
 
 def _batch_rows(args: tuple, kwargs: dict) -> int:

@@ -94,10 +94,12 @@ class AdaptedLinear(nn.Module):
             return self.forward(x.float()).to(x.dtype)
         out = self.base_forward(x)
         registry = self.registry
-        if torch.compiler.is_compiling() and registry.traced_slots is not None:  # lorakit.compiled: routes are inputs
-            if x.dtype != out.dtype:
-                x = x.to(out.dtype)
-            return add_routed_deltas(self, x, out, registry.traced_slots, None)
+        if torch.compiler.is_compiling():  # lorakit.compiled: the route's tensors are the graph's inputs
+            handed = registry.traced_slots if registry.traced_slots is not None else registry.entry_slots
+            if handed is not None:
+                if x.dtype != out.dtype:
+                    x = x.to(out.dtype)
+                return add_routed_deltas(self, x, out, handed, None)
         if not self.adapters and self.bank_index is None and not registry.merged:
             return out
         route = current_route(id(registry))

@@ -1,6 +1,8 @@
 """`ModelAdapters`: the model-level record of attached adapters: configs, what is merged, shared projections.
 
-It says which adapters exist, never which one is active (that is the caller's `Route`). It hangs off
+It says which adapters exist, never which one is active (that is the caller's `Route`); the one exception
+is `trained`, the adapter a training run declared (lorakit.adapters.set_trainable): the model's own record of
+which parameters train, which calls without a route then also use. It hangs off
 the model as the plain attribute `lorakit_registry` (the name kept for saved models and callers), and
 every adapted layer points to it. It sits above lorakit.layer: it walks the model's AdaptedLinear layers.
 
@@ -39,6 +41,8 @@ class ModelAdapters:
         self.version = 0  # bumped when adapters or adapted layers are added or removed
         self.slot_table = SlotTable()  # model-wide slot numbers of the adapters in layers (lorakit.slot_table)
         self.traced_slots = None  # set only while lorakit.compiled traces a forward: the route as inputs
+        self.entry_slots = None  # torch.compile(model): the call's route, from entry to exit (compiled.RouteEntry)
+        self.trained: str | None = None  # the adapter being trained (set_trainable): routeless calls use it
         self._memo: tuple[int, dict] = (-1, {})
         self._layer_map: tuple[int, dict] = (-1, {})
 
@@ -84,16 +88,20 @@ class ModelAdapters:
 
     def default_names(self) -> str | None | object:
         """What a call without a route runs: the weights as they stand if anything is merged, else the
-        only adapter, else (several attached) an error asking the caller to choose."""
+        only adapter or the one declared trained (set_trainable), else (several attached) an error asking the
+        caller to choose."""
         if self.merged:
             return AS_STORED
+        if self.trained is not None:
+            return self.trained
         if len(self.configs) == 1:
             return next(iter(self.configs))
         if not self.configs:
             return None
         raise RoutingError(
             f"{len(self.configs)} adapters are attached ({', '.join(sorted(self.configs))}): choose one per "
-            "call with `with lorakit.use_adapter(model, name):` or `lorakit.disable_adapters(model)`")
+            "call with `with lorakit.use_adapter(model, name):` or `lorakit.disable_adapters(model)`, or declare "
+            "the one a training run trains with `lorakit.set_trainable(model, name)`")
 
 
 def adapters_of(model: nn.Module, create: bool = False) -> ModelAdapters:

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "lorakit.combine", "lorakit.quant_model", "lorakit.compiled", "lorakit.generation")),
     ("package API", ("lorakit",)),
     ("io", ("lorakit.io.*",)),
+    ("integrations", ("lorakit.integrations.*",)),
     ("applications", ("lorakit.models", "lorakit.cli_common", "lorakit.train_loop", "lorakit.train.*",
                       "lorakit.tasks.*", "lorakit.serve.*", "lorakit.bench.*", "lorakit.cli", "lorakit.__main__")),
 ]
