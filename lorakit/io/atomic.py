@@ -173,13 +173,28 @@ def write_directory(path: str | os.PathLike, files: Mapping[str, bytes]) -> Path
     return Path(path)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (files another library wrote, e.g. save_pretrained)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp directory beside `path`; on clean exit it becomes `path` in one swap."""
+def atomic_directory(path: str | os.PathLike, *, replace_any: bool = False) -> Iterator[Path]:
+    """Yield an empty temp directory beside `path`; on clean exit it becomes `path` in one swap.
+
+    replace_any=True (the caller was told to overwrite, e.g. `merge --overwrite`) replaces a directory
+    whatever it holds, and fsyncs every file written into the temp directory, since others wrote them."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it")
-    if path.is_dir():
+    if path.is_dir() and not replace_any:
         foreign = sorted(p.name for p in path.iterdir() if p.name not in REPLACEABLE)
         if foreign:
             raise FileExistsError(f"{path} holds files that are not adapter files ({foreign[:5]}); refusing to "
@@ -192,6 +207,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     with reporting_write_errors(path):
         try:
             yield tmp
+            if replace_any:
+                fsync_tree(tmp)
             fsync_dir(tmp)
             replace_directory(tmp, path)
         finally:

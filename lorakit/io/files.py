@@ -22,6 +22,8 @@ from lorakit.io.safe_open import (parse_json_object, read_bounded, read_safetens
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+NATIVE_MARKER = "lorakit_method"  # in a lorakit LoRA-XS / VeRA config
+PEFT_MARKER = "peft_type"  # in a PEFT config
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # Ends the errors that a non-strict load would get past; names both the API and the command-line form.
 NOT_STRICT_HINT = "load_adapter(..., strict=False), or --no-strict on the command line, loads it anyway"
@@ -59,7 +61,13 @@ def _read_at(dir_fd: int, name: str, path: Path) -> bytes:
 
 
 def parse_json(data: bytes, where: Path) -> dict:
-    return parse_json_object(data, where)
+    """An adapter config: a JSON object (no NaN, no name twice) naming one format, never two."""
+    config = parse_json_object(data, where)
+    if NATIVE_MARKER in config and PEFT_MARKER in config:
+        raise CorruptAdapterError(f"{where} carries both {NATIVE_MARKER!r} (lorakit's native layout, "
+                                  f"{config[NATIVE_MARKER]!r}) and {PEFT_MARKER!r} (PEFT's, {config[PEFT_MARKER]!r}); "
+                                  "refusing to guess which format it is")
+    return config
 
 
 def parse_safetensors(data: bytes, where: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
