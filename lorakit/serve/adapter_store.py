@@ -131,7 +131,7 @@ class AdapterStore:
         resolved = path.resolve()
         if resolved.parent != self.directory:
             raise InvalidAdapterNameError(f"adapter {name!r} resolves outside the adapter directory")
-        if not (resolved / "adapter_config.json").is_file():
+        if not os.path.lexists(resolved / "adapter_config.json"):  # (a config that is no file: the load says so)
             raise AdapterNotFoundError(f"adapter {name!r} not found; available: {self.available() or 'none'}")
         return resolved
 
@@ -144,7 +144,7 @@ class AdapterStore:
             if is_temp_name(entry):  # a save in progress, or one a crash left behind: never an adapter
                 continue
             path = self.directory / entry
-            if path.resolve().parent != self.directory or not (path / "adapter_config.json").is_file():
+            if path.resolve().parent != self.directory or not os.path.lexists(path / "adapter_config.json"):
                 continue
             problem = adapter_name_problem(entry)
             if problem is None and VERSION_MARK in entry:
@@ -418,6 +418,9 @@ def _signature(path: Path) -> tuple:
     top = os.stat(path)
     entries = [(top.st_dev, top.st_ino)]
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        with_stat = entry.stat()
+        try:
+            with_stat = entry.stat()  # a linked file: its target's
+        except OSError:  # a symlink loop or a dangling link: the read names it; here the link itself counts
+            with_stat = entry.stat(follow_symlinks=False)
         entries.append((entry.name, with_stat.st_ino, with_stat.st_size, with_stat.st_mtime_ns))
     return tuple(entries)

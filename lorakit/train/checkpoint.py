@@ -94,8 +94,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
             match = _STEP_DIR.match(moved["target"])
             if match is None or (root / moved["target"]).exists():
                 continue
-        if match is None or not ((p / "state.json").is_file() and (p / "state.safetensors").is_file()):
-            continue
+        if match is None or not all(os.path.lexists(p / f) for f in ("state.json", "state.safetensors")):
+            continue  # (a file there that is not readable is read_checkpoint's error to name, not skipped)
         step = int(match.group(1))
         if step not in found or p.name.startswith("step-"):
             found[step] = p
