@@ -206,7 +206,8 @@ class AdapterStore:
         raise AdapterLoadError(f"adapter {name!r} was evicted repeatedly while loading: the budget is too small")
 
     def release(self, name: str) -> None:
-        """Unpin one use of `name` (the name acquire returned, or the adapter's own)."""
+        """Unpin one use of `name`: pass the name acquire returned (after a replacement, the adapter's own
+        name may still be the old version's attached name, which it then releases)."""
         with self._lock:
             entry = self._retiring.get(name) or self._resident.get(name)
             if entry is None:
