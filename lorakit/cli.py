@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from lorakit.io.atomic import atomic_directory
 from lorakit.cli_common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, UsageError, run_command
 from lorakit.tasks import arithmetic, evaluate, write_jsonl
 from lorakit.tasks.records import chat_record
@@ -248,9 +249,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     model, tokenizer, name = _load_base_with_adapter(args.base, args.adapter, args.strict)
     _say(f"merging adapter {name!r} from {args.adapter} into {args.base}")
     model = lorakit.merge_and_unload(model, name)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with atomic_directory(out, replace_any=True) as tmp:  # a full disk: WriteError naming out, nothing left
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     _say(f"saved a plain model (no lorakit needed to load it) to {out}:")
     _print_files(out)
     return 0

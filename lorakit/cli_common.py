@@ -12,6 +12,7 @@ Exit statuses (listed in every --help):
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import sys
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from lorakit.errors import LorakitError
 
 EXIT_USAGE = 2
+# What the machine refused, not a bug: a full disk or quota, no permission, a read-only file system.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG})
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
@@ -27,7 +30,7 @@ EXIT_STATUS_EPILOG = """\
 exit status:
   0    success
   2    usage or input error (bad or missing flag, missing file or model, an adapter that does not
-       fit the base...): one line on stderr
+       fit the base...), or a write the machine refused (disk full, no permission): one line on stderr
   1    unexpected failure, i.e. a bug in lorakit (the traceback is printed)
   130  interrupted (Ctrl-C)
   141  stdout was closed early (e.g. piped into `head`): output stops quietly"""
@@ -67,6 +70,12 @@ def run_command(command: Callable[[], int], prog: str) -> int:
     except LorakitError as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prog}: error: {where}{err.strerror or err} (errno {err.errno})", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)

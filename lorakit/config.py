@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Union
 
@@ -50,6 +51,17 @@ def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) 
     return base_dtype
 
 
+MAX_ALPHA = 1e6  # |lora_alpha| beyond this overflows a half-precision scaled update; no real adapter comes near
+
+
+def _check_alpha(alpha: object) -> None:
+    """A finite real number of sane size: NaN or -1e39 would make every output non-finite."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or \
+            abs(alpha) > MAX_ALPHA:
+        raise AdapterConfigError(f"lora_alpha must be a finite number of magnitude at most {MAX_ALPHA:g}, "
+                                 f"got {alpha!r}")
+
+
 def _check_rank(r: int) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterConfigError(f"rank r must be a positive integer, got {r!r}")
@@ -70,6 +82,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
+        _check_alpha(self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
@@ -96,6 +109,7 @@ class LoraXSConfig:
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
+        _check_alpha(self.lora_alpha)
         if not self.init_std >= 0.0:
             raise AdapterConfigError(f"init_std must be >= 0, got {self.init_std!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -75,3 +75,8 @@ class PrefixLengthError(AdapterConfigError):
 
 class PrefixMismatchError(AdapterMismatchError):
     """A prefix adapter was made for another architecture: layers, key/value heads or head size differ."""
+
+
+class WriteError(LorakitError, OSError):
+    """A file or directory could not be written (no space left, no permission...): the message names the
+    path; the previous version is intact and the write's temporary files are gone."""

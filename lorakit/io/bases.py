@@ -24,6 +24,7 @@ from lorakit.io.atomic import atomic_write_safetensors
 from lorakit.io.files import check_finite, expect_keys, parse_safetensors
 from lorakit.io.guard import install_bases, restore_on_error, target_shapes
 from lorakit.io.peft_lora import base_model_name
+from lorakit.io.safe_open import read_safetensors_bytes
 from lorakit.layer import adapted_layers
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import basis_residuals
@@ -60,9 +61,11 @@ def _check_basis(weight: torch.Tensor, basis: Basis, module: str, where: Path) -
 def load_bases(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Install the LoRA-XS bases of file `path` on the model (verified first); returns the modules."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterNotFoundError(f"bases file {path} does not exist")
-    tensors, metadata = parse_safetensors(path.read_bytes(), path)
+    try:
+        data = read_safetensors_bytes(path)  # guarded: not-a-file or a size its header denies is refused
+    except FileNotFoundError:
+        raise AdapterNotFoundError(f"bases file {path} does not exist") from None
+    tensors, metadata = parse_safetensors(data, path)
     if metadata.get("lorakit_bases") != KIND:
         raise CorruptAdapterError(f"{path} is not a lorakit bases file (metadata {metadata})")
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors})

@@ -6,6 +6,7 @@ import os
 from math import prod
 from pathlib import Path
 
+from lorakit.io.atomic import readable_directory
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, read_config_only, tensor_shapes
 from lorakit.io.native import FINGERPRINT
 
@@ -15,7 +16,8 @@ def read_adapter_info(path: str | os.PathLike) -> dict:
     path = Path(path)
     config = read_config_only(path)
     shapes = tensor_shapes(path / WEIGHTS_NAME)
-    file_bytes = {f: (path / f).stat().st_size for f in (CONFIG_NAME, WEIGHTS_NAME)}
+    source = readable_directory(path)  # (the old copy, if a crash interrupted a swap without rename-exchange)
+    file_bytes = {f: (source / f).stat().st_size for f in (CONFIG_NAME, WEIGHTS_NAME)}
     file_bytes["total"] = sum(file_bytes.values())
     if "lorakit_method" in config:
         settings = config.get("config") or {}

@@ -14,6 +14,7 @@ refused by name before the model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -246,7 +247,12 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
         want_r = _pattern_value(rank_pattern, module, config.r)
         if r_mod != want_r:
             raise CorruptAdapterError(f"{where}: module {module} has rank {r_mod} but the config says r={want_r}")
-        alpha_mod = float(_pattern_value(alpha_pattern, module, config.lora_alpha))
+        alpha_mod = _pattern_value(alpha_pattern, module, config.lora_alpha)
+        try:
+            dataclasses.replace(config, lora_alpha=alpha_mod)  # the same bounds as the config's own alpha
+        except (TypeError, ValueError) as exc:
+            raise CorruptAdapterError(f"{files.path / CONFIG_NAME}: alpha_pattern for module {module}: {exc}") from None
+        alpha_mod = float(alpha_mod)
         scaling = alpha_mod / (r_mod**0.5 if config.use_rslora else r_mod)
         plan[module] = (a, b, r_mod, scaling)
     check_finite({f"{KEY_PREFIX}{m}{_A}": p[0] for m, p in plan.items()} |

@@ -10,17 +10,28 @@ and a load that fails leaves the model, and every other request, as they were.
 LoRA-XS adapters go into the packed bank (r² numbers per layer each); LoRA and VeRA attach as modules.
 
 The byte budget counts the bytes each adapter holds on the device once attached (its bank slot, or its
-modules' tensors in the dtype adapters get on this base), not the size of its files. Before the attach,
-the file's tensor bytes stand in (to refuse an adapter larger than the whole budget without attaching it
-and to make room); the measured figure replaces them as soon as the adapter is attached.
+modules' tensors in the dtype adapters get on this base), not the size of its files. It holds at every
+moment: before the attach, the file's tensors at the device dtype are reserved, evicting idle adapters
+least-recently-used first; when every resident adapter is in use the load waits (up to `room_wait_s`)
+for requests to finish, then fails. The measured figure replaces the reservation once attached, and an
+adapter whose measured size finds no room is detached again. Releasing the last request of an adapter
+evicts down to the budget too.
+
+An adapter replaced on disk (a new save, by rename-exchange or two renames) is noticed by its files'
+inode, size and modification time on the next request: that request and later ones get the new version,
+attached under a versioned name (`NAME--lorakit-vN`) while requests still running on the old version
+finish on it; the old version is detached when its last request ends. Directories that are lorakit's
+own temporaries (`.NAME.tmp-XXXXXXXX`, lorakit.io.atomic) are never listed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,16 +41,19 @@ import torch
 from torch import nn
 
 from lorakit.adapters import delete_adapter
+from lorakit.config import adapter_dtype
 from lorakit.errors import AdapterNotFoundError, LorakitError
+from lorakit.io.atomic import is_temp_name
 from lorakit.io.files import read_adapter_dir
 from lorakit.io.guard import install_bases
 from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
 from lorakit.io.peft_lora import load_lora
 from lorakit.names import adapter_name_problem
 from lorakit.perf import in_fresh_thread
-from lorakit.serve.adapter_memory import adapter_device_bytes, stage
+from lorakit.serve.adapter_memory import HOST_ONLY_SUFFIX, adapter_device_bytes, stage
 
 log = logging.getLogger("lorakit.serve")
+VERSION_MARK = "--lorakit-v"  # attached name of a replaced adapter's new version: NAME--lorakit-vN
 
 
 class InvalidAdapterNameError(LorakitError, ValueError):
@@ -53,6 +67,8 @@ class AdapterLoadError(LorakitError, RuntimeError):
 @dataclass
 class _Entry:
     nbytes: int  # bytes the adapter holds on the device
+    attached: str  # the name it has on the model (the adapter's own, or NAME--lorakit-vN after a replacement)
+    signature: tuple  # its files as they were read (lorakit.serve.adapter_store._signature)
     refs: int = 0  # running or queued requests that use it
     unload_requested: bool = False  # remove once refs drops to 0
 
@@ -63,18 +79,22 @@ class StoreStats:
     load_failures: int = 0
     evictions: int = 0
     unloads: int = 0
+    reloads: int = 0  # adapters found replaced on disk and served in their new version
 
 
 class AdapterStore:
     """Adapters resident on one served model, bounded by `budget_bytes` of device memory (None: unbounded).
 
-    `device` is where adapter tensors are copied before the attach (default: the model's device)."""
+    `device` is where adapter tensors are copied before the attach (default: the model's device);
+    `room_wait_s` how long a load waits for running requests to free budget before it fails."""
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None, *, engine=None,
                  budget_bytes: int | None = None, packed: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, room_wait_s: float = 30.0) -> None:
         if budget_bytes is not None and budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive or None, got {budget_bytes!r}")
+        if not 0 <= room_wait_s < float("inf"):
+            raise ValueError(f"room_wait_s must be a finite number >= 0, got {room_wait_s!r}")
         self.model = model
         if device is None:
             first = next(model.parameters(), None)
@@ -84,9 +104,14 @@ class AdapterStore:
         self.engine = engine
         self.budget_bytes = budget_bytes
         self.packed = packed
+        self.room_wait_s = room_wait_s
         self.stats = StoreStats()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified whenever budget frees up
         self._resident: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._retiring: dict[str, _Entry] = {}  # attached name -> a replaced version still running requests
+        self._reserved = 0  # bytes reserved by loads between their room check and their attach
+        self._versions = itertools.count(2)
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (files' signature, error): not retried
         self._skipped: set[str] = set()  # directory entries with invalid names, logged once
@@ -97,13 +122,16 @@ class AdapterStore:
         problem = adapter_name_problem(name)
         if problem is not None:
             raise InvalidAdapterNameError(f"invalid adapter name: {problem}")
+        if VERSION_MARK in name:
+            raise InvalidAdapterNameError(f"invalid adapter name {name!r}: {VERSION_MARK!r} marks the server's "
+                                          "own versions of replaced adapters")
         if self.directory is None:
             raise AdapterNotFoundError(f"adapter {name!r} not found: the server has no adapter directory")
         path = self.directory / name
         resolved = path.resolve()
         if resolved.parent != self.directory:
             raise InvalidAdapterNameError(f"adapter {name!r} resolves outside the adapter directory")
-        if not (resolved / "adapter_config.json").is_file():
+        if not os.path.lexists(resolved / "adapter_config.json"):  # (a config that is no file: the load says so)
             raise AdapterNotFoundError(f"adapter {name!r} not found; available: {self.available() or 'none'}")
         return resolved
 
@@ -113,10 +141,14 @@ class AdapterStore:
             return []
         names = []
         for entry in sorted(os.listdir(self.directory)):
+            if is_temp_name(entry):  # a save in progress, or one a crash left behind: never an adapter
+                continue
             path = self.directory / entry
-            if path.resolve().parent != self.directory or not (path / "adapter_config.json").is_file():
+            if path.resolve().parent != self.directory or not os.path.lexists(path / "adapter_config.json"):
                 continue
             problem = adapter_name_problem(entry)
+            if problem is None and VERSION_MARK in entry:
+                problem = f"{VERSION_MARK!r} marks the server's own versions of replaced adapters"
             if problem is None:
                 names.append(entry)
             elif entry not in self._skipped:  # a race may log twice; harmless
@@ -136,8 +168,9 @@ class AdapterStore:
             return list(self._resident)
 
     def resident_bytes(self) -> int:
+        """Bytes on the device: every resident adapter, and replaced versions still finishing requests."""
         with self._lock:
-            return sum(e.nbytes for e in self._resident.values())
+            return self._used_locked()
 
     def in_use(self, name: str) -> int:
         with self._lock:
@@ -145,39 +178,57 @@ class AdapterStore:
             return entry.refs if entry else 0
 
     # -- use -----------------------------------------------------------------------------------------
-    def acquire(self, name: str) -> None:
-        """Make `name` resident (loading it if needed) and pin it until `release(name)`."""
+    def acquire(self, name: str) -> str:
+        """Make `name` resident (loading it if needed, or its new version if its files were replaced) and
+        pin it until `release` of the returned name: the name it has on the model, which requests use."""
         for _ in range(8):  # a freshly loaded adapter may be evicted before we pin it: try again
             with self._lock:
                 entry = self._resident.get(name)
+            now = self._signature_now(name) if entry is not None else None  # stat calls, outside the lock
+            with self._lock:
+                entry = self._resident.get(name)
+                if entry is not None and now is not None and now != entry.signature:
+                    log.info("adapter %r changed on disk: serving its new version", name)
+                    self._retire_locked(name)
+                    self.stats.reloads += 1
+                    entry = None
                 if entry is not None:
                     entry.refs += 1  # a pending unload stays pending: it runs once refs drop to 0
                     self._resident.move_to_end(name)
-                    return
+                    return entry.attached
                 future = self._loading.get(name)
                 owner = future is None
                 if owner:
                     future = self._loading[name] = Future()
             if owner:  # torch work on a thread that ends with it (lorakit.perf.in_fresh_thread)
-                in_fresh_thread(self._load, name, future, pin=True)
-                return
+                return in_fresh_thread(self._load, name, future, pin=True)
             future.result()  # another thread is loading it; re-raises its error
         raise AdapterLoadError(f"adapter {name!r} was evicted repeatedly while loading: the budget is too small")
 
     def release(self, name: str) -> None:
+        """Unpin one use of `name`: pass the name acquire returned (after a replacement, the adapter's own
+        name may still be the old version's attached name, which it then releases)."""
         with self._lock:
-            entry = self._resident.get(name)
+            entry = self._retiring.get(name) or self._resident.get(name)
+            if entry is None:
+                entry = next((e for e in self._resident.values() if e.attached == name), None)
             if entry is None:
                 return
             entry.refs = max(0, entry.refs - 1)
             if entry.refs == 0 and entry.unload_requested:
-                self._remove_locked(name)
-                self.stats.unloads += 1
+                if self._retiring.get(entry.attached) is entry:
+                    del self._retiring[entry.attached]
+                    self._on_engine(lambda: delete_adapter(self.model, entry.attached))
+                else:
+                    self._remove_locked(name if name in self._resident else self._user_name_locked(entry))
+                    self.stats.unloads += 1
+            if entry.refs == 0:
+                self._evict_locked(0)  # nothing stays over the budget once idle
+                self._room.notify_all()
 
     def load(self, name: str) -> int:
         """Load without pinning (the API's POST /v1/adapters); returns the adapter's bytes."""
-        self.acquire(name)
-        self.release(name)
+        self.release(self.acquire(name))
         with self._lock:
             entry = self._resident.get(name)
             return entry.nbytes if entry else 0
@@ -196,7 +247,7 @@ class AdapterStore:
             return True
 
     # -- internals -------------------------------------------------------------------------------------
-    def _load(self, name: str, future: Future, pin: bool) -> None:
+    def _load(self, name: str, future: Future, pin: bool) -> str:
         signature: tuple | None = None
         try:
             path = self.path_for(name)
@@ -208,28 +259,39 @@ class AdapterStore:
                 raise AdapterLoadError(f"{failed[1]} (this load failed before; it is retried once the "
                                        "adapter's files change)")
             files = read_adapter_dir(path)  # on this thread: the batch keeps decoding meanwhile
-            estimate = sum(t.numel() * t.element_size() for t in files.tensors.values())  # the file's tensors
+            estimate = self._estimate(files.tensors)
             if self.budget_bytes is not None and estimate > self.budget_bytes:
                 raise AdapterLoadError(f"adapter {name!r} needs about {estimate} bytes, more than the whole budget "
                                        f"({self.budget_bytes} bytes)")
             bases = self._precompute_bases(files)  # SVDs here, not between decode steps
-            files = dataclasses.replace(files, tensors=stage(files.tensors, self.device))
             with self._lock:
-                self._evict_locked(estimate)
-            nbytes = self._on_engine(lambda: self._attach(files, name, bases)).result()
-            if self.budget_bytes is not None and nbytes > self.budget_bytes:
-                self._on_engine(lambda: delete_adapter(self.model, name)).result()
-                raise AdapterLoadError(f"adapter {name!r} takes {nbytes} bytes on {self.device}, more than the "
-                                       f"whole budget ({self.budget_bytes} bytes)")
+                self._make_room_locked(name, estimate)
+                self._reserved += estimate
+                attached = self._attached_name_locked(name)
+            try:
+                files = dataclasses.replace(files, tensors=stage(files.tensors, self.device))
+                nbytes = self._on_engine(lambda: self._attach(files, attached, bases)).result()
+            finally:
+                with self._lock:
+                    self._reserved -= estimate
             with self._lock:
                 self._evict_locked(nbytes)  # the measured size may exceed the estimate
-                self._resident[name] = _Entry(nbytes, refs=1 if pin else 0)
-                self.stats.loads += 1
-                self._loading.pop(name, None)
-                self._failed.pop(name, None)
-            future.set_result(None)
+                room = self.budget_bytes is None or self._used_locked() + nbytes <= self.budget_bytes
+                if room:
+                    self._resident[name] = _Entry(nbytes, attached, signature, refs=1 if pin else 0)
+                    self.stats.loads += 1
+                    self._loading.pop(name, None)
+                    self._failed.pop(name, None)
+                else:
+                    self._on_engine(lambda: delete_adapter(self.model, attached))
+                self._room.notify_all()
+            if not room:
+                raise _NoRoomError(f"adapter {name!r} takes {nbytes} bytes on {self.device}: no room within the "
+                                       f"budget ({self.budget_bytes} bytes) while the other adapters are in use")
+            future.set_result(attached)
+            return attached
         except BaseException as exc:
-            about_the_files = isinstance(exc, LorakitError)  # bad files fail again; OOM and the like may not
+            about_the_files = isinstance(exc, LorakitError) and not isinstance(exc, _NoRoomError)
             if not isinstance(exc, (AdapterNotFoundError, InvalidAdapterNameError, AdapterLoadError)):
                 exc = AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: "
                                        f"{self.client_message(exc)}").with_traceback(exc.__traceback__)
@@ -241,6 +303,62 @@ class AdapterStore:
                         self._failed[name] = (signature, str(exc))
             future.set_exception(exc)
             raise exc
+
+    def _estimate(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Bytes the file's tensors take on the device: in the dtype adapters get on this base (float32 on
+        a bf16 base), fingerprints left out (they stay on the host)."""
+        first = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        size = adapter_dtype(first.dtype if first is not None else torch.float32).itemsize
+        return sum(t.numel() * max(size, t.element_size()) for k, t in tensors.items()
+                   if not k.endswith(HOST_ONLY_SUFFIX))
+
+    def _used_locked(self) -> int:
+        return (sum(e.nbytes for e in self._resident.values()) + sum(e.nbytes for e in self._retiring.values())
+                + self._reserved)
+
+    def _make_room_locked(self, name: str, incoming: int) -> None:
+        """Evict idle adapters until `incoming` bytes fit; while everything resident is in use, wait (up to
+        room_wait_s) for requests to finish, then refuse: the budget is never exceeded."""
+        if self.budget_bytes is None:
+            return
+        deadline = time.monotonic() + self.room_wait_s
+        while True:
+            self._evict_locked(incoming)
+            if self._used_locked() + incoming <= self.budget_bytes:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._room.wait(left):
+                in_use = sorted(n for n, e in self._resident.items() if e.refs)
+                raise _NoRoomError(f"adapter {name!r} needs about {incoming} bytes and the budget "
+                                   f"({self.budget_bytes} bytes) has no room within {self.room_wait_s:g} s: "
+                                   f"{self._used_locked()} bytes are held by adapters in use ({in_use[:5]})")
+
+    def _attached_name_locked(self, name: str) -> str:
+        """`name` itself, unless a replaced version of it still holds that name on the model."""
+        taken = set(self._retiring) | {e.attached for e in self._resident.values()}
+        if name not in taken:
+            return name
+        return next(f"{name}{VERSION_MARK}{n}" for n in self._versions if f"{name}{VERSION_MARK}{n}" not in taken)
+
+    def _retire_locked(self, name: str) -> None:
+        """Stop serving the resident version of `name` to new requests; running ones finish on it."""
+        entry = self._resident.pop(name)
+        if entry.refs == 0:
+            self._on_engine(lambda: delete_adapter(self.model, entry.attached))
+            self._room.notify_all()
+        else:
+            entry.unload_requested = True
+            self._retiring[entry.attached] = entry
+
+    def _user_name_locked(self, entry: _Entry) -> str:
+        return next(n for n, e in self._resident.items() if e is entry)
+
+    def _signature_now(self, name: str) -> tuple | None:
+        """The files' signature of resident `name` now; None when they cannot be read (keep serving)."""
+        try:
+            return _signature(self.path_for(name))
+        except (LorakitError, OSError):
+            return None
 
     def _precompute_bases(self, files) -> dict:
         """The LoRA-XS SVD bases the adapter needs and the model lacks, computed on the calling thread
@@ -266,20 +384,19 @@ class AdapterStore:
     def _evict_locked(self, incoming: int) -> None:
         if self.budget_bytes is None:
             return
-        used = sum(e.nbytes for e in self._resident.values())
+        used = self._used_locked()
         for victim in [n for n, e in self._resident.items() if e.refs == 0]:  # least recently used first
             if used + incoming <= self.budget_bytes:
                 break
             used -= self._resident[victim].nbytes
             self._remove_locked(victim)
             self.stats.evictions += 1
-        # Still over budget only when everything resident is in use: it shrinks back as requests finish.
 
     def _remove_locked(self, name: str) -> None:
         """Forget `name` and queue its detach; queued under the lock, so a later re-load's attach
         always runs after it on the engine thread."""
-        del self._resident[name]
-        self._on_engine(lambda: delete_adapter(self.model, name))
+        attached = self._resident.pop(name).attached
+        self._on_engine(lambda: delete_adapter(self.model, attached))
 
     def _on_engine(self, fn) -> Future:
         if self.engine is not None:
@@ -292,10 +409,19 @@ class AdapterStore:
         return future
 
 
+class _NoRoomError(AdapterLoadError):
+    """The budget stayed full of adapters in use: not the files' fault, so the load is not remembered as failed."""
+
+
 def _signature(path: Path) -> tuple:
-    """What identifies the adapter's files: a changed size or modification time means "try again"."""
-    entries = []
+    """What identifies the adapter's files: the directory's and each file's inode, size and modification
+    time. A save replaces the directory (new inodes), an edit in place changes size or mtime."""
+    top = os.stat(path)
+    entries = [(top.st_dev, top.st_ino)]
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        with_stat = entry.stat()
-        entries.append((entry.name, with_stat.st_size, with_stat.st_mtime_ns))
+        try:
+            with_stat = entry.stat()  # a linked file: its target's
+        except OSError:  # a symlink loop or a dangling link: the read names it; here the link itself counts
+            with_stat = entry.stat(follow_symlinks=False)
+        entries.append((entry.name, with_stat.st_ino, with_stat.st_size, with_stat.st_mtime_ns))
     return tuple(entries)

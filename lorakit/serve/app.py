@@ -34,7 +34,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import AdapterNotFoundError
-from lorakit.serve.engine import Delta, Engine, EngineClosedError, EngineError, Finished, SamplingParams
+from lorakit.serve.engine import Delta, Engine, EngineBusyError, EngineClosedError, EngineError, Finished, SamplingParams
 from lorakit.serve.adapter_store import AdapterLoadError, InvalidAdapterNameError, AdapterStore
 
 
@@ -120,6 +120,7 @@ class Server:
 
     def __init__(self, engine: Engine, store: AdapterStore, tokenizer: Any, config: ServeConfig) -> None:
         self.engine, self.store, self.tokenizer, self.config = engine, store, tokenizer, config
+        engine.limit_waiting(config.max_waiting)  # enforced where requests are queued, so bursts cannot pass it
         self.started = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
 
@@ -203,20 +204,23 @@ class Server:
 
         if self.engine.waiting >= self.config.max_waiting:
             raise ApiError(503, "the server is busy; retry later", type_="server_error", code="overloaded")
+        attached = adapter  # the name its current version has on the model (a replaced adapter's differs)
         if adapter is not None:
             try:
-                await run_in_threadpool(self.store.acquire, adapter)
+                attached = await run_in_threadpool(self.store.acquire, adapter)
             except AdapterNotFoundError as exc:
                 raise ApiError(404, self.store.client_message(exc), code="model_not_found", param="model") from exc
             except AdapterLoadError as exc:
                 raise ApiError(500, self.store.client_message(exc), type_="server_error",
                                code="adapter_load_failed") from exc
-        release = (lambda: self.store.release(adapter)) if adapter is not None else None
+        release = (lambda: self.store.release(attached)) if adapter is not None else None
         try:
-            return await self.engine.submit_async(prompt_ids, adapter, params, on_finish=release)
+            return await self.engine.submit_async(prompt_ids, attached, params, on_finish=release)
         except EngineError as exc:
             if release:
                 release()
+            if isinstance(exc, EngineBusyError):
+                raise ApiError(503, "the server is busy; retry later", type_="server_error", code="overloaded") from exc
             if isinstance(exc, EngineClosedError):  # shutting down: retry elsewhere, not the client's fault
                 raise ApiError(503, "the server is shutting down; retry later", type_="server_error",
                                code="shutting_down") from exc

@@ -61,6 +61,10 @@ class EngineClosedError(EngineError):
     """The engine has shut down (or is draining to shut down): a state of the server, not bad input."""
 
 
+class EngineBusyError(EngineError):
+    """As many requests wait as the queue limit allows (`max_waiting`): retry later, not bad input."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes; temperature 0 is greedy."""
@@ -233,7 +237,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch: int = 16,
                  max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_tokens: int = 512, compile_decode: bool = False, compile_backend: str = "inductor",
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, max_waiting: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool) or prefill_tokens < 1:
@@ -262,6 +266,9 @@ class Engine:
             eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stats = EngineStats()
+        self._max_waiting: int | None = None
+        self.limit_waiting(max_waiting)
+        self._admission = threading.Lock()  # a request is counted waiting in the inbox or in _pending, never neither
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -293,7 +300,20 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._pending) + self._inbox.qsize()
+        with self._admission:
+            return len(self._pending) + self._inbox.qsize()
+
+    @property
+    def max_waiting(self) -> int | None:
+        return self._max_waiting
+
+    def limit_waiting(self, max_waiting: int | None) -> None:
+        """At most `max_waiting` requests wait beyond the running batch (None: no limit); submit refuses more
+        with EngineBusyError, checked and queued in one step so no burst gets past it."""
+        if max_waiting is not None and (not isinstance(max_waiting, int) or isinstance(max_waiting, bool)
+                                        or max_waiting < 1):
+            raise ValueError(f"max_waiting must be a positive integer or None, got {max_waiting!r}")
+        self._max_waiting = max_waiting
 
     def submit(self, prompt_ids: Sequence[int], adapter: str | None = None,
                params: SamplingParams | None = None, *, on_finish: Callable[[], None] | None = None,
@@ -312,7 +332,11 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         request = Request(prompt, adapter, params, stream, on_finish, next(self._ids),
                           torch.Generator().manual_seed(seed))
-        self._inbox.put(request)
+        with self._admission:
+            if self._max_waiting is not None and len(self._pending) + self._inbox.qsize() >= self._max_waiting:
+                raise EngineBusyError(f"{self._max_waiting} requests are already waiting (the queue limit); "
+                                      "retry later")
+            self._inbox.put(request)
         self._wake.set()
         return stream
 
@@ -384,11 +408,12 @@ class Engine:
             _run_into(fn, future)
 
     def _admit_inbox(self) -> None:
-        while True:
-            try:
-                self._pending.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return
+        with self._admission:
+            while True:
+                try:
+                    self._pending.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    return
 
     def _admit(self) -> None:
         """Move waiting requests into prefill while the batch has room (prefilling rows count)."""

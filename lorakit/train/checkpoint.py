@@ -7,27 +7,32 @@
         state.json          step, scheduler state, optimiser hyper-parameters, log rows, run config
 
 Safetensors for tensors, JSON for the rest: nothing is ever unpickled. A checkpoint directory is
-built under a temp name and renamed into place, so a crash leaves either the whole thing or nothing.
+built under a temp name, made durable, and swapped into place by lorakit.io.atomic (re-saving a step
+exchanges the two copies, never deletes the old one first), so a crash leaves the old checkpoint or the
+new one, never none. Files are read through lorakit.io.safe_open: a FIFO, a device or a symlink loop in
+a checkpoint is a CheckpointError naming it, never a hang. A full disk is a WriteError naming the
+directory, the previous checkpoints intact.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors_bytes
 
-from lorakit.io.atomic import fsync_dir, json_bytes, tensors_bytes
+from lorakit.io.atomic import (TEMP_NAME, fsync_dir, json_bytes, replace_directory, reporting_write_errors,
+                               sweep_stale, temp_path, tensors_bytes)
+from lorakit.io.safe_open import parse_json_object, read_bounded, read_safetensors_bytes
 from lorakit.train.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 CHECKPOINTS_DIR = "checkpoints"  # under a run's output directory
+_MAX_STATE_JSON = 256 << 20  # state.json carries the log rows of a long run: bounded, but generously
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -41,7 +46,6 @@ def save_checkpoint(root: str | Path, step: int, params: dict[str, torch.Tensor]
                     scheduler: Any, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint `step` under `root` (the checkpoints directory) and prune to the newest `keep`."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{k}": v for k, v in params.items()}
     opt = optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
@@ -56,31 +60,46 @@ def save_checkpoint(root: str | Path, step: int, params: dict[str, torch.Tensor]
     meta = {"step": step, "scheduler": sched, "param_groups": opt["param_groups"], "optim_scalars": opt_scalars,
             **state}
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write(tmp / "state.safetensors", tensors_bytes(tensors))
-        _write(tmp / "state.json", json_bytes(meta))
-        fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(root)
+    with reporting_write_errors(final):
+        root.mkdir(parents=True, exist_ok=True)
+        sweep_stale(root)
+        tmp = temp_path(final)
+        tmp.mkdir()
+        try:
+            _write(tmp / "state.safetensors", tensors_bytes(tensors))
+            _write(tmp / "state.json", json_bytes(meta))
+            fsync_dir(tmp)
+            replace_directory(tmp, final)  # re-saving a step (after a resume): the old copy goes only now
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the new files on failure, the old step on success
+        fsync_dir(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under `root`, oldest first."""
+    """Complete checkpoint directories under `root`, oldest first.
+
+    A step whose re-save a crash interrupted between the two renames of a swap without rename-exchange
+    is the old copy moved aside (`.step-N.old-XXXXXXXX`): it is complete, and it counts."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()
-             and (p / "state.safetensors").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    found: dict[int, Path] = {}
+    for p in root.iterdir():
+        match = _STEP_DIR.match(p.name)
+        moved = TEMP_NAME.match(p.name)
+        if match is None and moved is not None and moved["kind"] == "old":
+            match = _STEP_DIR.match(moved["target"])
+            if match is None or (root / moved["target"]).exists():
+                continue
+        if match is None or not all(os.path.lexists(p / f) for f in ("state.json", "state.safetensors")):
+            continue  # (a file there that is not readable is read_checkpoint's error to name, not skipped)
+        step = int(match.group(1))
+        if step not in found or p.name.startswith("step-"):
+            found[step] = p
+    return [found[step] for step in sorted(found)]
 
 
 def run_checkpoints(output_dir: str | Path) -> Path:
@@ -94,14 +113,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of one checkpoint directory."""
+    """(tensors, meta) of one checkpoint directory, each file read through the guarded reader."""
     path = Path(path)
     try:
-        tensors = load_file(str(path / "state.safetensors"))
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # safetensors raises SafetensorError (an Exception) on corruption
-        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+        data = read_safetensors_bytes(path / "state.safetensors", error=CheckpointError)
+        meta = parse_json_object(read_bounded(path / "state.json", limit=_MAX_STATE_JSON, error=CheckpointError),
+                                 path / "state.json", error=CheckpointError)
+        tensors = load_safetensors_bytes(data)
+    except CheckpointError:
+        raise
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {exc.filename} is missing") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
     return tensors, meta
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +27,10 @@ from torch import nn
 
 import lorakit
 from lorakit.io import save_adapter
-from lorakit.io.atomic import atomic_write_json, fsync_dir, tensors_bytes
+from lorakit.io.files import parse_safetensors
+from lorakit.io.safe_open import read_safetensors_bytes, read_safetensors_header
+from lorakit.io.atomic import (atomic_write_json, fsync_dir, is_temp_name, replace_directory, reporting_write_errors,
+                               sweep_stale, temp_path, tensors_bytes)
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.collate import collate
 from lorakit.train.config import TrainConfig
@@ -103,8 +105,9 @@ def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 def _check_output_dir(out: Path, config: TrainConfig, resume: bool) -> Path | None:
     """Refuse a directory holding another run unless resuming; returns the checkpoint to resume from."""
     run_file = out / RUN_FILE
-    if not out.exists() or not any(out.iterdir()):
-        return None
+    sweep_stale(out)
+    if not out.exists() or not any(not is_temp_name(p.name) for p in out.iterdir()):
+        return None  # new, or holding only what a crash during the first run_config.json write left
     if not resume:
         what = "another run" if run_file.exists() else f"files ({sorted(p.name for p in out.iterdir())[:5]})"
         raise RunExistsError(f"output directory {out} already holds {what}; pass resume=True (--resume) to "
@@ -353,47 +356,40 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
 def write_adapter(model: nn.Module, name: str, path: Path, head: dict[str, nn.Parameter],
                   labels: tuple[str, ...] | None) -> Path:
     """The adapter (PEFT / native layout) plus head.safetensors for a classifier, swapped in atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        save_adapter(model, name, tmp)
-        if head:
-            data = tensors_bytes({n: p.detach() for n, p in head.items()}, {"labels": json.dumps(list(labels or ()))})
-            with open(tmp / HEAD_FILE, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            fsync_dir(tmp)
-        if path.exists():
-            os.rename(path, old)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(path.parent)
+    tmp = temp_path(path)
+    with reporting_write_errors(path):
+        try:
+            save_adapter(model, name, tmp)
+            if head:
+                data = tensors_bytes({n: p.detach() for n, p in head.items()},
+                                     {"labels": json.dumps(list(labels or ()))})
+                with open(tmp / HEAD_FILE, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                fsync_dir(tmp)
+            replace_directory(tmp, path)  # the old adapter goes only once the new one has its name
+            fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
 def read_head_labels(file: str | Path) -> tuple[str, ...] | None:
     """Label names stored with a classifier head, or None when there is no head file."""
-    from safetensors import safe_open
-
-    if not Path(file).is_file():
+    if not os.path.lexists(file):
         return None
-    with safe_open(str(file), framework="pt") as handle:
-        return tuple(json.loads((handle.metadata() or {}).get("labels", "[]")))
+    header = read_safetensors_header(file)  # guarded: a FIFO or a device here is an error, not a hang
+    return tuple(json.loads((header.get("__metadata__") or {}).get("labels", "[]")))
 
 
 def load_head(model: nn.Module, adapter_dir: str | Path) -> tuple[str, ...] | None:
     """Load head.safetensors (if present) into the model; returns the label names it was trained with."""
-    from safetensors import safe_open
-
     file = Path(adapter_dir) / HEAD_FILE
-    if not file.is_file():
+    if not os.path.lexists(file):
         return None
-    with safe_open(str(file), framework="pt") as handle:
-        labels = tuple(json.loads((handle.metadata() or {}).get("labels", "[]")))
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors, metadata = parse_safetensors(read_safetensors_bytes(file), file)
+    labels = tuple(json.loads(metadata.get("labels", "[]")))
     own = dict(model.named_parameters())
     from lorakit.train.errors import LabelMismatchError
 
