@@ -25,6 +25,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,17 @@ class AdapterLoadError(LorakitError, RuntimeError):
     """The adapter exists but could not be loaded (corrupt files, another base model, too large)."""
 
 
+class AdapterSource(Protocol):
+    """Adapters from somewhere other than the directory (registered paths, an object store), found by name.
+
+    `locate` returns a local adapter directory (materialising it first if need be, on the caller's thread)
+    or None when the source does not know the name; its errors are AdapterLoadError (or subclasses)."""
+
+    def names(self) -> list[str]: ...
+
+    def locate(self, name: str) -> Path | None: ...
+
+
 @dataclass
 class _Entry:
     nbytes: int  # bytes the adapter holds on the device
@@ -72,7 +84,7 @@ class AdapterStore:
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None, *, engine=None,
                  budget_bytes: int | None = None, packed: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, sources: Sequence[AdapterSource] = ()) -> None:
         if budget_bytes is not None and budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive or None, got {budget_bytes!r}")
         self.model = model
@@ -84,6 +96,7 @@ class AdapterStore:
         self.engine = engine
         self.budget_bytes = budget_bytes
         self.packed = packed
+        self.sources = tuple(sources)  # asked, in order, before the directory
         self.stats = StoreStats()
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
@@ -97,6 +110,10 @@ class AdapterStore:
         problem = adapter_name_problem(name)
         if problem is not None:
             raise InvalidAdapterNameError(f"invalid adapter name: {problem}")
+        for source in self.sources:
+            found = source.locate(name)
+            if found is not None:
+                return found
         if self.directory is None:
             raise AdapterNotFoundError(f"adapter {name!r} not found: the server has no adapter directory")
         path = self.directory / name
@@ -108,9 +125,10 @@ class AdapterStore:
         return resolved
 
     def available(self) -> list[str]:
-        """Adapter names in the directory (plain subdirectories holding an adapter_config.json)."""
+        """Adapter names in the directory (plain subdirectories holding an adapter_config.json) and the sources."""
+        extra = sorted({n for source in self.sources for n in source.names()})
         if self.directory is None or not self.directory.is_dir():
-            return []
+            return extra
         names = []
         for entry in sorted(os.listdir(self.directory)):
             path = self.directory / entry
@@ -122,7 +140,7 @@ class AdapterStore:
             elif entry not in self._skipped:  # a race may log twice; harmless
                 self._skipped.add(entry)
                 log.warning("not serving adapter directory %r: %s", entry, problem)
-        return names
+        return sorted(set(names).union(extra)) if extra else names
 
     def client_message(self, exc: BaseException) -> str:
         """`exc`'s message with paths relative to the adapter directory (clients never see server paths)."""
@@ -194,6 +212,51 @@ class AdapterStore:
             self._remove_locked(name)
             self.stats.unloads += 1
             return True
+
+    def replace(self, name: str) -> int:
+        """Read `name`'s files again and swap them in for the resident copy (vLLM's load_inplace); returns the
+        new copy's bytes. The new files are read, checked, staged and attached under a probe name before the
+        old copy goes, so the old one serves until the new one has loaded, and a failure leaves it as it was.
+        Running requests of `name` continue on the new weights from the next decode step."""
+        with self._lock:
+            if name not in self._resident:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {list(self._resident) or 'none'}")
+        return in_fresh_thread(self._replace, name)
+
+    def _replace(self, name: str) -> int:
+        try:
+            path = self.path_for(name)
+            files = read_adapter_dir(path)
+            bases = self._precompute_bases(files)
+            files = dataclasses.replace(files, tensors=stage(files.tensors, self.device))
+            probe = f"{name[:96]}-incoming-{os.getpid()}-{threading.get_ident() % 10**6}"
+            self._on_engine(lambda: self._attach(files, probe, bases)).result()  # proves the new files load
+        except (AdapterNotFoundError, InvalidAdapterNameError, AdapterLoadError):
+            raise
+        except BaseException as exc:
+            with self._lock:
+                self.stats.load_failures += 1
+            raise AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: "
+                                   f"{self.client_message(exc)}") from exc
+
+        def swap() -> int | None:  # on the engine thread: an unload queued after this runs after it
+            delete_adapter(self.model, probe)
+            with self._lock:
+                if name not in self._resident:  # unloaded meanwhile: nothing to replace
+                    return None
+            delete_adapter(self.model, name)
+            return self._attach(files, name, bases)
+
+        nbytes = self._on_engine(swap).result()
+        if nbytes is None:
+            raise AdapterNotFoundError(f"adapter {name!r} was unloaded while its replacement loaded")
+        with self._lock:
+            entry = self._resident.get(name)
+            if entry is not None:
+                entry.nbytes = nbytes
+            self.stats.loads += 1
+            self._failed.pop(name, None)
+        return nbytes
 
     # -- internals -------------------------------------------------------------------------------------
     def _load(self, name: str, future: Future, pin: bool) -> None:

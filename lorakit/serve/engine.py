@@ -320,6 +320,19 @@ class Engine:
                            params: SamplingParams | None = None, **kwargs) -> Stream:
         return self.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop(), **kwargs)
 
+    def row_adapters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(running, waiting): requests per adapter name among the admitted rows and the queue (a snapshot
+        read off the engine thread, for metrics; requests still in the inbox are not counted by name)."""
+        def count(requests) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for request in requests:
+                if request.adapter is not None:
+                    out[request.adapter] = out.get(request.adapter, 0) + 1
+            return out
+
+        running = list(self._batch.rows) + [request for request, _ in list(self._prefilling)]
+        return count(running), count(list(self._pending))
+
     def cancel_all(self, reason: str = "shutdown", error: str | None = None) -> Future:
         """Finish every running, waiting and queued request now with `reason` (a drain that ran out of
         time); the engine stays open. Returns a Future of how many requests it finished."""
