@@ -77,7 +77,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 
 def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
     if code == "NoSuchBucket":
         return "the bucket does not exist"
     return f"{type(exc).__name__}: {exc}"
