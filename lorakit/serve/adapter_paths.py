@@ -1,8 +1,8 @@
 """Adapters loaded by path (vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`), only from the
 directories the operator allowed (`lorakit serve --allow-adapter-root DIR`, repeatable).
 
-A path is checked as text first (absolute, no '..', no NUL, lexically under a root), so a path outside
-every root is refused before the filesystem is asked anything; then its real path (symlinks followed)
+A path is checked as text first (no NUL: 400; absolute, no '..', lexically under a root, else 403), so a
+path outside every root is refused before the filesystem is asked anything; then its real path (symlinks followed)
 must still lie under the root's real path. Nothing is opened before both checks pass.
 """
 
@@ -50,13 +50,12 @@ class AllowedRoots:
             lora_path.encode("utf-8")
         except UnicodeEncodeError:
             raise AdapterPathError("lora_path is not valid Unicode") from None
-        if not os.path.isabs(lora_path):
-            raise AdapterPathError(f"lora_path must be an absolute path, got {lora_path!r}")
-        if ".." in lora_path.split(os.sep):
-            raise AdapterPathError(f"lora_path must not contain '..', got {lora_path!r}")
         if not self.roots:
             raise AdapterPathForbiddenError("loading adapters by path is off on this server (start it with "
                                             "--allow-adapter-root DIR)")
+        if not os.path.isabs(lora_path) or ".." in lora_path.split(os.sep):  # never under a root as written
+            raise AdapterPathForbiddenError(f"lora_path must be an absolute path without '..' under an allowed "
+                                            f"adapter root, got {lora_path!r}")
         lexical = os.path.normpath(lora_path)
         root = next((r for r in self.roots if _under(lexical, r)), None)
         if root is None:

@@ -41,6 +41,7 @@ from lorakit.errors import AdapterNotFoundError
 from lorakit.serve.engine import Delta, Engine, EngineClosedError, EngineError, Finished, SamplingParams
 from lorakit.serve.adapter_paths import AllowedRoots, PathAdapters
 from lorakit.serve.adapter_store import AdapterLoadError, AdapterSource, InvalidAdapterNameError, AdapterStore
+from lorakit.serve.schema_types import integer
 from lorakit.serve.vllm_metrics import vllm_metric_lines
 from lorakit.serve.vllm_routes import LoadLoraAdapterBody, UnloadLoraAdapterBody, VllmAdapters, VllmError
 
@@ -88,14 +89,14 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Union[StopText, Annotated[list[StopText], Field(max_length=4)], None] = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    seed: integer(ge=-(2**53), le=2**53) | None = None  # JSON's exact integers (and a float's)
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    n: integer(ge=1, le=1) = 1
     logprobs: Literal[False, None] = None  # not supported
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever the model says (load tests)
 
@@ -110,7 +111,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     type: str
-    text: str | None = None  # a "text" part without text counts as ""
+    text: str = ""  # a "text" part without text counts as ""
 
 
 class ChatMessage(BaseModel):
@@ -238,7 +239,7 @@ class Server:
         for i, m in enumerate(messages):
             content = m.content
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                content = "".join(part.text or "" for part in content if part.type == "text")
+                content = "".join(part.text for part in content if part.type == "text")
             check_text(content or "", f"messages.{i}.content")
             turns.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
@@ -278,6 +279,23 @@ def check_text(text: str, param: str) -> None:
     except UnicodeEncodeError as exc:
         raise ApiError(400, f"{param} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
                        f"{exc.start}", param=param) from None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def field_path(loc) -> str:
+    """A validation error's field as "messages.0.content", without pydantic's union-member tags
+    ("constrained-str", "list[ContentPart]", "function-before[...]", "str")."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS))
+
+
+def telling_error(errors: list[dict]) -> dict:
+    """The error that says most: a union's members each fail; prefer a broken constraint (too long, bad
+    Unicode) over "not a string", then the deepest field."""
+    if not errors:
+        return {}
+    return min(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
 
 
 def _error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -360,8 +378,12 @@ def create_app(server: Server):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error_response(400, "the request body is not valid JSON", code="invalid_json")
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        first = telling_error(errors)
+        where = field_path(first.get("loc", ())[1:]) or None
+        if first.get("type") == "string_unicode":  # a lone surrogate: JSON allows it, UTF-8 cannot hold it
+            field = field_path(p for p in first["loc"][1:] if not isinstance(p, int))  # "prompt", as check_text
+            return _error_response(400, f"{field} is not valid Unicode (a lone surrogate)", param=field,
+                                   code="invalid_value")
         return _error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}", param=where,
                                code="invalid_value")
 
@@ -482,13 +504,11 @@ def create_app(server: Server):
                              "logprobs": None, "finish_reason": _reason(done)}],
                 "usage": _usage(done)}
 
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
-              responses={**declared(400, 403, 404, 413), **TEXT})
+    @app.post("/v1/load_lora_adapter", responses={**declared(400, 403, 404, 413), **TEXT})
     async def load_lora_adapter(body: LoadLoraAdapterBody):
         return PlainTextResponse(await server.vllm.load(body))
 
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
-              responses={**declared(400, 404, 413), **TEXT})
+    @app.post("/v1/unload_lora_adapter", responses={**declared(400, 404, 413), **TEXT})
     async def unload_lora_adapter(body: UnloadLoraAdapterBody):
         return PlainTextResponse(await server.vllm.unload(body))
 

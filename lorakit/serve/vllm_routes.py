@@ -28,6 +28,7 @@ from lorakit.io.files import CONFIG_NAME
 from lorakit.names import adapter_name_problem
 from lorakit.serve.adapter_paths import AdapterPathError, AdapterPathForbiddenError, AllowedRoots, PathAdapters
 from lorakit.serve.adapter_store import AdapterLoadError, AdapterStore, InvalidAdapterNameError
+from lorakit.serve.schema_types import integer
 
 NO_NUL = r"^[^\x00]+$"
 
@@ -44,7 +45,7 @@ class UnloadLoraAdapterBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     lora_name: str = Field(min_length=1, max_length=128)
-    lora_int_id: int | None = None  # vLLM's alternative key; lorakit names adapters only (ignored)
+    lora_int_id: integer() | None = None  # vLLM's alternative key; lorakit names adapters only (ignored)
 
 
 class VllmError(Exception):

@@ -109,7 +109,7 @@ def _adapter_tensors(model, name):
 
 
 @pytest.mark.parametrize("path, status", [
-    ("relative/a0", 400), ("/x/../a0", 400), ("outside", 403), ("escape", 403), ("/etc/passwd", 403),
+    ("relative/a0", 403), ("/x/../a0", 403), ("outside", 403), ("escape", 403), ("/etc/passwd", 403),
     ("missing", 404), ("broken", 400)])
 def test_paths_refused(client, roots, path, status, monkeypatch):
     allowed, outside = roots
@@ -188,3 +188,33 @@ def test_running_and_waiting_adapters_in_the_gauge(tokenizer, roots):
     text = render_metrics(server)
     (sample,) = next(f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info").samples
     assert sample.labels == {"max_lora": "1", "running_lora_adapters": "a0", "waiting_lora_adapters": "a1"}
+
+
+def test_openapi_declares_every_status_and_405_names_allowed_methods(client):
+    doc = client.get("/openapi.json").json()
+    declared = {(method.upper(), path): set(op["responses"]) for path, ops in doc["paths"].items()
+                for method, op in ops.items()}
+    assert declared[("POST", "/v1/completions")] >= {"200", "400", "401", "404", "413", "500", "503"}
+    assert declared[("POST", "/v1/load_lora_adapter")] == {"200", "400", "401", "403", "404", "413"}
+    assert declared[("POST", "/v1/unload_lora_adapter")] == {"200", "400", "401", "404", "413"}
+    assert declared[("DELETE", "/v1/adapters/{name}")] == {"200", "401", "404"}
+    assert all("422" not in statuses for statuses in declared.values())  # validation errors are 400 here
+    ops = doc["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert set(ops) == {"application/json", "text/event-stream"}
+    r = client.put("/v1/adapters")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.get("/v1/load_lora_adapter")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = client.post("/v1/adapters/x")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE"
+
+
+def test_request_bodies_are_strict(client):
+    """What the schema calls invalid is refused (400), not coerced: "2" for 2, 1 for true."""
+    for bad in ({"max_tokens": "2"}, {"stream": 1}, {"temperature": "0.5"}, {"stop": ["a"] * 5}, {"logprobs": True},
+                {"seed": 2**53 + 1}, {"prompt": ["a", "b"]}, {"prompt": ""}):
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, **bad}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400, (bad, r.text)
+    ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2.0, "n": 1.0})
+    assert ok.status_code == 200, ok.text  # JSON Schema's integers include 2.0
