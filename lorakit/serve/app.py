@@ -97,7 +97,7 @@ class _Sampling(BaseModel):
     seed: integer(ge=-(2**53), le=2**53) | None = None  # JSON's exact integers (and a float's)
     stream: bool = False
     n: integer(ge=1, le=1) = 1
-    logprobs: Literal[False, None] = None  # not supported
+    logprobs: Literal[False, 0, None] = None  # not supported (0: none, as the completions API counts them)
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever the model says (load tests)
 
 

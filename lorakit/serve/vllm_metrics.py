@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 # lorakit's finish reasons -> vLLM's finished_reason label ("abort": the request left before it finished)
-FINISHED_REASONS = {"stop": "stop", "eos": "stop", "length": "length", "cancelled": "abort", "shutdown": "abort",
+FINISHED_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "shutdown": "abort",
                     "error": "abort"}
 
 

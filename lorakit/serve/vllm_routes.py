@@ -100,6 +100,8 @@ class VllmAdapters:
 
     async def unload(self, body: UnloadLoraAdapterBody) -> str:
         name = body.lora_name
+        if adapter_name_problem(name) is not None:  # could not have been loaded (and gets no lock)
+            raise VllmError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
         async with self._locks[name]:
             registered = self.paths.locate(name) is not None
             if name not in self.store.resident() and not registered:
