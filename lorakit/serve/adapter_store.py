@@ -36,6 +36,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
@@ -64,6 +65,17 @@ class AdapterLoadError(LorakitError, RuntimeError):
     """The adapter exists but could not be loaded (corrupt files, another base model, too large)."""
 
 
+class AdapterSource(Protocol):
+    """Adapters from somewhere other than the directory (registered paths, an object store), found by name.
+
+    `locate` returns a local adapter directory (materialising it first if need be, on the caller's thread)
+    or None when the source does not know the name; its errors are AdapterLoadError (or subclasses)."""
+
+    def names(self) -> list[str]: ...
+
+    def locate(self, name: str) -> Path | None: ...
+
+
 @dataclass
 class _Entry:
     nbytes: int  # bytes the adapter holds on the device
@@ -90,7 +102,8 @@ class AdapterStore:
 
     def __init__(self, model: nn.Module, directory: str | os.PathLike | None, *, engine=None,
                  budget_bytes: int | None = None, packed: bool = True,
-                 device: torch.device | str | None = None, room_wait_s: float = 30.0) -> None:
+                 device: torch.device | str | None = None, room_wait_s: float = 30.0,
+                 sources: Sequence[AdapterSource] = ()) -> None:
         if budget_bytes is not None and budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive or None, got {budget_bytes!r}")
         if not 0 <= room_wait_s < float("inf"):
@@ -105,6 +118,7 @@ class AdapterStore:
         self.budget_bytes = budget_bytes
         self.packed = packed
         self.room_wait_s = room_wait_s
+        self.sources = tuple(sources)  # asked, in order, before the directory
         self.stats = StoreStats()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified whenever budget frees up
@@ -125,6 +139,10 @@ class AdapterStore:
         if VERSION_MARK in name:
             raise InvalidAdapterNameError(f"invalid adapter name {name!r}: {VERSION_MARK!r} marks the server's "
                                           "own versions of replaced adapters")
+        for source in self.sources:
+            found = source.locate(name)
+            if found is not None:
+                return found
         if self.directory is None:
             raise AdapterNotFoundError(f"adapter {name!r} not found: the server has no adapter directory")
         path = self.directory / name
@@ -136,9 +154,10 @@ class AdapterStore:
         return resolved
 
     def available(self) -> list[str]:
-        """Adapter names in the directory (plain subdirectories holding an adapter_config.json)."""
+        """Adapter names in the directory (plain subdirectories holding an adapter_config.json) and the sources."""
+        extra = sorted({n for source in self.sources for n in source.names()})
         if self.directory is None or not self.directory.is_dir():
-            return []
+            return extra
         names = []
         for entry in sorted(os.listdir(self.directory)):
             if is_temp_name(entry):  # a save in progress, or one a crash left behind: never an adapter
@@ -154,7 +173,7 @@ class AdapterStore:
             elif entry not in self._skipped:  # a race may log twice; harmless
                 self._skipped.add(entry)
                 log.warning("not serving adapter directory %r: %s", entry, problem)
-        return names
+        return sorted(set(names).union(extra)) if extra else names
 
     def client_message(self, exc: BaseException) -> str:
         """`exc`'s message with paths relative to the adapter directory (clients never see server paths)."""
@@ -245,6 +264,56 @@ class AdapterStore:
             self._remove_locked(name)
             self.stats.unloads += 1
             return True
+
+    def replace(self, name: str) -> int:
+        """Read `name`'s files again and swap them in for the resident copy (vLLM's load_inplace); returns the
+        new copy's bytes. The new files are read, checked, staged and attached under a probe name before the
+        old copy goes, so the old one serves until the new one has loaded, and a failure leaves it as it was.
+        Running requests of `name` continue on the new weights from the next decode step."""
+        with self._lock:
+            if name not in self._resident:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {list(self._resident) or 'none'}")
+        return in_fresh_thread(self._replace, name)
+
+    def _replace(self, name: str) -> int:
+        signature = self._signature_now(name)  # taken before the read: a later change is still seen as one
+        try:
+            path = self.path_for(name)
+            files = read_adapter_dir(path)
+            bases = self._precompute_bases(files)
+            files = dataclasses.replace(files, tensors=stage(files.tensors, self.device))
+            probe = f"{name[:96]}-incoming-{os.getpid()}-{threading.get_ident() % 10**6}"
+            self._on_engine(lambda: self._attach(files, probe, bases)).result()  # proves the new files load
+        except (AdapterNotFoundError, InvalidAdapterNameError, AdapterLoadError):
+            raise
+        except BaseException as exc:
+            with self._lock:
+                self.stats.load_failures += 1
+            raise AdapterLoadError(f"adapter {name!r} failed to load: {type(exc).__name__}: "
+                                   f"{self.client_message(exc)}") from exc
+
+        def swap() -> int | None:  # on the engine thread: an unload queued after this runs after it
+            delete_adapter(self.model, probe)
+            with self._lock:
+                entry = self._resident.get(name)
+                if entry is None:  # unloaded meanwhile: nothing to replace
+                    return None
+                attached = entry.attached  # the name it has on the model (a version after a replacement)
+            delete_adapter(self.model, attached)
+            return self._attach(files, attached, bases)
+
+        nbytes = self._on_engine(swap).result()
+        if nbytes is None:
+            raise AdapterNotFoundError(f"adapter {name!r} was unloaded while its replacement loaded")
+        with self._lock:
+            entry = self._resident.get(name)
+            if entry is not None:
+                entry.nbytes = nbytes
+                if signature is not None:
+                    entry.signature = signature
+            self.stats.loads += 1
+            self._failed.pop(name, None)
+        return nbytes
 
     # -- internals -------------------------------------------------------------------------------------
     def _load(self, name: str, future: Future, pin: bool) -> str:

@@ -10,6 +10,10 @@ adapter named in `model`, adapter load/unload, health, Prometheus metrics and th
     GET  /v1/adapters           available and resident adapters
     POST /v1/adapters           {"name"}: load now
     DELETE /v1/adapters/{name}  unload (deferred until its running requests finish)
+    POST /v1/load_lora_adapter  vLLM's: {"lora_name", "lora_path", "load_inplace"} (lorakit.serve.vllm_routes)
+    POST /v1/unload_lora_adapter vLLM's: {"lora_name"}
+
+Every status a route answers is declared in /openapi.json; a 405 names the allowed methods in `Allow`.
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and OpenAI's statuses (400 for
 an invalid parameter), so the `openai` client raises its usual exceptions. A client that disconnects
@@ -27,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import uvicorn
 from fastapi import Request
@@ -35,7 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import AdapterNotFoundError
 from lorakit.serve.engine import Delta, Engine, EngineBusyError, EngineClosedError, EngineError, Finished, SamplingParams
-from lorakit.serve.adapter_store import AdapterLoadError, InvalidAdapterNameError, AdapterStore
+from lorakit.serve.adapter_paths import AllowedRoots, PathAdapters
+from lorakit.serve.adapter_store import (VERSION_MARK, AdapterLoadError, AdapterSource, AdapterStore,
+                                         InvalidAdapterNameError)
+from lorakit.serve.schema_types import integer
+from lorakit.serve.vllm_metrics import vllm_metric_lines
+from lorakit.serve.vllm_routes import LoadLoraAdapterBody, UnloadLoraAdapterBody, VllmAdapters, VllmError
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class ServeConfig:
     max_waiting: int = 256  # requests queued beyond the running batch; more get 503
     title: str = "lorakit"  # shown on the page
     drain_timeout: float = 30.0  # on shutdown, seconds running requests may take before they are cut off
+    adapter_roots: tuple[str, ...] = ()  # directories POST /v1/load_lora_adapter may load from (none: off)
 
     def __post_init__(self) -> None:
         if not isinstance(self.drain_timeout, (int, float)) or not 0 <= self.drain_timeout < float("inf"):
@@ -69,37 +79,44 @@ class ApiError(Exception):
 
 # -- request bodies ----------------------------------------------------------------------------------
 
+StopText = Annotated[str, Field(min_length=1, max_length=256)]
+PromptText = Annotated[str, Field(min_length=1)]
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Strict (no "1" for 1, no 1 for true) and with the handlers' limits in the schema, so /openapi.json
+    says what the server accepts."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    stop: Union[StopText, Annotated[list[StopText], Field(max_length=4)], None] = None
+    seed: integer(ge=-(2**53), le=2**53) | None = None  # JSON's exact integers (and a float's)
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-    logprobs: Any = None
+    n: integer(ge=1, le=1) = 1
+    logprobs: Literal[False, 0, None] = None  # not supported (0: none, as the completions API counts them)
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever the model says (load tests)
 
 
 class CompletionBody(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[PromptText, Annotated[list[PromptText], Field(min_length=1, max_length=1)]]  # one prompt
 
 
 class ContentPart(BaseModel):
     """One OpenAI content part; only "text" parts are used, and their `text` must be a string."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: str
-    text: Any = None
+    text: str = ""  # a "text" part without text counts as ""
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[ContentPart], None] = None
@@ -110,7 +127,35 @@ class ChatBody(_Sampling):
 
 
 class AdapterBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     name: str = Field(min_length=1, max_length=256)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None  # lorakit's routes: a string code; vLLM's: the status
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's (and vLLM's) error body."""
+
+    error: ErrorDetail
+
+
+_WHY = {400: "invalid request", 401: "missing or wrong API key", 403: "not allowed", 404: "no such model or adapter",
+        413: "request body too large", 500: "the adapter failed to load, or generation failed",
+        503: "busy or shutting down: retry later"}
+
+
+def declared(*statuses: int) -> dict:
+    """The `responses=` of a route that may answer `statuses` (every route may answer 401 when a key is set)."""
+    return {s: {"model": ErrorBody, "description": _WHY[s]} for s in sorted({401, *statuses})}
+
+
+TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 # -- the server ----------------------------------------------------------------------------------------
@@ -118,9 +163,11 @@ class AdapterBody(BaseModel):
 class Server:
     """Engine + store + tokenizer behind the routes; one per served model."""
 
-    def __init__(self, engine: Engine, store: AdapterStore, tokenizer: Any, config: ServeConfig) -> None:
+    def __init__(self, engine: Engine, store: AdapterStore, tokenizer: Any, config: ServeConfig,
+                 paths: PathAdapters | None = None) -> None:
         self.engine, self.store, self.tokenizer, self.config = engine, store, tokenizer, config
         engine.limit_waiting(config.max_waiting)  # enforced where requests are queued, so bursts cannot pass it
+        self.vllm = VllmAdapters(store, paths or PathAdapters(), AllowedRoots(config.adapter_roots), config.base_name)
         self.started = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
 
@@ -136,14 +183,23 @@ class Server:
         except AdapterNotFoundError as exc:
             raise ApiError(404, f"model {model!r} not found; available: {self.model_ids()}",
                            code="model_not_found", param="model") from exc
+        except AdapterLoadError as exc:  # a source that could not fetch it (lorakit.serve.object_store)
+            raise ApiError(500, self.store.client_message(exc), type_="server_error",
+                           code="adapter_load_failed") from exc
         return model
+
+    async def adapter_for_async(self, model: str) -> str | None:
+        """adapter_for off the event loop (a source may download the adapter on first use)."""
+        from starlette.concurrency import run_in_threadpool
+
+        if model == self.config.base_name:
+            return None
+        return await run_in_threadpool(self.adapter_for, model)
 
     def model_ids(self) -> list[str]:
         return [self.config.base_name] + self.store.available()
 
     def params(self, body: _Sampling, prompt_len: int) -> SamplingParams:
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
         context = self.engine.max_context
         if prompt_len >= context:
             raise ApiError(400, f"the prompt is {prompt_len} tokens; this model's context is {context} tokens",
@@ -185,14 +241,7 @@ class Server:
         for i, m in enumerate(messages):
             content = m.content
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                texts = []
-                for j, part in enumerate(content):
-                    if part.type == "text":
-                        if not isinstance(part.text, str):
-                            raise ApiError(400, f"messages.{i}.content.{j}.text must be a string, got "
-                                           f"{type(part.text).__name__}", param=f"messages.{i}.content.{j}.text")
-                        texts.append(part.text)
-                content = "".join(texts)
+                content = "".join(part.text for part in content if part.type == "text")
             check_text(content or "", f"messages.{i}.content")
             turns.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
@@ -235,6 +284,23 @@ def check_text(text: str, param: str) -> None:
     except UnicodeEncodeError as exc:
         raise ApiError(400, f"{param} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
                        f"{exc.start}", param=param) from None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def field_path(loc) -> str:
+    """A validation error's field as "messages.0.content", without pydantic's union-member tags
+    ("constrained-str", "list[ContentPart]", "function-before[...]", "str")."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS))
+
+
+def telling_error(errors: list[dict]) -> dict:
+    """The error that says most: a union's members each fail; prefer a broken constraint (too long, bad
+    Unicode) over "not a string", then the deepest field."""
+    if not errors:
+        return {}
+    return min(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
 
 
 def _error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -317,14 +383,27 @@ def create_app(server: Server):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error_response(400, "the request body is not valid JSON", code="invalid_json")
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        first = telling_error(errors)
+        where = field_path(first.get("loc", ())[1:]) or None
+        if first.get("type") == "string_unicode":  # a lone surrogate: JSON allows it, UTF-8 cannot hold it
+            field = field_path(p for p in first["loc"][1:] if not isinstance(p, int))  # "prompt", as check_text
+            return _error_response(400, f"{field} is not valid Unicode (a lone surrogate)", param=field,
+                                   code="invalid_value")
         return _error_response(400, f"invalid request: {where}: {first.get('msg', 'invalid')}", param=where,
                                code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, str(exc.detail))
+        response = _error_response(exc.status_code, str(exc.detail))
+        if exc.status_code == 405:  # RFC 9110: name the methods of every route on this path
+            response.headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
+        return response
+
+    @app.exception_handler(VllmError)
+    async def vllm_error(request: Request, exc: VllmError):
+        from fastapi.responses import Response
+
+        return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
@@ -352,7 +431,7 @@ def create_app(server: Server):
         return {"status": "ok", "running": server.engine.running, "waiting": server.engine.waiting,
                 "adapters_resident": len(server.store.resident())}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=declared())
     async def models():
         resident = set(server.store.resident())
         data = [{"id": m, "object": "model", "created": server.started, "owned_by": "lorakit",
@@ -360,12 +439,12 @@ def create_app(server: Server):
                  "resident": m == config.base_name or m in resident} for m in server.model_ids()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", responses=declared())
     async def adapters():
         return {"available": server.store.available(), "resident": server.store.resident(),
                 "resident_bytes": server.store.resident_bytes(), "budget_bytes": server.store.budget_bytes}
 
-    @app.post("/v1/adapters")
+    @app.post("/v1/adapters", responses=declared(400, 404, 413, 500))
     async def load_adapter(body: AdapterBody):
         from starlette.concurrency import run_in_threadpool
 
@@ -378,7 +457,7 @@ def create_app(server: Server):
                            code="adapter_load_failed") from exc
         return {"name": body.name, "bytes": nbytes, "resident": server.store.resident()}
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", responses=declared(404))
     async def unload_adapter(name: str):
         try:
             now = server.store.unload(name)
@@ -386,9 +465,13 @@ def create_app(server: Server):
             raise ApiError(404, f"{exc}", code="adapter_not_found", param="name") from exc
         return {"name": name, "unloaded": True if now else "after running requests finish"}
 
-    @app.post("/v1/completions")
+    generation = {**declared(400, 404, 413, 500, 503),
+                  200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "the completion (JSON), or its chunks as server-sent events (stream: true)"}}
+
+    @app.post("/v1/completions", responses=generation)
     async def completions(body: CompletionBody, request: Request):
-        adapter = server.adapter_for(body.model)
+        adapter = await server.adapter_for_async(body.model)
         prompt_ids = server.encode_prompt(body.prompt)
         params = server.params(body, len(prompt_ids))
         stream = await server.start(prompt_ids, adapter, params)
@@ -405,9 +488,9 @@ def create_app(server: Server):
         out["usage"] = _usage(done)
         return out
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation)
     async def chat_completions(body: ChatBody, request: Request):
-        adapter = server.adapter_for(body.model)
+        adapter = await server.adapter_for_async(body.model)
         prompt_ids = server.encode_chat(body.messages)
         params = server.params(body, len(prompt_ids))
         stream = await server.start(prompt_ids, adapter, params)
@@ -426,7 +509,15 @@ def create_app(server: Server):
                              "logprobs": None, "finish_reason": _reason(done)}],
                 "usage": _usage(done)}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.post("/v1/load_lora_adapter", responses={**declared(400, 403, 404, 413), **TEXT})
+    async def load_lora_adapter(body: LoadLoraAdapterBody):
+        return PlainTextResponse(await server.vllm.load(body))
+
+    @app.post("/v1/unload_lora_adapter", responses={**declared(400, 404, 413), **TEXT})
+    async def unload_lora_adapter(body: UnloadLoraAdapterBody):
+        return PlainTextResponse(await server.vllm.unload(body))
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=declared())
     async def metrics():
         return PlainTextResponse(render_metrics(server), media_type="text/plain; version=0.0.4")
 
@@ -453,7 +544,33 @@ def create_app(server: Server):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def openapi() -> dict:
+        """FastAPI's document without its 422 answers: validation errors are 400 here, as OpenAI answers."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for operations in doc.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def allowed_methods(app, scope) -> list[str]:
+    """The methods of every route whose path matches `scope`'s (a 405's Allow header)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 async def _wait(stream, request) -> Finished:
@@ -524,17 +641,34 @@ def render_metrics(server: Server) -> str:
     metric("lorakit_adapter_evictions_total", "counter", "Adapters evicted to stay under the budget",
            [("", stats.evictions)])
     metric("lorakit_adapter_unloads_total", "counter", "Adapters unloaded on request", [("", stats.unloads)])
+    running, waiting = (_user_names(counts) for counts in server.engine.row_adapters())
+    lines += vllm_metric_lines(server.config.base_name, server.engine.max_batch, running, waiting,
+                               server.engine.running, server.engine.waiting, engine.prompt_tokens,
+                               engine.completion_tokens, engine.requests_finished)
     return "\n".join(lines) + "\n"  # summaries' "_sum"/"_count" samples come out as name_sum, name_count
+
+
+def _user_names(counts: dict[str, int]) -> dict[str, int]:
+    """Requests per adapter as clients name it: a replaced adapter's new version (NAME--lorakit-vN) counts as NAME."""
+    out: dict[str, int] = {}
+    for attached, n in counts.items():
+        name = attached.split(VERSION_MARK, 1)[0]
+        out[name] = out.get(name, 0) + n
+    return out
 
 
 def make_server(model: Any, tokenizer: Any, adapter_dir: Any = None, *, config: ServeConfig | None = None,
                 budget_bytes: int | None = None, max_batch: int = 16, max_context: int | None = None,
-                prefill_tokens: int = 512, compile_decode: bool = False, compile_mode: str | None = None) -> Server:
-    """Engine + store + config for one model (the engine thread starts with the app)."""
+                prefill_tokens: int = 512, compile_decode: bool = False, compile_mode: str | None = None,
+                sources: tuple[AdapterSource, ...] = ()) -> Server:
+    """Engine + store + config for one model (the engine thread starts with the app). Adapters are found by
+    name in: paths registered through /v1/load_lora_adapter, then `sources` (an object store), then
+    `adapter_dir`."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context, prefill_tokens=prefill_tokens,
                     compile_decode=compile_decode, compile_mode=compile_mode)
-    store = AdapterStore(model, adapter_dir, engine=engine, budget_bytes=budget_bytes)
-    return Server(engine, store, tokenizer, config or ServeConfig())
+    paths = PathAdapters()
+    store = AdapterStore(model, adapter_dir, engine=engine, budget_bytes=budget_bytes, sources=(paths, *sources))
+    return Server(engine, store, tokenizer, config or ServeConfig(), paths)
 
 
 class DrainingServer(uvicorn.Server):

@@ -2,6 +2,7 @@
 
     lorakit serve --base smollm2-135m --adapters ./adapters --port 8000 --budget-mb 64
     lorakit serve --base scripts/configs/tinyllama-1.1b.json --device cuda --dtype bfloat16 --adapters ./adapters
+    lorakit serve --adapters s3://bucket/prefix --adapter-cache /var/cache/lorakit   (endpoint: $AWS_ENDPOINT_URL)
 
 Each subdirectory of --adapters is an adapter (as lorakit.io.save_adapter writes it) served under its
 directory name; the base itself is served under --base-name (default: the --base name).
@@ -28,7 +29,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "tokenizer")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the base model's dtype")
-    parser.add_argument("--adapters", default=None, help="directory of adapter subdirectories")
+    parser.add_argument("--adapters", default=None,
+                        help="directory of adapter subdirectories, or s3://bucket/prefix (an S3-compatible store at "
+                             "$AWS_ENDPOINT_URL; adapters are fetched on first use into --adapter-cache)")
+    parser.add_argument("--adapter-cache", default=None,
+                        help="local cache of adapters from an s3:// --adapters (default: ~/.cache/lorakit/s3/BUCKET/PREFIX)")
+    parser.add_argument("--allow-adapter-root", action="append", default=[], metavar="DIR",
+                        help="a directory POST /v1/load_lora_adapter may load adapters from by path (repeatable; "
+                             "none: loading by path is refused with 403)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for resident adapters (MB)")
@@ -72,14 +80,34 @@ def _cpp_compiler() -> str | None:
                 None)
 
 
+def object_store_source(url: str, cache: str | None):
+    """The S3 adapter source of `--adapters s3://...` (boto3 is the `s3` extra)."""
+    try:
+        from lorakit.serve.object_store import S3Adapters, S3Location
+    except ImportError as exc:  # pragma: no cover - boto3 missing
+        raise UsageError(f"--adapters {url} needs boto3: pip install 'lorakit[s3]' ({exc})") from None
+    try:
+        where = S3Location.parse(url)
+    except ValueError as exc:
+        raise UsageError(f"--adapters: {exc}") from None
+    cache = cache or str(Path("~/.cache/lorakit/s3").expanduser() / where.bucket / where.prefix)
+    return S3Adapters(url, cache)
+
+
 def build_app(args: argparse.Namespace):
     """Load the base and build the app (separate from running it, for tests and the demo)."""
     from lorakit.serve.app import ServeConfig, create_app, make_server
     from lorakit.serve.base_loader import DeviceUnavailableError, load_serving_base, serving_device
     from lorakit.perf import in_fresh_thread
 
-    if args.adapters is not None and not Path(args.adapters).is_dir():
-        raise UsageError(f"--adapters {args.adapters} is not a directory")
+    remote = args.adapters is not None and args.adapters.startswith("s3://")
+    if args.adapters is not None and not remote and not Path(args.adapters).is_dir():
+        raise UsageError(f"--adapters {args.adapters} is not a directory (nor an s3:// URL)")
+    if args.adapter_cache is not None and not remote:
+        raise UsageError("--adapter-cache needs an s3:// --adapters")
+    for root in args.allow_adapter_root:
+        if not Path(root).is_dir():
+            raise UsageError(f"--allow-adapter-root {root} is not a directory")
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.drain_timeout < float("inf"):
@@ -104,10 +132,13 @@ def build_app(args: argparse.Namespace):
     budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
                          max_tokens_limit=args.max_tokens_limit, title=args.title,
-                         drain_timeout=args.drain_timeout)
-    server = make_server(model, tokenizer, args.adapters, config=config, budget_bytes=budget,
+                         drain_timeout=args.drain_timeout, adapter_roots=tuple(args.allow_adapter_root))
+    sources, directory = (), args.adapters
+    if remote:
+        sources, directory = (object_store_source(args.adapters, args.adapter_cache),), None
+    server = make_server(model, tokenizer, directory, config=config, budget_bytes=budget,
                          max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, compile_decode=args.compile,
-                         compile_mode=args.compile_mode)
+                         compile_mode=args.compile_mode, sources=sources)
     if args.preload:
         for name in server.store.available():
             try:

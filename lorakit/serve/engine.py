@@ -113,18 +113,59 @@ class Finished:
     error: str | None = None
 
 
-class Stream:
-    """A request's events (Delta..., then one Finished), readable from a thread or from asyncio."""
+class Mailbox:
+    """Events bound for one asyncio loop, handed over in one `call_soon_threadsafe` per batch: while
+    `holding`, posts only collect (a decode step posts one token per row), `release` wakes the loop once.
+    Outside a hold every post is handed over at once. One wake-up per step, not one per row: each wake-up
+    is a write to the loop's self-pipe and a turn of the loop, taken from the cores the forward runs on."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Delta | Finished]] = []
+        self._scheduled = False
+        self.holding = False  # set and cleared by the engine thread only
+
+    def post(self, target: asyncio.Queue, event: Delta | Finished) -> None:
+        with self._lock:
+            self._items.append((target, event))
+            if self.holding or self._scheduled:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def release(self) -> None:
+        self.holding = False
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for target, event in items:
+            target.put_nowait(event)
+
+
+class Stream:
+    """A request's events (Delta..., then one Finished), readable from a thread or from asyncio (through
+    its loop's Mailbox)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, mailbox: Mailbox | None = None) -> None:
         self._loop = loop
+        self._mailbox = mailbox if mailbox is not None or loop is None else Mailbox(loop)
         self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self.cancelled = threading.Event()
 
     def put(self, event: Delta | Finished) -> None:  # called on the engine thread
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        if self._mailbox is not None:
+            self._mailbox.post(self._queue, event)
         else:
             self._queue.put(event)
 
@@ -277,6 +318,7 @@ class Engine:
         self._pending: list[Request] = []
         self._decode_route: Route | None = None  # re-entered while the running rows' adapters are unchanged
         self._ids = itertools.count(1)
+        self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # one per client loop (usually one)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -328,7 +370,7 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_context:
             raise EngineError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                               f"context length {self.max_context}")
-        stream = Stream(loop)
+        stream = Stream(loop, self._mailbox(loop) if loop is not None else None)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         request = Request(prompt, adapter, params, stream, on_finish, next(self._ids),
                           torch.Generator().manual_seed(seed))
@@ -343,6 +385,38 @@ class Engine:
     async def submit_async(self, prompt_ids: Sequence[int], adapter: str | None = None,
                            params: SamplingParams | None = None, **kwargs) -> Stream:
         return self.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop(), **kwargs)
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        box = self._mailboxes.get(loop)
+        if box is None:
+            self._mailboxes = {lp: b for lp, b in self._mailboxes.items() if not lp.is_closed()}
+            box = self._mailboxes.setdefault(loop, Mailbox(loop))
+        return box
+
+    @contextlib.contextmanager
+    def _holding_mail(self):
+        """Collect the events a step posts and hand them to each loop in one wake-up at its end."""
+        boxes = list(self._mailboxes.values())
+        for box in boxes:
+            box.holding = True
+        try:
+            yield
+        finally:
+            for box in boxes:
+                box.release()
+
+    def row_adapters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(running, waiting): requests per adapter name among the admitted rows and the queue (a snapshot
+        read off the engine thread, for metrics; requests still in the inbox are not counted by name)."""
+        def count(requests) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for request in requests:
+                if request.adapter is not None:
+                    out[request.adapter] = out.get(request.adapter, 0) + 1
+            return out
+
+        running = list(self._batch.rows) + [request for request, _ in list(self._prefilling)]
+        return count(running), count(list(self._pending))
 
     def cancel_all(self, reason: str = "shutdown", error: str | None = None) -> Future:
         """Finish every running, waiting and queued request now with `reason` (a drain that ran out of
@@ -378,7 +452,8 @@ class Engine:
                 continue
             if self._prefilling:
                 try:
-                    self._prefill_step()  # a model error fails its own rows only, never the running ones
+                    with self._holding_mail():  # the first tokens reach the loop in one wake-up
+                        self._prefill_step()  # a model error fails its own rows only, never the running ones
                 except Exception as exc:  # a bug here must not stop the engine thread (clients would hang)
                     log.exception("prefill step failed")
                     failed, self._prefilling = self._prefilling, []
@@ -386,7 +461,8 @@ class Engine:
             if not self._batch:
                 continue
             try:
-                self._step()
+                with self._holding_mail():  # every row's token in one wake-up of the loop
+                    self._step()
             except Exception as exc:  # a model error fails the rows of this step, never the server
                 log.exception("decode step failed")
                 failed, self._batch = self._batch.rows, _Batch(self.max_batch)
@@ -514,8 +590,9 @@ class Engine:
             logits = self.decode_forward(ids, mask, positions, cache).float()  # (B, V)
         batch.cache.advance()
         batch.pos = [p + 1 for p in batch.pos]
-        bad = (~torch.isfinite(logits.max(-1).values) | logits.isnan().any(-1)).tolist()  # one check for all rows
-        greedy = logits.argmax(-1).tolist()
+        top, greedy_ids = logits.max(-1)  # (B,), (B,): one pass; max propagates NaN, so NaN and +inf show in top
+        checked = torch.stack([(~torch.isfinite(top)).to(greedy_ids.dtype), greedy_ids])  # (2, B): one transfer
+        bad, greedy = checked.tolist()
         keep, leaving = [], []  # leaving: (request, reason, error), finished once out of the batch
         for i, request in enumerate(batch.rows):
             if request.stream.cancelled.is_set():
