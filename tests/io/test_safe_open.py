@@ -21,6 +21,7 @@ from lorakit.config import LoraConfig, LoraXSConfig
 from lorakit.errors import CorruptAdapterError, LorakitError
 from lorakit.io import load_adapter, read_adapter_info, save_adapter
 from lorakit.serve.adapter_store import AdapterLoadError, AdapterStore
+from tests.broken_files import make_dev_zero, make_fifo, make_symlink_loop
 from tests.conftest import tiny_llama
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -32,20 +33,6 @@ def _header_bytes(header: dict) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _fifo(path: Path) -> None:
-    path.unlink()
-    os.mkfifo(path)
-
-
-def _dev_zero(path: Path) -> None:
-    path.unlink()
-    os.symlink("/dev/zero", path)
-
-
-def _loop(path: Path) -> None:
-    path.unlink()
-    os.symlink(path.name + ".b", path)
-    os.symlink(path.name, path.with_name(path.name + ".b"))
 
 
 def _dangling(path: Path) -> None:
@@ -96,12 +83,12 @@ def _huge_config(path: Path) -> None:
 
 # (id, file, how to break it, what every entry point's error says)
 CASES = [
-    ("weights-fifo", WEIGHTS, _fifo, "FIFO"),
-    ("config-fifo", CONFIG, _fifo, "FIFO"),
-    ("weights-dev-zero", WEIGHTS, _dev_zero, "character device"),
-    ("config-dev-zero", CONFIG, _dev_zero, "character device"),
-    ("weights-symlink-loop", WEIGHTS, _loop, "symbolic link loop"),
-    ("config-symlink-loop", CONFIG, _loop, "symbolic link loop"),
+    ("weights-fifo", WEIGHTS, make_fifo, "FIFO"),
+    ("config-fifo", CONFIG, make_fifo, "FIFO"),
+    ("weights-dev-zero", WEIGHTS, make_dev_zero, "character device"),
+    ("config-dev-zero", CONFIG, make_dev_zero, "character device"),
+    ("weights-symlink-loop", WEIGHTS, make_symlink_loop, "symbolic link loop"),
+    ("config-symlink-loop", CONFIG, make_symlink_loop, "symbolic link loop"),
     ("weights-dangling-symlink", WEIGHTS, _dangling, "which does not exist"),
     ("weights-directory", WEIGHTS, _directory, "is a directory"),
     ("config-directory", CONFIG, _directory, "is a directory"),
@@ -200,7 +187,7 @@ def test_a_fifo_adapter_does_not_stop_the_store_serving_the_others(good, tmp_pat
     root.mkdir()
     shutil.copytree(good, root / "healthy")
     shutil.copytree(good, root / "piped")
-    _fifo(root / "piped" / WEIGHTS)
+    make_fifo(root / "piped" / WEIGHTS)
     store = AdapterStore(tiny_llama(), root)
     for _ in range(50):  # the old reader blocked each of these forever: 45 used up a server's worker pool
         err = _answer(lambda: store.load("piped"), root / "piped")

@@ -12,24 +12,12 @@ import pytest
 from lorakit.train.checkpoint import list_checkpoints, read_checkpoint
 from lorakit.train.cli import main
 from lorakit.train.errors import CheckpointError
+from tests.broken_files import make_dev_zero, make_fifo, make_symlink_loop
 from tests.train.conftest import prompt_rows, write_jsonl
 
 FAILSAFE_S = 20.0
 
 
-def _fifo(path: Path) -> None:
-    path.unlink()
-    os.mkfifo(path)
-
-
-def _dev_zero(path: Path) -> None:
-    path.unlink()
-    os.symlink("/dev/zero", path)
-
-
-def _loop(path: Path) -> None:
-    path.unlink()
-    os.symlink(path.name, path)
 
 
 def _directory(path: Path) -> None:
@@ -41,7 +29,7 @@ def _longer(path: Path) -> None:
     os.truncate(path, 2 << 30)  # sparse
 
 
-BREAKERS = [(_fifo, "FIFO"), (_dev_zero, "character device"), (_loop, "symbolic link loop"),
+BREAKERS = [(make_fifo, "FIFO"), (make_dev_zero, "character device"), (make_symlink_loop, "symbolic link loop"),
             (_directory, "is a directory"), (_longer, "longer than its tensors")]
 
 
