@@ -162,7 +162,7 @@ def _core(layer: AdaptedLinear, name: str, config: LoraXSConfig, rank: int) -> t
 def _combined_core(layer: AdaptedLinear, present: dict[str, float], configs: dict, rank: int, combination_type: str,
                    density: float | None, sign_method: str, generator: torch.Generator | None) -> torch.Tensor:
     cores = [_core(layer, name, configs[name], rank) for name in present]
-    weights = torch.tensor(list(present.values()), dtype=cores[0].dtype)
+    weights = torch.tensor(list(present.values()), dtype=cores[0].dtype, device=cores[0].device)
     merger = MERGERS["linear" if combination_type in CORE_EXACT else combination_type]
     return merger(cores, weights, density if density is not None else 1.0, sign_method, generator)  # scaling 1
 

@@ -134,12 +134,20 @@ def data_end(header: dict, path: Path, error: type[Exception] = CorruptAdapterEr
 def read_safetensors_header(path: str | os.PathLike, *, dir_fd: int | None = None, name: str | None = None,
                             error: type[Exception] = CorruptAdapterError) -> dict:
     """The parsed header of a safetensors file (tensor names, dtypes, shapes, metadata), no tensor data read."""
-    path = Path(path)
+    return _checked_safetensors(Path(path), dir_fd, name, error, whole=False)[0]
+
+
+def _checked_safetensors(path: Path, dir_fd: int | None, name: str | None, error: type[Exception],
+                         whole: bool) -> tuple[dict, bytes | None]:
+    """(header, the whole file when `whole`), read only once the header (unique names, offsets) matches the size."""
     fd, size = _open_regular(path, name or path.name, dir_fd, error)
     try:
         header_len, header = _header(fd, size, path, error)
         _check_size(header, header_len, size, path, error)
-        return header
+        if not whole:
+            return header, None
+        os.lseek(fd, 0, os.SEEK_SET)
+        return header, _read_exactly(fd, size, path, error)
     finally:
         os.close(fd)
 
@@ -156,15 +164,7 @@ def _check_size(header: dict, header_len: int, size: int, path: Path, error: typ
 def read_safetensors_bytes(path: str | os.PathLike, *, dir_fd: int | None = None, name: str | None = None,
                            error: type[Exception] = CorruptAdapterError) -> bytes:
     """A whole safetensors file, read only once its header (unique names, offsets) matches its size."""
-    path = Path(path)
-    fd, size = _open_regular(path, name or path.name, dir_fd, error)
-    try:
-        header_len, header = _header(fd, size, path, error)
-        _check_size(header, header_len, size, path, error)
-        os.lseek(fd, 0, os.SEEK_SET)
-        return _read_exactly(fd, size, path, error)
-    finally:
-        os.close(fd)
+    return _checked_safetensors(Path(path), dir_fd, name, error, whole=True)[1]
 
 
 def parse_json_object(data: bytes, where: Path, error: type[Exception] = CorruptAdapterError) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,11 +20,10 @@ from lorakit.config import LoraConfig, LoraXSConfig
 from lorakit.errors import CorruptAdapterError, LorakitError
 from lorakit.io import load_adapter, read_adapter_info, save_adapter
 from lorakit.serve.adapter_store import AdapterLoadError, AdapterStore
-from tests.broken_files import make_dev_zero, make_fifo, make_symlink_loop
+from tests.broken_files import answer_without_blocking, make_dev_zero, make_fifo, make_symlink_loop
 from tests.conftest import tiny_llama
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-FAILSAFE_S = 20.0  # only reached when a read blocks (the old FIFO hang); then the test fails
 
 
 def _header_bytes(header: dict) -> bytes:
@@ -124,48 +122,27 @@ def _broken(good: Path, tmp_path: Path, file: str, breaker: Callable[[Path], Non
     return root / "bad"
 
 
-def _answer(call: Callable[[], object], unblock: Path) -> object:
-    """What `call` returns or raises, with a failsafe: a call still blocked after FAILSAFE_S fails the test
-    (the FIFO is then opened for writing and closed, which releases the blocked reader)."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["out"] = call()
-        except BaseException as exc:  # noqa: BLE001 - inspected by the test
-            box["out"] = exc
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(FAILSAFE_S)
-    if thread.is_alive():
-        for fifo in [p for p in unblock.iterdir() if p.is_fifo()]:
-            os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
-        thread.join(FAILSAFE_S)
-        pytest.fail(f"{call} blocked for {FAILSAFE_S} s")
-    return box["out"]
-
-
 @pytest.mark.parametrize("case, file, breaker, phrase", CASES, ids=[c[0] for c in CASES])
 def test_every_reader_refuses_the_broken_file_alike(good, tmp_path, capsys, case, file, breaker, phrase):
     bad = _broken(good, tmp_path, file, breaker)
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    err = _answer(lambda: load_adapter(model, bad), bad)
+    err = answer_without_blocking(lambda: load_adapter(model, bad), bad)
     assert isinstance(err, LorakitError), repr(err)
     assert phrase in str(err) and str(bad) in str(err), str(err)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is as it was
 
     if case != "config-absurd-alpha":  # inspect shows settings without judging them; every file fault it refuses
-        info_err = _answer(lambda: read_adapter_info(bad), bad)
+        info_err = answer_without_blocking(lambda: read_adapter_info(bad), bad)
         assert isinstance(info_err, LorakitError) and phrase in str(info_err), repr(info_err)
         capsys.readouterr()
-        assert _answer(lambda: main(["inspect", str(bad)]), bad) == 2
+        assert answer_without_blocking(lambda: main(["inspect", str(bad)]), bad) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and phrase in lines[0] and str(bad) in lines[0], lines
 
     store = AdapterStore(tiny_llama(), bad.parent)
-    store_err = _answer(lambda: store.load("bad"), bad)
+    store_err = answer_without_blocking(lambda: store.load("bad"), bad)
     assert isinstance(store_err, AdapterLoadError) and phrase in str(store_err), repr(store_err)
     assert store.resident() == []
 
@@ -190,7 +167,7 @@ def test_a_fifo_adapter_does_not_stop_the_store_serving_the_others(good, tmp_pat
     make_fifo(root / "piped" / WEIGHTS)
     store = AdapterStore(tiny_llama(), root)
     for _ in range(50):  # the old reader blocked each of these forever: 45 used up a server's worker pool
-        err = _answer(lambda: store.load("piped"), root / "piped")
+        err = answer_without_blocking(lambda: store.load("piped"), root / "piped")
         assert isinstance(err, AdapterLoadError) and "FIFO" in str(err)
     assert store.load("healthy") > 0 and store.resident() == ["healthy"]
 

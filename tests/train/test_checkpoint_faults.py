@@ -4,7 +4,6 @@ words as load_adapter uses (one guarded reader, lorakit.io.safe_open); a crash's
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,9 @@ import pytest
 from lorakit.train.checkpoint import list_checkpoints, read_checkpoint
 from lorakit.train.cli import main
 from lorakit.train.errors import CheckpointError
-from tests.broken_files import make_dev_zero, make_fifo, make_symlink_loop
+from tests.broken_files import answer_without_blocking, make_dev_zero, make_fifo, make_symlink_loop
 from tests.train.conftest import prompt_rows, write_jsonl
 
-FAILSAFE_S = 20.0
 
 
 
@@ -44,21 +42,6 @@ def run(llama_dir, tmp_path_factory) -> tuple[list[str], Path]:
     return argv, root / "out"
 
 
-def _without_blocking(call):
-    box: dict = {}
-
-    def go() -> None:
-        try:
-            box["out"] = call()
-        except BaseException as exc:  # noqa: BLE001 - inspected by the test
-            box["out"] = exc
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
-    thread.join(FAILSAFE_S)
-    assert not thread.is_alive(), f"{call} blocked"
-    return box["out"]
-
-
 @pytest.mark.parametrize("breaker, phrase", BREAKERS, ids=[b.__name__.strip("_") for b, _ in BREAKERS])
 @pytest.mark.parametrize("file", ["state.safetensors", "state.json"])
 def test_resume_names_a_broken_checkpoint_file(run, capsys, breaker, phrase, file):
@@ -70,10 +53,10 @@ def test_resume_names_a_broken_checkpoint_file(run, capsys, breaker, phrase, fil
     saved = target.read_bytes()
     breaker(target)
     try:
-        err = _without_blocking(lambda: read_checkpoint(latest))
+        err = answer_without_blocking(lambda: read_checkpoint(latest))
         assert isinstance(err, CheckpointError) and phrase in str(err) and str(target) in str(err), repr(err)
         capsys.readouterr()
-        assert _without_blocking(lambda: main(argv + ["--resume"])) == 2
+        assert answer_without_blocking(lambda: main(argv + ["--resume"])) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
         assert len(lines) == 1 and phrase in lines[0] and str(target) in lines[0], lines
     finally:
