@@ -63,6 +63,10 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, combinat
     merger_name = SVD_TYPES.get(combination_type, combination_type)
     if merger_name in NEEDS_DENSITY and (density is None or not 0.0 <= density <= 1.0):
         raise AdapterConfigError(f"combination_type {combination_type!r} needs density in [0, 1], got {density!r}")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
+        raise AdapterConfigError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
+    if svd_clamp is not None and not 0.0 < svd_clamp <= 1.0:
+        raise AdapterConfigError(f"svd_clamp must be a quantile in (0, 1] or None, got {svd_clamp!r}")
     if majority_sign_method not in SIGN_METHODS:
         raise AdapterConfigError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
     methods = {config.method for config in configs.values()}

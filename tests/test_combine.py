@@ -197,6 +197,8 @@ def test_vera_and_mixed_kinds_combine_as_lora():
     ({"x": 1.0, "y": 1.0}, {"combination_type": "ties"}, "density"),
     ({"x": 1.0, "y": 1.0}, {"combination_type": "ties", "density": 1.5}, "density"),
     ({"x": 1.0, "y": 1.0}, {"combination_type": "median"}, "combination_type"),
+    ({"x": 1.0, "y": 1.0}, {"combination_type": "svd", "svd_rank": 0}, "svd_rank"),
+    ({"x": 1.0, "y": 1.0}, {"combination_type": "svd", "svd_clamp": 1.5}, "svd_clamp"),
     ({"x": 1.0, "y": 1.0}, {"combination_type": "ties", "density": 0.5, "majority_sign_method": "vote"},
      "majority_sign_method"),
 ])

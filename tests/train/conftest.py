@@ -114,3 +114,18 @@ def run_config(base: Path, data: Path, out: Path, **kw):
                     adapter={"r": 4}, progress=False)
     settings.update(kw)
     return TrainConfig(**settings)
+
+
+def interrupt_at_call(monkeypatch, n: int) -> None:
+    """The trainer's n-th loss computation raises KeyboardInterrupt: a run killed mid-way (undo to go on)."""
+    from lorakit.train import trainer
+
+    real, calls = trainer.loss_sum, {"n": 0}
+
+    def interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(trainer, "loss_sum", interrupted)

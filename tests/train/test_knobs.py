@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lorakit
-import lorakit.train.trainer as trainer
 from lorakit.layer import adapted_layers
 from lorakit.train import TrainConfig, TrainConfigError, train
-from tests.train.conftest import char_tokenizer, prompt_rows, run_config, text_rows, write_jsonl
+from tests.train.conftest import char_tokenizer, interrupt_at_call, prompt_rows, run_config, text_rows, write_jsonl
 
 ADAPTER = "adapter/adapter_model.safetensors"
 
@@ -97,14 +96,7 @@ def test_adamw8bit_runs_and_resumes_exactly(tmp_path, monkeypatch):
     adamw = train(run_config(llama_dir, data, tmp_path / "adamw", **{**kw, "optimizer": "adamw"}))
     assert max(float((a - b).abs().max()) for a, b in zip(_adapter(full).values(), _adapter(adamw).values())) > 0
 
-    real, calls = trainer.loss_sum, {"n": 0}
-
-    def stop_at_5(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(model, batch)
-    monkeypatch.setattr(trainer, "loss_sum", stop_at_5)
+    interrupt_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(run_config(llama_dir, data, tmp_path / "cut", **kw))
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lorakit.train import TrainConfigError, train
 from lorakit.train.logging_backends import TENSORBOARD_DIR
-from tests.train.conftest import prompt_rows, run_config, write_jsonl
+from tests.train.conftest import interrupt_at_call, prompt_rows, run_config, write_jsonl
 
 
 def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
@@ -34,18 +34,9 @@ def test_tensorboard_events_match_the_csv_log(tmp_path, llama_dir):
 
 
 def test_tensorboard_after_resume_holds_each_step_once(tmp_path, llama_dir, monkeypatch):
-    import lorakit.train.trainer as trainer
-
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
     kw = dict(steps=6, save_every=2, report_to=["tensorboard"])
-    real, calls = trainer.loss_sum, {"n": 0}
-
-    def stop_at_4(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(model, batch)
-    monkeypatch.setattr(trainer, "loss_sum", stop_at_4)
+    interrupt_at_call(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):  # steps 1-3 logged, step 2 checkpointed
         train(run_config(llama_dir, data, tmp_path / "run", **kw))
     monkeypatch.undo()
