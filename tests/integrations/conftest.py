@@ -13,6 +13,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.conftest import tiny_llama
+from lorakit.models import NO_HUB_KERNELS
 
 VOCAB = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(99)}}  # tiny_llama's 101 tokens
 
@@ -34,7 +35,7 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def base(base_dir):
-    return AutoModelForCausalLM.from_pretrained(base_dir)
+    return AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
 
 
 @pytest.fixture()

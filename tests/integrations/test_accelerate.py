@@ -9,12 +9,13 @@ from transformers import AutoModelForCausalLM
 
 import lorakit as lk
 from lorakit.integrations import enable_adapter_saving, restore_adapters
+from lorakit.models import NO_HUB_KERNELS
 
 
 def test_accelerate_loop_saves_and_restores_the_adapter(base_dir, rows, tmp_path):
     accelerate = pytest.importorskip("accelerate")
     accelerator = accelerate.Accelerator(cpu=True)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     lk.attach(model, lk.LoraXSConfig(r=4), "default")
     enable_adapter_saving(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -27,7 +28,7 @@ def test_accelerate_loop_saves_and_restores_the_adapter(base_dir, rows, tmp_path
     accelerator.unwrap_model(model).save_pretrained(tmp_path / "out", is_main_process=accelerator.is_main_process)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     lk.attach(fresh, lk.LoraXSConfig(r=4), "default")
     assert restore_adapters(fresh, tmp_path / "out") == ["default"]
     trained = accelerator.unwrap_model(model)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from lorakit.integrations import enable_adapter_saving
 from lorakit.io import load_adapter
+from lorakit.models import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters
 
 
@@ -32,9 +33,9 @@ def test_lora_saves_peft_files_that_from_pretrained_and_load_adapter_restore(bas
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     monkeypatch.chdir(base_dir.parent)  # the file names its base by the directory's own name
-    restored = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    restored = AutoModelForCausalLM.from_pretrained(tmp_path / "out", **NO_HUB_KERNELS)
     assert (_logits(restored, rows) - want).abs().max() < 1e-6
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     assert (_logits(fresh, rows) - want).abs().max() > 1e-3  # the adapter matters
     fresh.load_adapter(str(tmp_path / "out"))  # transformers' PEFT integration
     assert (_logits(fresh, rows) - want).abs().max() < 1e-6
@@ -52,8 +53,8 @@ def test_several_adapters_one_subdirectory_each_and_from_pretrained_of_the_top_f
     assert sorted(p.name for p in out.iterdir()) == ["pirate", "poet", "tokenizer.json"]
     monkeypatch.chdir(base_dir.parent)
     with pytest.raises((OSError, ValueError)):  # never the base in silence
-        AutoModelForCausalLM.from_pretrained(out)
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+        AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     for name in ("poet", "pirate"):
         load_adapter(fresh, out / name, name)
         assert (_logits(fresh, rows, name) - _logits(base, rows, name)).abs().max() < 1e-6
@@ -66,8 +67,8 @@ def test_lora_xs_saves_native_files_that_transformers_refuses_loudly(base, base_
     assert "lorakit_method" in json.loads((tmp_path / "xs" / "adapter_config.json").read_text())
     monkeypatch.chdir(base_dir.parent)
     with pytest.raises(TypeError, match="peft_type"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "xs")
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+        AutoModelForCausalLM.from_pretrained(tmp_path / "xs", **NO_HUB_KERNELS)
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     with pytest.raises(TypeError, match="peft_type"):
         fresh.load_adapter(str(tmp_path / "xs"))
     load_adapter(fresh, tmp_path / "xs", "default")
@@ -83,7 +84,7 @@ def test_after_merge_and_unload_the_full_model_is_saved(base, rows, tmp_path):
     plain.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
-    assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), rows) - want).abs().max() < 1e-5
+    assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged", **NO_HUB_KERNELS), rows) - want).abs().max() < 1e-5
 
 
 def test_other_ranks_write_nothing_and_push_to_hub_is_refused(base, tmp_path):

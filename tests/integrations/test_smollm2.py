@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit as lk
 from lorakit.integrations import prepare_trainer
+from lorakit.models import NO_HUB_KERNELS
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def test_sft_trainer_on_smollm2_saves_a_peft_adapter(tmp_path):
     from lorakit.models import ensure_cache
 
     base_dir = ensure_cache("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     lk.attach(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), "default")
     data = Dataset.from_dict({"text": [f"{a} + {b} = {a + b}" for a in range(4) for b in range(2)]})
     config = trl.SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
@@ -33,7 +34,7 @@ def test_sft_trainer_on_smollm2_saves_a_peft_adapter(tmp_path):
     assert "adapter_model.safetensors" in names and "model.safetensors" not in names
     assert (checkpoint / "adapter_model.safetensors").stat().st_size < 12e6  # 9.8 MB, not 548 MB
     ids = torch.arange(10, 26)[None]
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     fresh.load_adapter(str(checkpoint))
     model.eval()
     with torch.no_grad():

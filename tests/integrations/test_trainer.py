@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import lorakit as lk
 from lorakit.integrations import prepare_trainer
 from lorakit.io import load_adapter
+from lorakit.models import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters
 from tests.integrations.conftest import token_rows
 
@@ -35,7 +36,7 @@ def _adapter(model, name):
 
 def test_checkpoints_and_save_model_hold_the_adapter_and_resume_is_bit_exact(base_dir, rows, tmp_path):
     def run(out, resume=None):
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
         lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "default")
         trainer = prepare_trainer(Trainer(model=model, args=_args(out), train_dataset=token_rows(rows)))
         trainer.train(resume_from_checkpoint=resume)
@@ -54,14 +55,14 @@ def test_checkpoints_and_save_model_hold_the_adapter_and_resume_is_bit_exact(bas
     again = [s["exp_avg"] for s in trainer2.optimizer.state_dict()["state"].values()]
     assert len(moments) == len(again) and all(torch.equal(a, b) for a, b in zip(moments, again))
 
-    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     load_adapter(fresh, tmp_path / "final", "default")
     with torch.no_grad():
         assert (fresh(input_ids=rows).logits - straight(input_ids=rows).logits).abs().max() < 1e-6
 
 
 def test_a_checkpoint_without_the_adapter_fails_loudly(base_dir, rows, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "default")
     trainer = prepare_trainer(Trainer(model=model, args=_args(tmp_path / "run"), train_dataset=token_rows(rows)))
     empty = tmp_path / "checkpoint-9"
@@ -72,7 +73,7 @@ def test_a_checkpoint_without_the_adapter_fails_loudly(base_dir, rows, tmp_path)
 
 
 def test_one_adapter_of_two_trains_alone(base_dir, rows, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "poet")
     lk.attach(model, lk.LoraXSConfig(r=4), "pirate")
     randomize_adapters(model, std=0.1)
@@ -98,7 +99,7 @@ def test_sft_trainer_saves_and_resumes_the_adapter(base_dir, tmp_path):
     texts = [" ".join(f"w{(i * 7 + j) % 99}" for j in range(6)) for i in range(8)]
 
     def run(out, resume=None):
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
         lk.attach(model, lk.LoraXSConfig(r=4), "default")
         config = trl.SFTConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, save_steps=2,
                                learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
@@ -119,7 +120,7 @@ def test_sft_trainer_saves_and_resumes_the_adapter(base_dir, tmp_path):
 
 def test_qlora_run_saves_an_adapter_that_loads_onto_a_fresh_4bit_base(base_dir, rows, tmp_path):
     pytest.importorskip("bitsandbytes")
-    model = lk.quantize(AutoModelForCausalLM.from_pretrained(base_dir), "nf4")
+    model = lk.quantize(AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS), "nf4")
     lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "default")
     trainer = prepare_trainer(Trainer(model=model, args=_args(tmp_path / "run", steps=2),
                                       train_dataset=token_rows(rows)))
@@ -128,7 +129,7 @@ def test_qlora_run_saves_an_adapter_that_loads_onto_a_fresh_4bit_base(base_dir, 
     files = _files(tmp_path / "final")
     assert "adapter_model.safetensors" in files and not files & FULL_FILES
     assert (tmp_path / "final" / "adapter_model.safetensors").stat().st_size < 64 * 1024  # no 4-bit weights in it
-    fresh = lk.quantize(AutoModelForCausalLM.from_pretrained(base_dir), "nf4")
+    fresh = lk.quantize(AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS), "nf4")
     load_adapter(fresh, tmp_path / "final", "default")
     model.eval()
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_qlora_run_saves_an_adapter_that_loads_onto_a_fresh_4bit_base(base_dir, 
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(base_dir, rows, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)
     lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8), "default")
     data = token_rows(rows)
     args = _args(tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
