@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import lorakit
 from lorakit.layer import adapted_layers
 from lorakit.train import TrainConfig, TrainConfigError, train
+from lorakit.models import NO_HUB_KERNELS
 from tests.train.conftest import char_tokenizer, interrupt_at_call, prompt_rows, run_config, text_rows, write_jsonl
 
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -47,7 +48,7 @@ def test_gradient_checkpointing_same_adapter(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
     kw = dict(steps=3, adapter={"r": 4, "lora_dropout": 0.1})  # dropout: recomputation must redraw the same masks
     plain = train(run_config(llama_dir, data, tmp_path / "plain", **kw))
-    model = LlamaForCausalLM.from_pretrained(llama_dir)
+    model = LlamaForCausalLM.from_pretrained(llama_dir, **NO_HUB_KERNELS)
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     calls = {"n": 0}
     for layer in model.model.layers:
@@ -61,7 +62,7 @@ def test_gradient_checkpointing_same_adapter(tmp_path, llama_dir):
 
 def test_quantize_nf4_trains_a_qlora_adapter(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
-    model = LlamaForCausalLM.from_pretrained(llama_dir)
+    model = LlamaForCausalLM.from_pretrained(llama_dir, **NO_HUB_KERNELS)
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     run = train(run_config(llama_dir, data, tmp_path / "q", steps=12, quantize="nf4"), model=model,
                 tokenizer=tokenizer)
@@ -70,7 +71,7 @@ def test_quantize_nf4_trains_a_qlora_adapter(tmp_path, llama_dir):
     assert run.losses[-1] < run.losses[0] - 0.3
     saved = _adapter(run)
     assert all(t.dtype == torch.float32 for t in saved.values())
-    fresh = LlamaForCausalLM.from_pretrained(llama_dir)  # the file loads on a full-precision base too
+    fresh = LlamaForCausalLM.from_pretrained(llama_dir, **NO_HUB_KERNELS)  # the file loads on a full-precision base too
     lorakit.io.load_adapter(fresh, run.adapter_dir, "q")
 
 

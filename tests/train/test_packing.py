@@ -13,6 +13,7 @@ import lorakit
 from lorakit.train import TrainConfigError, train
 from lorakit.train.data import IGNORE, load_dataset
 from lorakit.train.packing import check_packing, pack, pack_rows
+from lorakit.models import NO_HUB_KERNELS
 from tests.train.conftest import class_rows, prompt_rows, run_config, text_rows, write_jsonl
 
 
@@ -53,7 +54,7 @@ def _token_nll(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_losses_equal_unpacked_per_token(llama_dir, tmp_path, attn):
     samples = _samples(llama_dir, tmp_path, text_rows(5))
-    model = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation=attn)
+    model = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation=attn, **NO_HUB_KERNELS)
     lorakit.attach(model, lorakit.LoraConfig(r=4), "a")
     with torch.no_grad():
         for p in lorakit.adapter_parameters(model, "a"):
@@ -101,7 +102,7 @@ class _AttendsAcross(nn.Module):
 
 def test_check_packing_refuses_a_model_that_attends_across(llama_dir, tmp_path):
     samples = _samples(llama_dir, tmp_path, text_rows(2))
-    model = LlamaForCausalLM.from_pretrained(llama_dir)
+    model = LlamaForCausalLM.from_pretrained(llama_dir, **NO_HUB_KERNELS)
     check_packing(model, samples[0], samples[1], 0, torch.device("cpu"))  # transformers' Llama: fine
     with pytest.raises(TrainConfigError, match="attends across packed examples"):
         check_packing(_AttendsAcross(model), samples[0], samples[1], 0, torch.device("cpu"))
