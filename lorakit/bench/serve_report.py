@@ -26,6 +26,7 @@ class Scenario:
     latencies_s: list[float] = field(default_factory=list)  # every load request of every round
     ttft_idle_s: list[float] = field(default_factory=list)  # probes sent alone to an idle server
     ttft_load_s: list[float] = field(default_factory=list)  # probes sent while the load ran
+    engine: list[dict[str, float]] = field(default_factory=list)  # per round: the load's wall and engine seconds
 
     @property
     def key(self) -> tuple[str, int]:
@@ -39,7 +40,14 @@ class Scenario:
                 "p50_s": quantile(lat, 0.50), "p99_s": quantile(lat, 0.99),
                 "ttft_idle_p50_s": quantile(sorted(self.ttft_idle_s), 0.5), "ttft_idle_count": len(self.ttft_idle_s),
                 "ttft_load_p50_s": quantile(sorted(self.ttft_load_s), 0.5), "ttft_load_count": len(self.ttft_load_s),
-                "requests": len(lat), "completion_tokens": self.tokens}
+                "requests": len(lat), "completion_tokens": self.tokens, "engine_time": self._engine_time()}
+
+    def _engine_time(self) -> dict[str, float] | None:
+        """Medians over rounds of the load's wall time and the server engine's time in decode and prefill."""
+        if not self.engine:
+            return None
+        keys = self.engine[0].keys()
+        return {k: statistics.median(e[k] for e in self.engine) for k in keys}
 
 
 def quantile(sorted_values: list[float], q: float) -> float | None:
@@ -152,6 +160,28 @@ def _bound(bound: dict, meta: dict) -> str:
             f"took {bound['engine_step_s'] * 1e3:.2f} ms on average.")
 
 
+def _engine_time(summaries: list[dict], bound: dict | None) -> list[str]:
+    """Where each load's wall time went, from the server's own counters: the gap to the decode-step bound."""
+    rows = [s for s in summaries if s.get("engine_time")]
+    if not rows:
+        return []
+    lines = ["Where a load's wall time went (the server's /metrics counters read before and after each load; "
+             "medians over rounds; load probes included): *decode* is the engine's decode steps, *prefill* its "
+             "prefill steps (prompt forwards and first tokens), *outside* the rest (HTTP, tokenizing, waiting for "
+             "requests, the engine's loop). *Decode only* is the load's tokens over its decode seconds.", "",
+             "| traffic | wall s | decode s (steps) | prefill s (steps) | outside s | decode only tokens/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in rows:
+        t = s["engine_time"]
+        label = "base only" if s["method"] == BASE else f"{s['adapters']} distinct {s['method']}"
+        outside = t["wall_s"] - t["decode_s"] - t["prefill_s"]
+        tokens = statistics.median(s["completion_tokens"])
+        lines.append(f"| {label} | {t['wall_s']:.2f} | {t['decode_s']:.2f} ({t['decode_steps']:.0f}) | "
+                     f"{t['prefill_s']:.2f} ({t['prefill_steps']:.0f}) | {outside:.2f} | "
+                     f"{tokens / t['decode_s']:.1f} |" if t["decode_s"] > 0 else f"| {label} | - | - | - | - | - |")
+    return lines + [""]
+
+
 def render(summaries: list[dict], goals: list[dict], bound: dict | None, meta: dict, command: str) -> str:
     header = ("| traffic | tokens/s (median) | vs base only | vs 1 adapter | p50 latency s | p99 latency s | "
               "TTFT idle p50 s | TTFT under load p50 s | requests |")
@@ -165,6 +195,7 @@ def render(summaries: list[dict], goals: list[dict], bound: dict | None, meta: d
     lines.append("")
     if bound is not None:
         lines += [_bound(bound, meta), ""]
+    lines += _engine_time(summaries, bound)
     lines += ["Goals (issue 14), computed from the figures above:", "",
               "| goal | figure | target | met |", "|---|---:|---:|---|"]
     for g in goals:

@@ -122,3 +122,26 @@ async def run_load(url: str, models: Callable[[int], str], texts: list[str], req
         start = time.perf_counter()
         await asyncio.gather(clients_then_done(), *([prober()] if probes else []))
     return LoadResult(tokens, wall, latencies, prompt_tokens, ttft)
+
+
+ENGINE_COUNTERS = {"decode_s": "lorakit_decode_step_seconds_total", "decode_steps": "lorakit_decode_steps_total",
+                   "prefill_s": "lorakit_prefill_seconds_total", "prefill_steps": "lorakit_prefill_steps_total"}
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's time counters from the server's /metrics: where a load's wall time went (decode steps,
+    prefill steps, and by difference everything outside the engine's forwards)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():  # these counters carry no labels: "name value"
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            values[parts[0]] = float(parts[1])
+    wanted = {}
+    for key, name in ENGINE_COUNTERS.items():
+        value = values.get(name)
+        if value is None:
+            raise RuntimeError(f"{url}/metrics has no {name}: is this server a lorakit serve?")
+        wanted[key] = value
+    return wanted
+

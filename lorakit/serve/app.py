@@ -629,6 +629,8 @@ def render_metrics(server: Server) -> str:
            [("_sum", engine.first_token_sum), ("_count", engine.first_token_count)])
     metric("lorakit_decode_steps_total", "counter", "Batched decode steps", [("", engine.steps)])
     metric("lorakit_decode_step_seconds_total", "counter", "Seconds spent in decode steps", [("", engine.step_seconds)])
+    metric("lorakit_prefill_steps_total", "counter", "Prefill steps (one batched forward each)", [("", engine.prefill_steps)])
+    metric("lorakit_prefill_seconds_total", "counter", "Seconds spent in prefill steps", [("", engine.prefill_seconds)])
     metric("lorakit_running_requests", "gauge", "Rows in the running batch", [("", server.engine.running)])
     metric("lorakit_waiting_requests", "gauge", "Requests waiting to join the batch", [("", server.engine.waiting)])
     metric("lorakit_adapters_resident", "gauge", "Adapters loaded on the model", [("", len(store.resident()))])

@@ -220,7 +220,9 @@ class EngineStats:
     completion_tokens: int = 0
     steps: int = 0
     max_running: int = 0  # the largest batch a step has run
-    step_seconds: float = 0.0
+    step_seconds: float = 0.0  # in decode steps
+    prefill_steps: int = 0
+    prefill_seconds: float = 0.0  # in prefill steps (their forwards, first tokens and bookkeeping)
     latencies: list[float] = field(default_factory=list)  # seconds from submit to finish, last 1000
     latency_sum: float = 0.0  # over every finished request
     first_token_sum: float = 0.0
@@ -522,6 +524,15 @@ class Engine:
         now = [(entry, size) for entry, size in zip(live, sizes) if size]
         if not now:
             return
+        start = time.perf_counter()
+        try:
+            self._prefill_chunks(now)
+        finally:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_seconds += time.perf_counter() - start
+
+    def _prefill_chunks(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> None:
+        """Prefill these rows' chunks; the finished prompts sample their first token and join the batch."""
         try:
             logits = self._prefill_forward(now)
             results = [(entry, logits[i]) for i, (entry, _) in enumerate(now)]

@@ -78,6 +78,9 @@ def test_a_quick_run_against_a_served_llama_config(tmp_path):
         assert s["tokens_per_s"] > 0 and s["p99_s"] >= s["p50_s"] > 0
         assert s["ttft_idle_count"] == 2 and s["ttft_idle_p50_s"] > 0  # --probes 2, one round
         assert s["ttft_load_count"] >= 1 and s["ttft_load_p50_s"] > 0
+        t = s["engine_time"]  # the server's own counters over the load: its forwards fit inside the wall time
+        assert t["decode_steps"] >= 3 and t["prefill_steps"] >= 1  # 4 tokens each: 3 decode steps after prefill
+        assert 0 < t["decode_s"] and 0 < t["prefill_s"] and t["decode_s"] + t["prefill_s"] < t["wall_s"]
     assert scenarios[("lora", 3)]["vs_one_adapter"] == pytest.approx(
         scenarios[("lora", 3)]["tokens_per_s"] / scenarios[("lora", 1)]["tokens_per_s"])
     assert scenarios[("lora_xs", 1)]["vs_base"] == pytest.approx(
@@ -90,6 +93,7 @@ def test_a_quick_run_against_a_served_llama_config(tmp_path):
     assert isinstance(goals["CPU: 1 LoRA adapter vs base only"]["met"], bool)
     assert goals["GPU: 32 distinct LoRA vs base only"]["met"] is None
     text = (out / "bench_serve.md").read_text()
+    assert "| base only | " in text.split("Where a load's wall time went")[1]
     assert "| 3 distinct lora_xs |" in text and "Goals (issue 14)" in text and "Decode-step bound" in text
     assert (out / "bench_serve.png").stat().st_size > 1000
     assert report["meta"]["base"] == str(CONFIG) and report["meta"]["methods"] == ["lora_xs", "lora"]

@@ -175,7 +175,8 @@ def test_health_and_metrics(served, client):
     assert httpx.get(url + "/health").json()["status"] == "ok"
     text = httpx.get(url + "/metrics").text
     for name in ("lorakit_http_requests_total", "lorakit_completion_tokens_total", "lorakit_request_latency_seconds_sum",
-                 "lorakit_adapters_resident", "lorakit_adapter_evictions_total", "lorakit_time_to_first_token_seconds_count"):
+                 "lorakit_adapters_resident", "lorakit_adapter_evictions_total", "lorakit_time_to_first_token_seconds_count",
+                 "lorakit_prefill_steps_total", "lorakit_prefill_seconds_total", "lorakit_decode_step_seconds_total"):
         assert name in text
     assert 'lorakit_requests_finished_total{reason="length"}' in text
 

@@ -266,6 +266,21 @@ def test_every_decode_step_goes_through_decode_forward(model):
     assert max(engine.rows_per_step) == 4
 
 
+def test_time_counters_split_prefill_from_decode(model):
+    """stats count prefill steps apart from decode steps (what `lorakit bench serve` reports as the gap to
+    the decode-step bound): 4 prompts of 13 tokens at 16 prefill tokens a step need 4 prefill steps."""
+    engine = Engine(model, max_batch=4, prefill_tokens=16)
+    streams = [engine.submit(list(range(3, 16)), None, SamplingParams(max_tokens=5, ignore_eos=True)) for _ in range(4)]
+    engine.start()  # every request is queued before the first step: the prefill plan is fixed
+    try:
+        assert all(len(s.result().token_ids) == 5 for s in streams)
+    finally:
+        engine.close()
+    stats = engine.stats
+    assert stats.prefill_steps == 4 and stats.prompt_tokens == 4 * 13
+    assert stats.prefill_seconds > 0 and stats.step_seconds > 0 and stats.steps >= 4
+
+
 def test_compiled_decode_serves_the_same_tokens_as_eager_across_changing_rows(model):
     """compile_decode=True: decode steps run through lorakit.CompiledForward (aot_eager here: no C compiler
     needed), rows with different adapters joining and leaving mid-flight; tokens equal each row alone."""
