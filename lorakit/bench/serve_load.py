@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from lorakit.bench.serve_report import BASE, Scenario, add_ratios, evaluate_goals, machine, write_report
-from lorakit.bench.serve_traffic import BASE_ID, engine_counters, idle_probes, run_load
+from lorakit.bench.serve_traffic import BASE_ID, idle_probes, run_load
 
 METHODS = ("lora_xs", "lora")
 QUICK = {"base": "tiny-llama-random", "adapters": [0, 1, 3], "max_batch": 4, "requests": 8, "max_tokens": 4,
@@ -128,11 +128,9 @@ def run(args: argparse.Namespace) -> dict:
                     bar.set_postfix_str(f"{key[0]} {key[1]}")
                     s = scenarios[key]
                     s.ttft_idle_s += asyncio.run(idle_probes(url, model_of(key), texts, args.probes))
-                    before = engine_counters(url)
                     load = asyncio.run(run_load(url, model_of(key), texts, args.requests, args.clients,
-                                                args.max_tokens))
-                    after = engine_counters(url)
-                    s.engine.append({"wall_s": load.wall_s} | {k: after[k] - before[k] for k in after})
+                                                args.max_tokens, counters=True))
+                    s.engine.append(load.engine)
                     s.tokens_per_s.append(load.tokens_per_s)
                     s.tokens.append(load.tokens)
                     s.latencies_s += load.latencies_s

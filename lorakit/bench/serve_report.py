@@ -165,16 +165,17 @@ def _engine_time(summaries: list[dict], bound: dict | None) -> list[str]:
     rows = [s for s in summaries if s.get("engine_time")]
     if not rows:
         return []
-    lines = ["Where a load's wall time went (the server's /metrics counters read before and after each load; "
-             "medians over rounds; load probes included): *decode* is the engine's decode steps, *prefill* its "
-             "prefill steps (prompt forwards and first tokens), *outside* the rest (HTTP, tokenizing, waiting for "
-             "requests, the engine's loop). *Decode only* is the load's tokens over its decode seconds.", "",
+    lines = ["Where a load's wall time went (the server's /metrics counters read just before each load's first "
+             "request and right after its last answer; medians over rounds; load probes included): *decode* is the "
+             "engine's decode steps, *prefill* its prefill steps (prompt forwards and first tokens), *outside* the "
+             "rest of that window (HTTP, tokenizing, waiting for requests, the engine's loop). *Decode only* is the "
+             "load's tokens over its decode seconds.", "",
              "| traffic | wall s | decode s (steps) | prefill s (steps) | outside s | decode only tokens/s |",
              "|---|---:|---:|---:|---:|---:|"]
     for s in rows:
         t = s["engine_time"]
         label = "base only" if s["method"] == BASE else f"{s['adapters']} distinct {s['method']}"
-        outside = t["wall_s"] - t["decode_s"] - t["prefill_s"]
+        outside = t.get("window_s", t["wall_s"]) - t["decode_s"] - t["prefill_s"]
         tokens = statistics.median(s["completion_tokens"])
         lines.append(f"| {label} | {t['wall_s']:.2f} | {t['decode_s']:.2f} ({t['decode_steps']:.0f}) | "
                      f"{t['prefill_s']:.2f} ({t['prefill_steps']:.0f}) | {outside:.2f} | "

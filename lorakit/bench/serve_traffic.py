@@ -28,6 +28,7 @@ class LoadResult:
     latencies_s: list[float]  # per load request, sent → answered
     prompt_tokens: list[int]  # per load request
     ttft_s: list[float] = field(default_factory=list)  # load probes
+    engine: dict[str, float] | None = None  # counters=True: the server's time counters over the load (window_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,8 +79,11 @@ async def idle_probes(url: str, models: Callable[[int], str], texts: list[str], 
 
 
 async def run_load(url: str, models: Callable[[int], str], texts: list[str], requests: int, clients: int,
-                   max_tokens: int, probes: bool = True) -> LoadResult:
-    """The load, and (probes=True) load probes one after another until its last answer."""
+                   max_tokens: int, probes: bool = True, counters: bool = False) -> LoadResult:
+    """The load, and (probes=True) load probes one after another until its last answer.
+
+    counters=True reads the engine's time counters just before the first request and right after the last
+    answer (before waiting for a trailing probe), over a window `window_s` that holds every counted step."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -110,28 +114,37 @@ async def run_load(url: str, models: Callable[[int], str], texts: list[str], req
                 k += 1
 
         wall = 0.0
+        engine: dict[str, float] | None = None
 
         async def clients_then_done() -> None:
-            nonlocal wall
+            nonlocal wall, engine
             try:
                 await asyncio.gather(*(client() for _ in range(clients)))
             finally:
                 wall = time.perf_counter() - start
                 done.set()  # the prober sends no more (its last probe was sent while the load ran)
+            if counters:
+                after = await read_counters(http)
+                engine = {"wall_s": wall, "window_s": time.perf_counter() - opened}
+                engine |= {key: after[key] - before[key] for key in after}
 
+        opened = time.perf_counter()
+        before = await read_counters(http) if counters else {}
         start = time.perf_counter()
         await asyncio.gather(clients_then_done(), *([prober()] if probes else []))
-    return LoadResult(tokens, wall, latencies, prompt_tokens, ttft)
+    return LoadResult(tokens, wall, latencies, prompt_tokens, ttft, engine)
 
 
 ENGINE_COUNTERS = {"decode_s": "lorakit_decode_step_seconds_total", "decode_steps": "lorakit_decode_steps_total",
                    "prefill_s": "lorakit_prefill_seconds_total", "prefill_steps": "lorakit_prefill_steps_total"}
 
 
-def engine_counters(url: str) -> dict[str, float]:
+async def read_counters(http: httpx.AsyncClient) -> dict[str, float]:
     """The engine's time counters from the server's /metrics: where a load's wall time went (decode steps,
     prefill steps, and by difference everything outside the engine's forwards)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    response = await http.get("/metrics")
+    response.raise_for_status()
+    text = response.text
     values = {}
     for line in text.splitlines():  # these counters carry no labels: "name value"
         parts = line.split()
@@ -141,7 +154,7 @@ def engine_counters(url: str) -> dict[str, float]:
     for key, name in ENGINE_COUNTERS.items():
         value = values.get(name)
         if value is None:
-            raise RuntimeError(f"{url}/metrics has no {name}: is this server a lorakit serve?")
+            raise RuntimeError(f"{http.base_url}metrics has no {name}: is this server a lorakit serve?")
         wanted[key] = value
     return wanted
 

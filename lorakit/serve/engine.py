@@ -525,14 +525,18 @@ class Engine:
         if not now:
             return
         start = time.perf_counter()
+        leaving = []
         try:
-            self._prefill_chunks(now)
-        finally:
+            leaving = self._prefill_chunks(now)
+        finally:  # counted before any request of this step finishes: a client that saw its answer sees the step
             self.stats.prefill_steps += 1
             self.stats.prefill_seconds += time.perf_counter() - start
+            self._finish_all(leaving)
 
-    def _prefill_chunks(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> None:
-        """Prefill these rows' chunks; the finished prompts sample their first token and join the batch."""
+    def _prefill_chunks(self, now: list[tuple[tuple[Request, PrefillRow], int]]
+                        ) -> list[tuple[Request, str, str | None]]:
+        """Prefill these rows' chunks; the finished prompts sample their first token and join the batch.
+        → the requests that leave instead (request, reason, error), for the caller to finish."""
         try:
             logits = self._prefill_forward(now)
             results = [(entry, logits[i]) for i, (entry, _) in enumerate(now)]
@@ -569,7 +573,7 @@ class Engine:
         gone = {request.id for request, _ in joining} | {request.id for request, _, _ in leaving}
         self._prefilling = [(request, row) for request, row in self._prefilling if request.id not in gone]
         self._batch.add(joining)
-        self._finish_all(leaving)
+        return leaving
 
     @torch.no_grad()
     def _prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> torch.Tensor:
@@ -623,11 +627,12 @@ class Engine:
                 keep.append(i)
             else:
                 leaving.append((request, reason, None))
+        rows = len(batch)
         batch.keep(keep)
-        self._finish_all(leaving)
-        self.stats.steps += 1
-        self.stats.max_running = max(self.stats.max_running, len(batch))
+        self.stats.steps += 1  # counted before the step's finished requests are: see _prefill_step
+        self.stats.max_running = max(self.stats.max_running, rows)
         self.stats.step_seconds += time.perf_counter() - start
+        self._finish_all(leaving)
 
     def _compilable(self, route: Route) -> bool:
         """Whether the compiled step can run `route`: not a prefix adapter (its hook is not carried)."""
