@@ -10,6 +10,7 @@ ragged batches.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from lorakit.compiled import CompiledForward
 from lorakit.model_adapters import adapters_of
+from lorakit.prefix_hook import cache_argument
 from lorakit.route_state import Route, route_for
 
 
@@ -37,13 +39,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, adapters: str | None | S
         step = CompiledForward(model, backend=backend, mode=mode)
     cache = StaticCache(config=model.config, max_cache_len=length + max_new_tokens)
     device = input_ids.device
+    cache_arg = cache_argument(inspect.signature(model.forward).parameters)
     with route_for(adapters_of(model), names):
-        logits = model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(length, device=device),
-                       use_cache=True).logits[:, -1]
+        logits = model(input_ids=input_ids, cache_position=torch.arange(length, device=device), use_cache=True,
+                       **{cache_arg: cache}).logits[:, -1]
     tokens = [logits.argmax(-1, keepdim=True)]
     for t in range(length, length + max_new_tokens - 1):
-        kwargs = dict(input_ids=tokens[-1], past_key_values=cache, use_cache=True,
-                      cache_position=torch.tensor([t], device=device))
+        kwargs = {"input_ids": tokens[-1], cache_arg: cache, "use_cache": True,
+                  "cache_position": torch.tensor([t], device=device)}
         if step is not None:
             logits = step(route, **kwargs).logits[:, -1]
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from lorakit.versions import check_version
 from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
 from lorakit.bench import device_speed
 from lorakit.bench.llama_config import is_config_spec
+from lorakit.prefix_hook import cache_argument
 from lorakit.bench.timing import interleaved, per_call
 from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 from lorakit.perf import keep_freed_memory
@@ -226,12 +228,13 @@ def bench_decode(s: Setup, rows: int, repeats: int) -> list[Result]:
     lora_rows, xs_rows = s.lora_names[:rows], s.xs_names[:rows]
 
     def make_case(model, route, **kwargs):
+        cache_arg = cache_argument(inspect.signature(model.forward).parameters)
         with torch.inference_mode(), route():
             cache = model(input_ids=prompt, use_cache=True, **kwargs).past_key_values
 
         def step():
             with torch.inference_mode(), route():
-                model(input_ids=step_ids, past_key_values=cache, use_cache=True, **kwargs)
+                model(input_ids=step_ids, use_cache=True, **{cache_arg: cache}, **kwargs)
         return step
 
     class _Null:

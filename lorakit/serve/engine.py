@@ -9,9 +9,10 @@ steps write in place (lorakit.serve.kv_cache):
     pos:     [B]               each row's next position id (its own token count, padding excluded)
 
     prefill: the newcomers of a step are prefilled together in one forward (lorakit.serve.prefill: each
-            row left-padded, masked, its own positions and adapter), at most `prefill_tokens` prompt
-            tokens per step: a long prompt is prefilled in chunks over several steps, each chunk
-            continuing the row's own cache, while the running rows keep decoding
+            row left-padded, masked, its own positions and adapter; or, where newcomers share an adapter,
+            lorakit.serve.packed_prefill: their prompts end to end in one row, no padding computed), at
+            most `prefill_tokens` prompt tokens per step: a long prompt is prefilled in chunks over several
+            steps, each chunk continuing the row's own cache, while the running rows keep decoding
     join:   a row whose prompt is done samples its first token; its cache is left-padded to W (or the
             batch's to the newcomer's length) and written into the next free rows
     step:   forward the B last tokens with the cache and mask → B next tokens (decode_forward)
@@ -46,8 +47,10 @@ from transformers import DynamicCache
 from lorakit.compiled import CompiledForward
 from lorakit.config import PrefixConfig
 from lorakit.errors import LorakitError
+from lorakit.prefix_hook import cache_argument
 from lorakit.routing import Route, use_adapter, use_route
 from lorakit.serve.kv_cache import BatchCache
+from lorakit.serve.packed_prefill import packed_inputs, packing_supported, request_logits, take_packed
 from lorakit.serve.prefill import PrefillRow, plan_chunks, prefill_inputs, take_rows
 
 log = logging.getLogger("lorakit.serve")
@@ -280,7 +283,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch: int = 16,
                  max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
                  prefill_tokens: int = 512, compile_decode: bool = False, compile_backend: str = "inductor",
-                 compile_mode: str | None = None, max_waiting: int | None = None) -> None:
+                 compile_mode: str | None = None, max_waiting: int | None = None, pack_prefill: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         if not isinstance(prefill_tokens, int) or isinstance(prefill_tokens, bool) or prefill_tokens < 1:
@@ -299,7 +302,14 @@ class Engine:
                                           fullgraph=False) if compile_decode else None)
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in forward_params
+        self._cache_arg = cache_argument(forward_params)  # `cache` on newer transformers, `past_key_values` before
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self._dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)  # the hidden states'
+        if pack_prefill and not (self._logits_to_keep and packing_supported(model)):
+            pack_prefill = False  # this model's attention cannot take the packed mask as given
+        self.pack_prefill = pack_prefill  # prompts sharing a route prefill end to end in one row, unpadded
         config = getattr(model, "config", None)
         self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
         if eos_token_ids is None:
@@ -578,17 +588,35 @@ class Engine:
     @torch.no_grad()
     def _prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> torch.Tensor:
         """One forward over the rows' next chunks; each row's cache grows by its chunk. → (B, V) last logits."""
+        adapters = [request.adapter for (request, _), _ in now]
+        if self.pack_prefill and len(set(adapters)) < len(adapters):  # some share a route: pack them
+            return self._packed_prefill_forward(now, adapters)
         rows, sizes = [row for (_, row), _ in now], [size for _, size in now]
         inputs = prefill_inputs(rows, sizes, self.device)
         cache = DynamicCache(ddp_cache_data=inputs.past) if inputs.past is not None else DynamicCache()
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         with self._route_context(self._route_names([request.adapter for (request, _), _ in now])):
             out = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                             position_ids=inputs.position_ids, past_key_values=cache, use_cache=True, **extra)
+                             position_ids=inputs.position_ids, use_cache=True, **{self._cache_arg: cache}, **extra)
         keys, values = _cache_tensors(out.past_key_values)
         take_rows(rows, sizes, inputs, keys, values)
         self.stats.prompt_tokens += sum(sizes)
         return out.logits[:, -1]
+
+    def _packed_prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]],
+                                adapters: list) -> torch.Tensor:
+        """The prefill forward with the rows of one route end to end (lorakit.serve.packed_prefill)."""
+        rows, sizes = [row for (_, row), _ in now], [size for _, size in now]
+        inputs = packed_inputs(rows, sizes, adapters, self.device, self._dtype)
+        cache = DynamicCache(ddp_cache_data=inputs.past) if inputs.past is not None else DynamicCache()
+        with self._route_context(self._route_names(inputs.group_keys)):
+            out = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                             position_ids=inputs.position_ids, use_cache=True, **{self._cache_arg: cache},
+                             logits_to_keep=inputs.logit_columns)
+        keys, values = _cache_tensors(out.past_key_values)
+        take_packed(rows, sizes, inputs, keys, values)
+        self.stats.prompt_tokens += sum(sizes)
+        return request_logits(out.logits, inputs)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -648,7 +676,7 @@ class Engine:
         The one place a decode step calls the model, so a compiled (or CUDA-graph captured) step can replace
         it without touching the batching around it; `compile_decode` asks for that replacement."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **{self._cache_arg: cache})
         route = self._decode_route
         if self._compiled is not None and route is not None and self._compilable(route):
             out = self._compiled(route, **kwargs)
