@@ -45,7 +45,7 @@ from lorakit.adapters import delete_adapter
 from lorakit.config import adapter_dtype
 from lorakit.errors import AdapterNotFoundError, LorakitError
 from lorakit.io.atomic import is_temp_name
-from lorakit.io.files import read_adapter_dir
+from lorakit.io.files import read_adapter_dir, read_config_only
 from lorakit.io.guard import install_bases
 from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
 from lorakit.io.peft_lora import load_lora
@@ -153,7 +153,19 @@ class AdapterStore:
             raise AdapterNotFoundError(f"adapter {name!r} not found; available: {self.available() or 'none'}")
         return resolved
 
+    def adapter_config(self, name: str) -> dict:
+        """`name`'s adapter_config.json, its weights left unread (a source may fetch the adapter first): what
+        it was trained on and how, for checks that must refuse a request before anything is loaded."""
+        path = self.path_for(name)
+        try:
+            return read_config_only(path)
+        except (AdapterNotFoundError, InvalidAdapterNameError):
+            raise
+        except (LorakitError, OSError) as exc:
+            raise AdapterLoadError(f"adapter {name!r} cannot be read: {self.client_message(exc)}") from exc
+
     def available(self) -> list[str]:
+
         """Adapter names in the directory (plain subdirectories holding an adapter_config.json) and the sources."""
         extra = sorted({n for source in self.sources for n in source.names()})
         if self.directory is None or not self.directory.is_dir():

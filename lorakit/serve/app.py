@@ -5,7 +5,8 @@ adapter named in `model`, adapter load/unload, health, Prometheus metrics and th
     GET  /health                {"status": "ok", ...}
     GET  /metrics               Prometheus text
     GET  /v1/models             the base model and every adapter in the directory
-    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"}
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+                                 "adapter_blend"}
     POST /v1/chat/completions   {"model", "messages", ...the same}
     GET  /v1/adapters           available and resident adapters
     POST /v1/adapters           {"name"}: load now
@@ -19,6 +20,11 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and 
 an invalid parameter), so the `openai` client raises its usual exceptions. A client that disconnects
 frees its row within one decode step, streamed or not; on shutdown the server drains running requests
 for at most `drain_timeout` seconds, then finishes the rest with finish_reason "shutdown".
+
+`adapter_blend` (OpenAI clients: `extra_body={"adapter_blend": {...}}`) runs a weighted mix of adapters for
+one request, {"pirate": 0.7, "poet": 0.3} (lorakit.serve.blends); `model` must then be the base model id or
+one of the blend's adapters, and the response's `model` echoes it. A refused blend answers 400 with
+`param` "adapter_blend".
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -38,10 +44,12 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import AdapterNotFoundError
+from lorakit.route_state import Blend, RowName
 from lorakit.serve.engine import Delta, Engine, EngineBusyError, EngineClosedError, EngineError, Finished, SamplingParams
 from lorakit.serve.adapter_paths import AllowedRoots, PathAdapters
 from lorakit.serve.adapter_store import (VERSION_MARK, AdapterLoadError, AdapterSource, AdapterStore,
                                          InvalidAdapterNameError)
+from lorakit.serve.blends import MAX_BLEND_WEIGHT, BlendRefusedError, check_blend, pin_blend, unpin_blend
 from lorakit.serve.schema_types import integer
 from lorakit.serve.vllm_metrics import vllm_metric_lines
 from lorakit.serve.vllm_routes import LoadLoraAdapterBody, UnloadLoraAdapterBody, VllmAdapters, VllmError
@@ -60,11 +68,12 @@ class ServeConfig:
     title: str = "lorakit"  # shown on the page
     drain_timeout: float = 30.0  # on shutdown, seconds running requests may take before they are cut off
     adapter_roots: tuple[str, ...] = ()  # directories POST /v1/load_lora_adapter may load from (none: off)
+    max_blend_parts: int = 4  # the most adapters one request's adapter_blend may mix
 
     def __post_init__(self) -> None:
         if not isinstance(self.drain_timeout, (int, float)) or not 0 <= self.drain_timeout < float("inf"):
             raise ValueError(f"ServeConfig.drain_timeout must be a finite number >= 0, got {self.drain_timeout!r}")
-        for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_waiting"):
+        for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_waiting", "max_blend_parts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServeConfig.{name} must be a positive integer, got {value!r}")
@@ -81,6 +90,9 @@ class ApiError(Exception):
 
 StopText = Annotated[str, Field(min_length=1, max_length=256)]
 PromptText = Annotated[str, Field(min_length=1)]
+BlendName = Annotated[str, Field(min_length=1, max_length=256)]
+BlendWeight = Annotated[float, Field(ge=0.0, le=MAX_BLEND_WEIGHT, allow_inf_nan=False)]
+BLEND_FIELD = "adapter_blend"
 
 
 class _Sampling(BaseModel):
@@ -100,6 +112,12 @@ class _Sampling(BaseModel):
     n: integer(ge=1, le=1) = 1
     logprobs: Literal[False, 0, None] = None  # not supported (0: none, as the completions API counts them)
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever the model says (load tests)
+    adapter_blend: Annotated[dict[BlendName, BlendWeight], Field(min_length=1)] | None = Field(
+        default=None, description="lorakit's extension: a weighted mix of adapters for this request, "
+        "{\"pirate\": 0.7, \"poet\": 0.3} runs 0.7·Δpirate + 0.3·Δpoet without creating an adapter. `model` must "
+        "be the base model id or one of these adapters (the response echoes it). Weights are finite numbers in "
+        f"[0, {MAX_BLEND_WEIGHT:g}]; the server limits the number of adapters (--max-blend-parts, default 4); "
+        "prefix-tuning adapters and adapters of different base models cannot be blended.")
 
 
 class CompletionBody(_Sampling):
@@ -170,6 +188,21 @@ class Server:
         self.vllm = VllmAdapters(store, paths or PathAdapters(), AllowedRoots(config.adapter_roots), config.base_name)
         self.started = int(time.time())
         self.http_requests: dict[tuple[str, int], int] = {}
+        self.blend_requests = 0  # requests queued with an adapter_blend
+
+    def _pin(self, adapter: str | None | Mapping[str, float]) -> RowName:
+        """Acquire the request's adapter(s) in the store: the route the engine's row runs."""
+        if adapter is None:
+            return None
+        if isinstance(adapter, Mapping):
+            return pin_blend(self.store, adapter)
+        return self.store.acquire(adapter)
+
+    def _unpin(self, attached: RowName) -> None:
+        if isinstance(attached, Blend):
+            unpin_blend(self.store, attached)
+        elif attached is not None:
+            self.store.release(attached)
 
     # -- building requests -------------------------------------------------------------------------
     def adapter_for(self, model: str) -> str | None:
@@ -187,6 +220,27 @@ class Server:
             raise ApiError(500, self.store.client_message(exc), type_="server_error",
                            code="adapter_load_failed") from exc
         return model
+
+    async def route_for_async(self, body: _Sampling) -> str | None | dict[str, float]:
+        """The request's adapter: the one `model` names, None for the base, or its checked adapter_blend
+        (whose adapters are pinned by `start`)."""
+        from starlette.concurrency import run_in_threadpool
+
+        blend = body.adapter_blend
+        if blend is None:
+            return await self.adapter_for_async(body.model)
+        if body.model != self.config.base_name and body.model not in blend:
+            raise ApiError(400, f"model {body.model!r} with {BLEND_FIELD}: model must be the base model id "
+                           f"({self.config.base_name!r}) or one of the blend's adapters {sorted(blend)}",
+                           param="model")
+        try:
+            await run_in_threadpool(check_blend, self.store, blend, self.config.max_blend_parts)
+        except BlendRefusedError as exc:
+            raise ApiError(400, str(exc), code=exc.code, param=BLEND_FIELD) from exc
+        except AdapterLoadError as exc:  # a source that could not fetch a part
+            raise ApiError(500, self.store.client_message(exc), type_="server_error",
+                           code="adapter_load_failed") from exc
+        return dict(blend)
 
     async def adapter_for_async(self, model: str) -> str | None:
         """adapter_for off the event loop (a source may download the adapter on first use)."""
@@ -247,24 +301,30 @@ class Server:
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    async def start(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams):
-        """Pin the adapter (loading it without blocking the event loop) and queue the request."""
+    async def start(self, prompt_ids: list[int], adapter: str | None | Mapping[str, float], params: SamplingParams):
+        """Pin the adapter, or every adapter of a blend (loading them without blocking the event loop), and
+        queue the request; they are released when it finishes."""
         from starlette.concurrency import run_in_threadpool
 
         if self.engine.waiting >= self.config.max_waiting:
             raise ApiError(503, "the server is busy; retry later", type_="server_error", code="overloaded")
-        attached = adapter  # the name its current version has on the model (a replaced adapter's differs)
-        if adapter is not None:
-            try:
-                attached = await run_in_threadpool(self.store.acquire, adapter)
-            except AdapterNotFoundError as exc:
-                raise ApiError(404, self.store.client_message(exc), code="model_not_found", param="model") from exc
-            except AdapterLoadError as exc:
-                raise ApiError(500, self.store.client_message(exc), type_="server_error",
-                               code="adapter_load_failed") from exc
-        release = (lambda: self.store.release(attached)) if adapter is not None else None
+        blended = isinstance(adapter, Mapping)
+        try:  # the names their current versions have on the model (a replaced adapter's differs)
+            attached = await run_in_threadpool(self._pin, adapter)
+        except (AdapterNotFoundError, InvalidAdapterNameError) as exc:  # a blend's part removed since its check
+            if blended:
+                raise ApiError(400, f"{BLEND_FIELD}: {self.store.client_message(exc)}", code="adapter_not_found",
+                               param=BLEND_FIELD) from exc
+            raise ApiError(404, self.store.client_message(exc), code="model_not_found", param="model") from exc
+        except AdapterLoadError as exc:
+            raise ApiError(500, self.store.client_message(exc), type_="server_error",
+                           code="adapter_load_failed") from exc
+        release = (lambda: self._unpin(attached)) if attached is not None else None
         try:
-            return await self.engine.submit_async(prompt_ids, attached, params, on_finish=release)
+            stream = await self.engine.submit_async(prompt_ids, attached, params, on_finish=release)
+            if blended:
+                self.blend_requests += 1
+            return stream
         except EngineError as exc:
             if release:
                 release()
@@ -385,6 +445,11 @@ def create_app(server: Server):
             return _error_response(400, "the request body is not valid JSON", code="invalid_json")
         first = telling_error(errors)
         where = field_path(first.get("loc", ())[1:]) or None
+        loc = first.get("loc", ())
+        if len(loc) > 1 and loc[1] == BLEND_FIELD:  # what follows is an adapter's name, not a field
+            part = f" ({loc[2]!r})" if len(loc) > 2 and isinstance(loc[2], str) else ""
+            return _error_response(400, f"invalid request: {BLEND_FIELD}{part}: {first.get('msg', 'invalid')}",
+                                   param=BLEND_FIELD, code="invalid_value")
         if first.get("type") == "string_unicode":  # a lone surrogate: JSON allows it, UTF-8 cannot hold it
             field = field_path(p for p in first["loc"][1:] if not isinstance(p, int))  # "prompt", as check_text
             return _error_response(400, f"{field} is not valid Unicode (a lone surrogate)", param=field,
@@ -471,7 +536,7 @@ def create_app(server: Server):
 
     @app.post("/v1/completions", responses=generation)
     async def completions(body: CompletionBody, request: Request):
-        adapter = await server.adapter_for_async(body.model)
+        adapter = await server.route_for_async(body)
         prompt_ids = server.encode_prompt(body.prompt)
         params = server.params(body, len(prompt_ids))
         stream = await server.start(prompt_ids, adapter, params)
@@ -490,7 +555,7 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions", responses=generation)
     async def chat_completions(body: ChatBody, request: Request):
-        adapter = await server.adapter_for_async(body.model)
+        adapter = await server.route_for_async(body)
         prompt_ids = server.encode_chat(body.messages)
         params = server.params(body, len(prompt_ids))
         stream = await server.start(prompt_ids, adapter, params)
@@ -631,7 +696,10 @@ def render_metrics(server: Server) -> str:
     metric("lorakit_decode_step_seconds_total", "counter", "Seconds spent in decode steps", [("", engine.step_seconds)])
     metric("lorakit_prefill_steps_total", "counter", "Prefill steps (one batched forward each)", [("", engine.prefill_steps)])
     metric("lorakit_prefill_seconds_total", "counter", "Seconds spent in prefill steps", [("", engine.prefill_seconds)])
+    metric("lorakit_blend_requests_total", "counter", "Requests queued with an adapter_blend",
+           [("", server.blend_requests)])
     metric("lorakit_running_requests", "gauge", "Rows in the running batch", [("", server.engine.running)])
+
     metric("lorakit_waiting_requests", "gauge", "Requests waiting to join the batch", [("", server.engine.waiting)])
     metric("lorakit_adapters_resident", "gauge", "Adapters loaded on the model", [("", len(store.resident()))])
     metric("lorakit_adapter_bytes_resident", "gauge", "Bytes of resident adapters", [("", store.resident_bytes())])

@@ -52,6 +52,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile mode of --compile (reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
+    parser.add_argument("--max-blend-parts", type=int, default=4,
+                        help="the most adapters one request's adapter_blend may mix (default 4)")
     parser.add_argument("--base-name", default=None, help="the model id of the base (no adapter)")
     parser.add_argument("--preload", action="store_true", help="load every adapter at start-up")
     parser.add_argument("--title", default="lorakit", help="title of the chat page")
@@ -116,6 +118,8 @@ def build_app(args: argparse.Namespace):
         raise UsageError(f"--budget-mb must be a number of megabytes >= 0 (0: no budget), got {args.budget_mb}")
     if args.max_tokens_limit < 1:
         raise UsageError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
+    if args.max_blend_parts < 1:
+        raise UsageError(f"--max-blend-parts must be >= 1, got {args.max_blend_parts}")
     if args.prefill_tokens < 1:
         raise UsageError(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
     if args.compile_mode and not args.compile:
@@ -131,7 +135,9 @@ def build_app(args: argparse.Namespace):
     model, tokenizer = in_fresh_thread(load_serving_base, args.base, device, args.dtype)
     budget = int(args.budget_mb * 1024 * 1024) if args.budget_mb else None
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
-                         max_tokens_limit=args.max_tokens_limit, title=args.title,
+                         max_tokens_limit=args.max_tokens_limit, max_blend_parts=args.max_blend_parts,
+                         title=args.title,
+
                          drain_timeout=args.drain_timeout, adapter_roots=tuple(args.allow_adapter_root))
     sources, directory = (), args.adapters
     if remote:

@@ -1,8 +1,8 @@
 """Continuous batching over one model: requests join and leave the running batch between decode steps.
 
-Every row carries its own adapter (routed per row by `lorakit.use_adapter(model, names)`), so one
-decode step serves any mix of adapters. The batch keeps one left-padded KV cache, in buffers that decode
-steps write in place (lorakit.serve.kv_cache):
+Every row carries its own adapter, a blend of adapters (lorakit.route_state.Blend) or none (routed per
+row by `lorakit.use_adapter(model, names)`), so one decode step serves any mix of them. The batch keeps
+one left-padded KV cache, in buffers that decode steps write in place (lorakit.serve.kv_cache):
 
     keys[l]: (B, H, W, D)      row i's real entries are the last len_i columns; mask[i] marks them
     mask:    (B, W)            1 = real token, 0 = left padding (never attended to)
@@ -48,6 +48,7 @@ from lorakit.compiled import CompiledForward
 from lorakit.config import PrefixConfig
 from lorakit.errors import LorakitError
 from lorakit.prefix_hook import cache_argument
+from lorakit.route_state import RowName, row_parts
 from lorakit.routing import Route, use_adapter, use_route
 from lorakit.serve.kv_cache import BatchCache
 from lorakit.serve.packed_prefill import packed_inputs, packing_supported, request_logits, take_packed
@@ -201,7 +202,7 @@ class Stream:
 @dataclass
 class Request:
     prompt_ids: list[int]
-    adapter: str | None
+    adapter: RowName  # an adapter's attached name, a Blend of them, or None for the base
     params: SamplingParams
     stream: Stream
     on_finish: Callable[[], None] | None = None
@@ -369,7 +370,7 @@ class Engine:
             raise ValueError(f"max_waiting must be a positive integer or None, got {max_waiting!r}")
         self._max_waiting = max_waiting
 
-    def submit(self, prompt_ids: Sequence[int], adapter: str | None = None,
+    def submit(self, prompt_ids: Sequence[int], adapter: RowName = None,
                params: SamplingParams | None = None, *, on_finish: Callable[[], None] | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         """Queue a request; it joins the running batch before the next decode step."""
@@ -394,7 +395,7 @@ class Engine:
         self._wake.set()
         return stream
 
-    async def submit_async(self, prompt_ids: Sequence[int], adapter: str | None = None,
+    async def submit_async(self, prompt_ids: Sequence[int], adapter: RowName = None,
                            params: SamplingParams | None = None, **kwargs) -> Stream:
         return self.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop(), **kwargs)
 
@@ -419,12 +420,13 @@ class Engine:
 
     def row_adapters(self) -> tuple[dict[str, int], dict[str, int]]:
         """(running, waiting): requests per adapter name among the admitted rows and the queue (a snapshot
-        read off the engine thread, for metrics; requests still in the inbox are not counted by name)."""
+        read off the engine thread, for metrics; requests still in the inbox are not counted by name). A
+        blended request counts once for each of its adapters."""
         def count(requests) -> dict[str, int]:
             out: dict[str, int] = {}
             for request in requests:
-                if request.adapter is not None:
-                    out[request.adapter] = out.get(request.adapter, 0) + 1
+                for name, _ in row_parts(request.adapter):
+                    out[name] = out.get(name, 0) + 1
             return out
 
         running = list(self._batch.rows) + [request for request, _ in list(self._prefilling)]
@@ -684,9 +686,10 @@ class Engine:
             out = self.model(**kwargs)
         return out.logits[:, -1]
 
-    def _check_adapter(self, name: str | None) -> None:
+    def _check_adapter(self, name: RowName) -> None:
         """Refuse a request whose adapter is unknown, or a prefix adapter: its cache carries per-call state
-        (lorakit.prefix_hook) that the engine's re-stacked caches do not keep."""
+        (lorakit.prefix_hook) that the engine's re-stacked caches do not keep (routing refuses a blend
+        with a prefix adapter in it)."""
         with self._route_context(name):
             pass
         registry = getattr(self.model, "lorakit_registry", None)
@@ -696,7 +699,8 @@ class Engine:
                               "adapters (serve a LoRA, LoRA-XS or VeRA adapter, or run model.generate)")
 
     @staticmethod
-    def _route_names(names: list[str | None]) -> str | None | tuple[str | None, ...]:
+    def _route_names(names: list[RowName]) -> RowName | tuple[RowName, ...]:
+
         """One name when every row shares it (the plain path, as a request alone runs), else one per row."""
         first = names[0]
         return first if all(n == first for n in names) else tuple(names)
