@@ -2,7 +2,9 @@
 
 Characters are the server's models (/v1/models); replies stream from /v1/chat/completions. The
 conversation is kept in the page, so switching character mid-conversation hands the whole history
-to the new one. Every piece of model text goes into the page with textContent, never as HTML.
+to the new one. Two characters can also be blended: a slider sets the second one's share (0-100 %),
+sent as the request's `adapter_blend` (lorakit.serve.blends). Every piece of model text goes into the
+page with textContent, never as HTML.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ _PAGE = """<!doctype html>
   aside h1 { font-size: 17px; margin: 0 0 12px; }
   .character { display: block; width: 100%; text-align: left; padding: 8px 10px; margin: 0 0 6px;
                border: 1px solid #ddd; border-radius: 8px; background: #fafafa; cursor: pointer; font: inherit; }
-  .character.selected { border-color: var(--accent); background: #e8f0fa; font-weight: 600; }
+  .character.selected, #blend-use.selected { border-color: var(--accent); background: #e8f0fa; font-weight: 600; }
+  #blend { margin-top: 14px; padding-top: 10px; border-top: 1px solid #eee; }
+  #blend h2 { font-size: 13px; margin: 0 0 6px; color: var(--muted); font-weight: 600; }
+  #blend select, #blend input { width: 100%; margin: 0 0 6px; font: inherit; }
+  #blend-label { font-size: 12px; color: var(--muted); margin-bottom: 6px; }
+  #blend-use { display: block; width: 100%; padding: 8px 10px; border: 1px solid #ddd; border-radius: 8px;
+               background: #fafafa; cursor: pointer; font: inherit; text-align: left; }
   main { flex: 1; display: flex; flex-direction: column; min-width: 0; }
   #log { flex: 1; overflow-y: auto; padding: 16px 20px; }
   .msg { max-width: 70ch; margin: 0 0 12px; padding: 8px 12px; border-radius: 10px; white-space: pre-wrap;
@@ -47,6 +55,15 @@ _PAGE = """<!doctype html>
 <aside>
   <h1>__TITLE__</h1>
   <div id="characters" role="listbox" aria-label="Characters"></div>
+  <div id="blend" hidden>
+    <h2>Blend two characters</h2>
+    <select id="blend-a" aria-label="First character"></select>
+    <input id="blend-mix" type="range" min="0" max="100" step="1" value="50"
+           aria-label="Share of the second character (%)">
+    <select id="blend-b" aria-label="Second character"></select>
+    <div id="blend-label"></div>
+    <button id="blend-use" type="button" aria-pressed="false">Talk to this blend</button>
+  </div>
   __KEY_INPUT__
   <div id="status">loading characters…</div>
 </aside>
@@ -59,7 +76,7 @@ _PAGE = """<!doctype html>
 </main>
 <script>
 const BASE = __BASE__;
-const state = { character: null, messages: [], busy: false };
+const state = { character: null, blending: false, messages: [], busy: false };
 const $ = (id) => document.getElementById(id);
 
 function headers() {
@@ -72,13 +89,52 @@ function headers() {
 function label(id) { return id === BASE ? id + " (no adapter)" : id; }
 
 function select(id) {
-  state.character = id;
+  state.character = id; state.blending = false;
   for (const b of document.querySelectorAll(".character")) {
     const on = b.dataset.id === id;
     b.classList.toggle("selected", on);
     b.setAttribute("aria-selected", on ? "true" : "false");
   }
+  $("blend-use").classList.remove("selected"); $("blend-use").setAttribute("aria-pressed", "false");
   $("status").textContent = "talking to " + id;
+}
+
+// The blend: {first: (100 - m) / 100, second: m / 100}, m the slider's percent; one character twice is itself.
+function blendWeights() {
+  const a = $("blend-a").value, b = $("blend-b").value, m = Number($("blend-mix").value);
+  return a === b ? { [a]: 1 } : { [a]: (100 - m) / 100, [b]: m / 100 };
+}
+
+function blendLabel() {
+  return Object.entries(blendWeights()).map(([n, w]) => Math.round(w * 100) + "% " + n).join(" + ");
+}
+
+function showBlend() {
+  $("blend-label").textContent = blendLabel();
+  if (state.blending) $("status").textContent = "talking to the blend " + blendLabel();
+}
+
+function useBlend() {
+  select($("blend-a").value);
+  state.blending = true;
+  for (const b of document.querySelectorAll(".character")) {
+    b.classList.remove("selected"); b.setAttribute("aria-selected", "false");
+  }
+  $("blend-use").classList.add("selected"); $("blend-use").setAttribute("aria-pressed", "true");
+  showBlend();
+}
+
+function fillBlend(adapters) {
+  $("blend").hidden = adapters.length < 2;
+  for (const [k, id] of [["blend-a", 0], ["blend-b", 1]]) {
+    const s = $(k);
+    s.textContent = "";
+    for (const name of adapters) {
+      const o = document.createElement("option"); o.value = name; o.textContent = name; s.appendChild(o);
+    }
+    if (adapters.length > id) s.value = adapters[id];
+  }
+  showBlend();
 }
 
 async function loadCharacters() {
@@ -96,6 +152,7 @@ async function loadCharacters() {
       b.onclick = () => select(id);
       box.appendChild(b);
     }
+    fillBlend(ids.filter((i) => i !== BASE));
     if (ordered.length) select(ordered[0]);
   } catch (e) { $("status").innerHTML = ""; $("status").append(errorSpan("cannot list characters: " + e.message)); }
 }
@@ -114,17 +171,21 @@ function addMessage(role, who) {
 }
 
 async function send(text) {
-  const character = state.character;
+  const blend = state.blending ? blendWeights() : null;
+  const character = blend ? Object.keys(blend)[0] : state.character;
+  const who = blend ? "blend: " + blendLabel() : character;
   state.messages.push({ role: "user", content: text });
   addMessage("user", "you").textContent = text;
-  const out = addMessage("assistant", character);
-  out.parentElement.dataset.character = character;
+  const out = addMessage("assistant", who);
+  out.parentElement.dataset.character = who;
+  if (blend) out.parentElement.dataset.blend = JSON.stringify(blend);
   state.busy = true; $("send").disabled = true;
   let reply = "";
   try {
+    const request = { model: character, messages: state.messages, stream: true, max_tokens: 96, temperature: 0 };
+    if (blend) request.adapter_blend = blend;
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
-      body: JSON.stringify({ model: character, messages: state.messages, stream: true, max_tokens: 96,
-                             temperature: 0 }) });
+      body: JSON.stringify(request) });
     if (!r.ok) throw new Error((await r.json()).error.message);
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
@@ -165,7 +226,10 @@ $("form").addEventListener("submit", (ev) => {
   $("input").value = "";
   send(text);
 });
+for (const id of ["blend-a", "blend-b", "blend-mix"]) $(id).addEventListener("input", showBlend);
+$("blend-use").onclick = useBlend;
 if ($("key")) { $("key").value = localStorage.getItem("lorakit-key") || ""; $("key").onchange = loadCharacters; }
+
 loadCharacters();
 </script>
 </body>
