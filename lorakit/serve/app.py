@@ -23,8 +23,8 @@ for at most `drain_timeout` seconds, then finishes the rest with finish_reason "
 
 `adapter_blend` (OpenAI clients: `extra_body={"adapter_blend": {...}}`) runs a weighted mix of adapters for
 one request, {"pirate": 0.7, "poet": 0.3} (lorakit.serve.blends); `model` must then be the base model id or
-one of the blend's adapters, and the response's `model` echoes it. A refused blend answers 400 with
-`param` "adapter_blend".
+one of the blend's adapters, and the response's `model` echoes it. A refused blend answers 400 (404 for an
+adapter the server cannot find) with `param` "adapter_blend".
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from lorakit.serve.engine import Delta, Engine, EngineBusyError, EngineClosedErr
 from lorakit.serve.adapter_paths import AllowedRoots, PathAdapters
 from lorakit.serve.adapter_store import (VERSION_MARK, AdapterLoadError, AdapterSource, AdapterStore,
                                          InvalidAdapterNameError)
-from lorakit.serve.blends import MAX_BLEND_WEIGHT, BlendRefusedError, check_blend, pin_blend, unpin_blend
+from lorakit.serve.blends import (MAX_BLEND_WEIGHT, BlendPartNotFoundError, BlendRefusedError, check_blend, pin_blend,
+                                  unpin_blend)
 from lorakit.serve.schema_types import integer
 from lorakit.serve.vllm_metrics import vllm_metric_lines
 from lorakit.serve.vllm_routes import LoadLoraAdapterBody, UnloadLoraAdapterBody, VllmAdapters, VllmError
@@ -229,17 +230,18 @@ class Server:
         blend = body.adapter_blend
         if blend is None:
             return await self.adapter_for_async(body.model)
+        try:  # unknown parts answer 404, as an unknown `model` does: the schema cannot know which names exist
+            await run_in_threadpool(check_blend, self.store, blend, self.config.max_blend_parts)
+        except BlendRefusedError as exc:
+            status = 404 if isinstance(exc, BlendPartNotFoundError) else 400
+            raise ApiError(status, str(exc), code=exc.code, param=BLEND_FIELD) from exc
+        except AdapterLoadError as exc:  # a source that could not fetch a part
+            raise ApiError(500, self.store.client_message(exc), type_="server_error",
+                           code="adapter_load_failed") from exc
         if body.model != self.config.base_name and body.model not in blend:
             raise ApiError(400, f"model {body.model!r} with {BLEND_FIELD}: model must be the base model id "
                            f"({self.config.base_name!r}) or one of the blend's adapters {sorted(blend)}",
                            param="model")
-        try:
-            await run_in_threadpool(check_blend, self.store, blend, self.config.max_blend_parts)
-        except BlendRefusedError as exc:
-            raise ApiError(400, str(exc), code=exc.code, param=BLEND_FIELD) from exc
-        except AdapterLoadError as exc:  # a source that could not fetch a part
-            raise ApiError(500, self.store.client_message(exc), type_="server_error",
-                           code="adapter_load_failed") from exc
         return dict(blend)
 
     async def adapter_for_async(self, model: str) -> str | None:
@@ -313,7 +315,7 @@ class Server:
             attached = await run_in_threadpool(self._pin, adapter)
         except (AdapterNotFoundError, InvalidAdapterNameError) as exc:  # a blend's part removed since its check
             if blended:
-                raise ApiError(400, f"{BLEND_FIELD}: {self.store.client_message(exc)}", code="adapter_not_found",
+                raise ApiError(404, f"{BLEND_FIELD}: {self.store.client_message(exc)}", code="adapter_not_found",
                                param=BLEND_FIELD) from exc
             raise ApiError(404, self.store.client_message(exc), code="model_not_found", param="model") from exc
         except AdapterLoadError as exc:
@@ -620,6 +622,7 @@ def create_app(server: Server):
                     operation.get("responses", {}).pop("422", None)
             for unused in ("HTTPValidationError", "ValidationError"):
                 doc.get("components", {}).get("schemas", {}).pop(unused, None)
+            limit_blends(doc, config.max_blend_parts)
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -627,7 +630,18 @@ def create_app(server: Server):
     return app
 
 
+def limit_blends(doc: dict, max_parts: int) -> None:
+    """State this server's --max-blend-parts in the document's request bodies (maxProperties), so a blend the
+    schema calls valid is one the server takes."""
+    for schema in doc.get("components", {}).get("schemas", {}).values():
+        field = schema.get("properties", {}).get(BLEND_FIELD)
+        for option in (field or {}).get("anyOf", []):
+            if option.get("type") == "object":
+                option["maxProperties"] = max_parts
+
+
 def allowed_methods(app, scope) -> list[str]:
+
     """The methods of every route whose path matches `scope`'s (a 405's Allow header)."""
     from starlette.routing import Match
 

@@ -30,6 +30,13 @@ class BlendRefusedError(LorakitError, ValueError):
         self.code = code
 
 
+class BlendPartNotFoundError(BlendRefusedError):
+    """A part names no adapter the server can find (a 404, as an unknown `model` is)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="adapter_not_found")
+
+
 def check_blend(store: AdapterStore, weights: Mapping[str, float], max_parts: int) -> None:
     """Refuse `weights` unless the server can blend it (see the module's docstring); reads configs only.
     A source that fails to fetch a part raises its AdapterLoadError (the server's fault, not the blend's)."""
@@ -47,8 +54,9 @@ def check_blend(store: AdapterStore, weights: Mapping[str, float], max_parts: in
         try:
             config = store.adapter_config(name)
         except (AdapterNotFoundError, InvalidAdapterNameError) as exc:
-            raise BlendRefusedError(f"adapter_blend: adapter {name!r} not found ({store.client_message(exc)})",
-                                    code="adapter_not_found") from exc
+            raise BlendPartNotFoundError(f"adapter_blend: adapter {name!r} not found "
+                                         f"({store.client_message(exc)})") from exc
+
         if config.get("peft_type") == PREFIX_PEFT_TYPE:
             raise BlendRefusedError(f"adapter_blend: {name!r} is a prefix-tuning adapter, which cannot be blended "
                                     "(it adds attention keys and values, not a weight update to mix)",

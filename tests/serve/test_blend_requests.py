@@ -16,7 +16,7 @@ import lorakit
 from lorakit import PrefixConfig
 from lorakit.io import save_adapter
 from lorakit.serve.app import BackgroundServer, ServeConfig, create_app, make_server
-from tests.serve.conftest import greedy_alone, saved_adapters, tiny_chat_llama, wait_until, with_adapters
+from tests.serve.conftest import Gate, greedy_alone, saved_adapters, tiny_chat_llama, wait_until, with_adapters
 
 NAMES = ["pirate", "robot", "poet", "sage"]  # LoRA-XS, LoRA, LoRA-XS, LoRA (conftest.with_adapters)
 MAX_PARTS = 3
@@ -99,7 +99,7 @@ def test_chat_with_a_blend(client, source, tokenizer):
 
 def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(served, source, tokenizer):
     """Four requests held until all are queued, so they are prefilled and decoded as one batch; each part
-    is pinned while its request runs and released after."""
+    is pinned while its request runs and released after, and vLLM's gauge counts a blend under each part."""
     url, server = served
     rows = [("tiny", None), ("robot", None), ("pirate", {"pirate": 0.6, "poet": 0.4}),
             ("tiny", {"poet": 0.5, "robot": 0.5})]
@@ -109,7 +109,7 @@ def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(se
     batch_sizes: list[int] = []
     hook = server.engine.model.register_forward_pre_hook(
         lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    hold = threading.Event()
+    hold, gate = threading.Event(), None
     server.engine.call_soon(lambda: hold.wait(60))  # the engine thread waits here: requests queue up
 
     def post(k: int) -> str:
@@ -126,11 +126,19 @@ def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(se
             futures = [pool.submit(post, k) for k in range(len(rows))]
             assert wait_until(lambda: server.engine.waiting == len(rows))
             assert [server.store.in_use(n) for n in ("pirate", "poet", "robot")] == [1, 2, 2]
+            gate = Gate(server.engine.model, free=0)  # the four rows' prefill waits: they are all running
             hold.set()
+            assert wait_until(lambda: server.engine.running == len(rows))
+            assert server.engine.row_adapters()[0] == {"robot": 2, "pirate": 1, "poet": 2}  # a blend: each part
+            info = httpx.get(url + "/metrics", timeout=30).text.split('running_lora_adapters="')[1].split('"')[0]
+            assert sorted(info.split(",")) == ["pirate", "poet", "robot"]
+            gate.open()
             got = [f.result() for f in futures]
     finally:
         hold.set()
         hook.remove()
+        if gate is not None:
+            gate.remove()
     assert batch_sizes[0] == len(rows)  # one prefill for the four, then decode steps of four rows
     for k, (model, blend) in enumerate(rows):
         adapter = blend if blend is not None else (None if model == "tiny" else model)
@@ -143,32 +151,31 @@ def _post(url: str, body: dict | str, path: str = "/v1/completions") -> httpx.Re
     return httpx.post(url + path, content=data, headers={"Content-Type": "application/json"}, timeout=30)
 
 
-BAD = [  # (adapter_blend as JSON text, model, what the message says, the error's code)
-    ('{"pirate": 0.5, "nobody": 0.5}', "tiny", "nobody", "adapter_not_found"),
-    ('{"../pirate": 1.0}', "tiny", "not found", "adapter_not_found"),
-    ('{"pirate": -0.5, "robot": 1.5}', "tiny", "greater than or equal to 0", "invalid_value"),
-    ('{"pirate": 1e999}', "tiny", "pirate", "invalid_value"),  # JSON's 1e999 is inf
-    ('{"pirate": NaN}', "tiny", "pirate", "invalid_value"),
-    ('{"pirate": 11}', "tiny", "less than or equal to 10", "invalid_value"),
-    ('{"pirate": "0.5"}', "tiny", "number", "invalid_value"),
-    ('{"pirate": true}', "tiny", "number", "invalid_value"),
-    ('{}', "tiny", "at least 1", "invalid_value"),
-    ('["pirate", "robot"]', "tiny", "dictionary", "invalid_value"),
-    ('{"pirate": 0.25, "robot": 0.25, "poet": 0.25, "sage": 0.25}', "tiny", f"at most {MAX_PARTS}",
-     "too_many_adapters"),
-    ('{"base_a": 0.5, "base_b": 0.5}', "tiny", "acme/base-b", "mixed_base_models"),
-    ('{"pirate": 0.5, "prefixed": 0.5}', "tiny", "prefix-tuning", "unblendable_adapter"),
+BAD = [  # (adapter_blend as JSON text, status, what the message says, the error's code)
+    ('{"pirate": 0.5, "nobody": 0.5}', 404, "nobody", "adapter_not_found"),  # 404, as an unknown `model`
+    ('{"../pirate": 1.0}', 404, "not found", "adapter_not_found"),
+    ('{"pirate": -0.5, "robot": 1.5}', 400, "greater than or equal to 0", "invalid_value"),
+    ('{"pirate": 1e999}', 400, "pirate", "invalid_value"),  # JSON's 1e999 is inf
+    ('{"pirate": NaN}', 400, "pirate", "invalid_value"),
+    ('{"pirate": 11}', 400, "less than or equal to 10", "invalid_value"),
+    ('{"pirate": "0.5"}', 400, "number", "invalid_value"),
+    ('{"pirate": true}', 400, "number", "invalid_value"),
+    ('{}', 400, "at least 1", "invalid_value"),
+    ('["pirate", "robot"]', 400, "dictionary", "invalid_value"),
+    ('{"pirate": 0.25, "robot": 0.25, "poet": 0.25, "sage": 0.25}', 400, f"at most {MAX_PARTS}", "too_many_adapters"),
+    ('{"base_a": 0.5, "base_b": 0.5}', 400, "acme/base-b", "mixed_base_models"),
+    ('{"pirate": 0.5, "prefixed": 0.5}', 400, "prefix-tuning", "unblendable_adapter"),
 ]
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@pytest.mark.parametrize("blend, model, needle, code", BAD)
-def test_bad_blends_get_400_naming_the_field_and_load_nothing(served, path, blend, model, needle, code):
+@pytest.mark.parametrize("blend, status, needle, code", BAD)
+def test_bad_blends_are_refused_naming_the_field_and_load_nothing(served, path, blend, status, needle, code):
     url, server = served
     resident = set(server.store.resident())
     payload = ('"prompt": "hi"' if path == "/v1/completions" else '"messages": [{"role": "user", "content": "hi"}]')
-    r = _post(url, f'{{"model": "{model}", {payload}, "max_tokens": 4, "adapter_blend": {blend}}}', path)
-    assert r.status_code == 400, r.text
+    r = _post(url, f'{{"model": "tiny", {payload}, "max_tokens": 4, "adapter_blend": {blend}}}', path)
+    assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == "adapter_blend" and error["code"] == code, error
     assert needle in error["message"], error
@@ -198,7 +205,8 @@ def test_openapi_documents_the_field_and_metrics_count_blends(served, client):
         field = doc["components"]["schemas"][body]["properties"]["adapter_blend"]
         assert "model" in field["description"]
         blend = next(s for s in field["anyOf"] if s.get("type") == "object")
-        assert blend["minProperties"] == 1 and blend["additionalProperties"]["minimum"] == 0
+        assert blend["minProperties"] == 1 and blend["maxProperties"] == MAX_PARTS  # this server's limit
+        assert blend["additionalProperties"]["minimum"] == 0
 
     def blends_counted() -> float:
         text = httpx.get(url + "/metrics", timeout=30).text
