@@ -641,7 +641,6 @@ def limit_blends(doc: dict, max_parts: int) -> None:
 
 
 def allowed_methods(app, scope) -> list[str]:
-
     """The methods of every route whose path matches `scope`'s (a 405's Allow header)."""
     from starlette.routing import Match
 
@@ -713,7 +712,6 @@ def render_metrics(server: Server) -> str:
     metric("lorakit_blend_requests_total", "counter", "Requests queued with an adapter_blend",
            [("", server.blend_requests)])
     metric("lorakit_running_requests", "gauge", "Rows in the running batch", [("", server.engine.running)])
-
     metric("lorakit_waiting_requests", "gauge", "Requests waiting to join the batch", [("", server.engine.waiting)])
     metric("lorakit_adapters_resident", "gauge", "Adapters loaded on the model", [("", len(store.resident()))])
     metric("lorakit_adapter_bytes_resident", "gauge", "Bytes of resident adapters", [("", store.resident_bytes())])

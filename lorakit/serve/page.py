@@ -126,13 +126,13 @@ function useBlend() {
 
 function fillBlend(adapters) {
   $("blend").hidden = adapters.length < 2;
-  for (const [k, id] of [["blend-a", 0], ["blend-b", 1]]) {
-    const s = $(k);
+  for (const [field, index] of [["blend-a", 0], ["blend-b", 1]]) {
+    const s = $(field);
     s.textContent = "";
     for (const name of adapters) {
       const o = document.createElement("option"); o.value = name; o.textContent = name; s.appendChild(o);
     }
-    if (adapters.length > id) s.value = adapters[id];
+    if (adapters.length > index) s.value = adapters[index];
   }
   showBlend();
 }
