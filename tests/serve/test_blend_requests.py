@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import torch
 import openai
 import pytest
 
@@ -217,3 +218,43 @@ def test_openapi_documents_the_field_and_metrics_count_blends(served, client):
     client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"adapter_blend": {"poet": 1.0}})
     client.completions.create(model="poet", prompt="hi", max_tokens=2)
     assert blends_counted() == before + 1
+
+
+def test_a_blend_on_each_device_and_dtype_decodes_the_library_blend_greedily(tokenizer, adapter_dir, device, dtype):
+    """The engine and store alone (the HTTP layer does not depend on the dtype): each token a blended row
+    picks, batched with a base row, is the library's greedy choice under the blend for that prefix, up to
+    the dtype's rounding (exactly the library's tokens in float32)."""
+    from lorakit.io import load_adapter
+    from lorakit.serve.adapter_store import AdapterStore
+    from lorakit.serve.blends import pin_blend, unpin_blend
+    from lorakit.serve.engine import Engine, SamplingParams
+    from tests.conftest import TOLERANCES
+
+    weights = {"robot": 0.6, "sage": 0.4}  # LoRA: the LoRA-XS files here fingerprint a float32 base's SVD
+    reference = tiny_chat_llama(len(tokenizer)).to(device=device, dtype=dtype)
+    for name in weights:
+        load_adapter(reference, adapter_dir / name, name)
+    model = tiny_chat_llama(len(tokenizer)).to(device=device, dtype=dtype)
+    engine = Engine(model, tokenizer, max_batch=4)
+    store = AdapterStore(model, adapter_dir, engine=engine)
+    prompt, n = tokenizer("The sea was calm and").input_ids, 8
+    engine.start()
+    try:
+        blend = pin_blend(store, weights)
+        assert [store.in_use(name) for name in weights] == [1, 1]
+        params = SamplingParams(max_tokens=n, ignore_eos=True)
+        streams = [engine.submit(prompt, blend, params, on_finish=lambda: unpin_blend(store, blend)),
+                   engine.submit(tokenizer("Another row").input_ids, None, params)]
+        out = [s.result() for s in streams][0]
+    finally:
+        engine.close()
+    assert out.reason == "length", out.error
+    assert [store.in_use(name) for name in weights] == [0, 0]
+    ids = torch.tensor([prompt + out.token_ids], device=device)
+    with lorakit.use_adapter(reference, weights), torch.no_grad():
+        logits = reference(ids).logits[0, len(prompt) - 1: -1].float()  # (n, V): the logits each token came from
+    picked = logits.gather(1, torch.tensor(out.token_ids, device=device)[:, None]).squeeze(1)  # (n,)
+    best = logits.max(-1).values  # (n,)
+    assert torch.all(picked >= best - TOLERANCES[dtype] * best.abs().clamp(min=1)), (picked, best)
+    if dtype == torch.float32:
+        assert out.token_ids == greedy_alone(reference.cpu(), prompt, weights, n, eos=None)
