@@ -165,7 +165,6 @@ class AdapterStore:
             raise AdapterLoadError(f"adapter {name!r} cannot be read: {self.client_message(exc)}") from exc
 
     def available(self) -> list[str]:
-
         """Adapter names in the directory (plain subdirectories holding an adapter_config.json) and the sources."""
         extra = sorted({n for source in self.sources for n in source.names()})
         if self.directory is None or not self.directory.is_dir():

@@ -137,7 +137,6 @@ def build_app(args: argparse.Namespace):
     config = ServeConfig(base_name=args.base_name or base_model_id(args.base), api_key=args.api_key or None,
                          max_tokens_limit=args.max_tokens_limit, max_blend_parts=args.max_blend_parts,
                          title=args.title,
-
                          drain_timeout=args.drain_timeout, adapter_roots=tuple(args.allow_adapter_root))
     sources, directory = (), args.adapters
     if remote:

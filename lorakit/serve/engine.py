@@ -700,7 +700,6 @@ class Engine:
 
     @staticmethod
     def _route_names(names: list[RowName]) -> RowName | tuple[RowName, ...]:
-
         """One name when every row shares it (the plain path, as a request alone runs), else one per row."""
         first = names[0]
         return first if all(n == first for n in names) else tuple(names)

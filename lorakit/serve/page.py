@@ -229,7 +229,6 @@ $("form").addEventListener("submit", (ev) => {
 for (const id of ["blend-a", "blend-b", "blend-mix"]) $(id).addEventListener("input", showBlend);
 $("blend-use").onclick = useBlend;
 if ($("key")) { $("key").value = localStorage.getItem("lorakit-key") || ""; $("key").onchange = loadCharacters; }
-
 loadCharacters();
 </script>
 </body>
