@@ -99,11 +99,12 @@ def test_chat_with_a_blend(client, source, tokenizer):
 
 
 def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(served, source, tokenizer):
-    """Four requests held until all are queued, so they are prefilled and decoded as one batch; each part
+    """Five requests held until all are queued, so they are prefilled and decoded as one batch (the two that
+    share a blend prefill packed in one forward row: lorakit.serve.packed_prefill); each part
     is pinned while its request runs and released after, and vLLM's gauge counts a blend under each part."""
     url, server = served
     rows = [("tiny", None), ("robot", None), ("pirate", {"pirate": 0.6, "poet": 0.4}),
-            ("tiny", {"poet": 0.5, "robot": 0.5})]
+            ("tiny", {"poet": 0.5, "robot": 0.5}), ("poet", {"pirate": 0.6, "poet": 0.4})]  # 2 and 4: one route
     prompts = [f"Row {k} says" for k in range(len(rows))]
     for name in ("pirate", "poet", "robot"):  # resident first: pinning then needs no engine step
         assert httpx.post(url + "/v1/adapters", json={"name": name}, timeout=30).status_code == 200
@@ -126,11 +127,11 @@ def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(se
         with ThreadPoolExecutor(len(rows)) as pool:
             futures = [pool.submit(post, k) for k in range(len(rows))]
             assert wait_until(lambda: server.engine.waiting == len(rows))
-            assert [server.store.in_use(n) for n in ("pirate", "poet", "robot")] == [1, 2, 2]
-            gate = Gate(server.engine.model, free=0)  # the four rows' prefill waits: they are all running
+            assert [server.store.in_use(n) for n in ("pirate", "poet", "robot")] == [2, 3, 2]
+            gate = Gate(server.engine.model, free=0)  # the rows' prefill waits: they are all running
             hold.set()
             assert wait_until(lambda: server.engine.running == len(rows))
-            assert server.engine.row_adapters()[0] == {"robot": 2, "pirate": 1, "poet": 2}  # a blend: each part
+            assert server.engine.row_adapters()[0] == {"robot": 2, "pirate": 2, "poet": 3}  # a blend: each part
             info = httpx.get(url + "/metrics", timeout=30).text.split('running_lora_adapters="')[1].split('"')[0]
             assert sorted(info.split(",")) == ["pirate", "poet", "robot"]
             gate.open()
@@ -140,7 +141,7 @@ def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(se
         hook.remove()
         if gate is not None:
             gate.remove()
-    assert batch_sizes[0] == len(rows)  # one prefill for the four, then decode steps of four rows
+    assert batch_sizes[:2] == [len(rows) - 1, len(rows)]  # one prefill (rows 2 and 4 packed), then a decode step
     for k, (model, blend) in enumerate(rows):
         adapter = blend if blend is not None else (None if model == "tiny" else model)
         assert got[k] == _text(tokenizer, greedy_alone(source, tokenizer(prompts[k]).input_ids, adapter, 8, eos=None))
