@@ -56,7 +56,6 @@ def check_blend(store: AdapterStore, weights: Mapping[str, float], max_parts: in
         except (AdapterNotFoundError, InvalidAdapterNameError) as exc:
             raise BlendPartNotFoundError(f"adapter_blend: adapter {name!r} not found "
                                          f"({store.client_message(exc)})") from exc
-
         if config.get("peft_type") == PREFIX_PEFT_TYPE:
             raise BlendRefusedError(f"adapter_blend: {name!r} is a prefix-tuning adapter, which cannot be blended "
                                     "(it adds attention keys and values, not a weight update to mix)",
