@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("surgery, route state, slots", ("lorakit.surgery", "lorakit.route_state", "lorakit.slot_table",
                                      "lorakit.quant_layer", "lorakit.slots", "lorakit.route_slots")),
     ("per-layer deltas", ("lorakit.batched",)),
-    ("layer", ("lorakit.layer",)),
+    ("layer", ("lorakit.layer", "lorakit.embedding_layer")),
     ("model record, routing, bases", ("lorakit.model_adapters", "lorakit.routing", "lorakit.basis_setup")),
     ("operations", ("lorakit.prefix_hook", "lorakit.attach", "lorakit.adapters", "lorakit.bank", "lorakit.merge",
                     "lorakit.combine", "lorakit.quant_model", "lorakit.compiled", "lorakit.generation")),
