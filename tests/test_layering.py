@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("per-layer deltas", ("lorakit.batched",)),
     ("layer", ("lorakit.layer", "lorakit.embedding_layer")),
     ("model record, routing, bases", ("lorakit.model_adapters", "lorakit.routing", "lorakit.basis_setup")),
-    ("operations", ("lorakit.prefix_hook", "lorakit.attach", "lorakit.adapters", "lorakit.bank", "lorakit.merge",
+    ("operations", ("lorakit.tied", "lorakit.prefix_hook", "lorakit.attach", "lorakit.adapters", "lorakit.bank", "lorakit.merge",
                     "lorakit.combine", "lorakit.quant_model", "lorakit.compiled", "lorakit.generation")),
     ("package API", ("lorakit",)),
     ("io", ("lorakit.io.*",)),
