@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -135,15 +136,17 @@ def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str
                                   WEIGHTS_NAME: tensors_bytes(tensors, {"format": "pt"})})
 
 
-def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True) -> Path:
-    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it)."""
+def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True,
+              modules: Collection[str] | None = None) -> Path:
+    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it); `modules`
+    (full names) keeps only those (lorakit.io.export drops modules a runtime cannot serve, when asked)."""
     config = adapter_config(model, name)
     if not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"adapter {name!r} is {config.method}, not LoRA; use lorakit.io.save_adapter, or "
                                  "export_to_peft for a PEFT copy")
     weights, rank_pattern, alpha_pattern = {}, {}, {}
     for module, layer in adapted_layers(model).items():
-        if name not in layer.adapters:
+        if name not in layer.adapters or (modules is not None and module not in modules):
             continue
         adapter = layer.adapters[name]
         weights[module] = (adapter.lora_A, adapter.lora_B)
