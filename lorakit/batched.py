@@ -101,7 +101,6 @@ def routed_source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, c
     """(fields, scales, index, dropout rates or None) for `kind` in this layer, or None when no adapter of
     the kind is here. Inference reads the slot stack; training stacks the route's parameters, in the dtype
     and on the device of `like` (the activations)."""
-    x = like
     if not per_call:
         stack = _checked_stack(layer, kind, rows, checked)
         if stack is not None:
@@ -113,9 +112,9 @@ def routed_source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, c
     if not present:
         return None
     shapes = type(present[0]).slot_shapes(layer.in_features, layer.out_features, max(a.r for a in present))
-    fields, scales = param_source(adapters, shapes, x.dtype, x.device)
+    fields, scales = param_source(adapters, shapes, like.dtype, like.device)
     rates = [0.0] + [dropout_rate(a) if a is not None else 0.0 for a in adapters]
-    return fields, scales, rows.local, (torch.tensor(rates, device=x.device) if any(rates) else None)
+    return fields, scales, rows.local, (torch.tensor(rates, device=like.device) if any(rates) else None)
 
 
 def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | None) -> SlotStack | None:

@@ -15,15 +15,23 @@ from lorakit.errors import TiedWeightError
 
 def tied_to(model: nn.Module, module_name: str) -> list[str]:
     """Full names of the other parameters that are the same Parameter as `module_name`'s weight."""
-    weight = model.get_submodule(module_name).weight
-    own = f"{module_name}.weight"
-    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and n != own]
+    return _shared_with(model, [module_name])[module_name]
+
+
+def _shared_with(model: nn.Module, module_names: list[str]) -> dict[str, list[str]]:
+    """module -> the other parameter names holding its weight, from one walk over the model's parameters."""
+    weights = {id(model.get_submodule(m).weight): m for m in module_names}
+    shared: dict[str, list[str]] = {m: [] for m in module_names}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owner = weights.get(id(param))
+        if owner is not None and param_name != f"{owner}.weight":
+            shared[owner].append(param_name)
+    return shared
 
 
 def check_untied(model: nn.Module, name: str, module_names: list[str]) -> None:
     """Raise TiedWeightError if merging adapter `name` into these modules would write a shared weight."""
-    for module_name in module_names:
-        shared = tied_to(model, module_name)
+    for module_name, shared in _shared_with(model, module_names).items():
         if shared:
             raise TiedWeightError(
                 f"cannot merge adapter {name!r}: {module_name}.weight is tied to {shared} (tie_word_embeddings), so "
