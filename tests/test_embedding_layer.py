@@ -3,6 +3,8 @@ torch.compile; and adapters on a tied output head (lorakit.tied)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -223,3 +225,26 @@ def test_untied_head_merges_and_tied_save_keeps_the_tie(tmp_path, ids):
     reloaded = type(plain).from_pretrained(tmp_path / "m").eval()
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     assert (_logits(reloaded, ids) - expected).abs().max() < 1e-5
+
+
+def test_smollm2_tied_embedding_and_head_equal_peft():
+    """The embedded real model (SmolLM2-135M, tied embeddings): LoRA on embed_tokens, lm_head and q_proj."""
+    from lorakit import models
+
+    try:
+        base, tokenizer = models.load_base("smollm2-135m")
+    except lk.BaseModelNotFoundError as exc:
+        pytest.skip(f"embedded model unavailable: {exc}")
+    ids = tokenizer(["LoRA adapters are small.", "Files are the interface"], return_tensors="pt",
+                    padding=True).input_ids
+    targets = ("embed_tokens", "lm_head", "q_proj")
+    plain = copy.deepcopy(base)
+    base_logits = _logits(plain, ids)
+    ours = lk.attach(base, lk.LoraConfig(r=8, lora_alpha=16, target_modules=targets), "a")
+    randomize_adapters(ours, std=0.02)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    reference = _logits(_peft_twin(ours, "a", targets, make=lambda: plain), ids)
+    out = _logits(ours, ids, ("a", None))
+    assert (out[0] - reference[0]).abs().max() < 2e-5
+    assert (out[1] - base_logits[1]).abs().max() < 2e-5
+    assert (reference[0] - base_logits[0]).abs().max() > 1e-2  # the adapter does something
