@@ -241,6 +241,7 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
     if not strict:
         present = {n for n, _ in model.named_modules()}
         pairs = {m: p for m, p in pairs.items() if m in present}
+        base_copies = {m: t for m, t in base_copies.items() if m in pairs}
         if not pairs:
             raise AdapterMismatchError(f"{where}: none of the adapter's modules exist in {type(model).__name__}")
     try:
