@@ -144,3 +144,12 @@ def test_export_command_names_what_it_warns_about_and_drops(tmp_path, capsys):
         assert main(["export", str(tmp_path / "a"), "--base", str(base), "--out", str(tmp_path / "e2"),
                      "--drop-modules", "embed_tokens"]) == 0
     assert not any("embed" in k for k in load_file(tmp_path / "e2" / "adapter_model.safetensors"))
+
+
+def test_inspect_counts_embedding_modules_and_not_the_base_copies(tmp_path):
+    _peft_file(tiny_llama, tmp_path / "peft")
+    info = io.read_adapter_info(tmp_path / "peft")
+    assert "model.embed_tokens" in info["modules"] and "lm_head" in info["modules"]
+    assert info["num_modules"] == 4  # embed_tokens, lm_head, two q_proj
+    r, vocab, hidden = 4, 101, 32
+    assert info["trainable_numbers"] == r * (vocab + hidden) * 2 + 2 * r * (hidden + hidden)
