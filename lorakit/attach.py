@@ -18,9 +18,11 @@ from lorakit.compiled import install_route_entry
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
                             UnsupportedLayerError)
+from lorakit.embedding_layer import adapted_layer, check_embedding, is_embedding
 from lorakit.layer import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
+from lorakit.methods.lora_embedding import EmbeddingLoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
 from lorakit.model_adapters import ModelAdapters, adapters_of
@@ -62,10 +64,14 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                                       f"adaptable layers: {_suffix_summary(adaptable)}")
     chosen = [n for n in chosen if not any(matches(n, e) for e in config.exclude_modules)]
     modules = dict(model.named_modules())
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not is_adaptable(modules[n])]
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen
+           if not (is_adaptable(modules[n]) or is_embedding(modules[n]))]
     if bad:
-        raise UnsupportedLayerError(f"cannot adapt {bad[:5]}: only nn.Linear and transformers' Conv1D are "
-                                    "supported")
+        raise UnsupportedLayerError(f"cannot adapt {bad[:5]}: only nn.Linear, transformers' Conv1D and (LoRA) "
+                                    "nn.Embedding are supported")
+    for n in chosen:
+        if is_embedding(modules[n]):
+            check_embedding(modules[n], n, config)
     if not chosen:
         raise TargetNotFoundError(f"no module left to adapt after exclusions; adaptable: {_suffix_summary(adaptable)}")
     return chosen
@@ -112,8 +118,10 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         dtype = adapter_dtype(module.weight.dtype, config.autocast_adapter_dtype)
         device = module.weight.device
         new_basis = None
-        if isinstance(config, LoraConfig):
-            adapter: nn.Module = LoraAdapter(in_f, out_f, config, dtype, device)
+        if is_embedding(module):  # find_targets let only LoRA through
+            adapter: nn.Module = EmbeddingLoraAdapter(in_f, out_f, config, dtype, device)
+        elif isinstance(config, LoraConfig):
+            adapter = LoraAdapter(in_f, out_f, config, dtype, device)
         elif isinstance(config, LoraXSConfig):
             adapter = LoraXSAdapter(config, dtype, device)
             if target in xs_bases:  # computed (or read from the bases cache) for layers that lack one
@@ -128,7 +136,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     for target, (adapter, new_basis) in built.items():
         layer = modules[target]
         if not isinstance(layer, AdaptedLinear):
-            layer = AdaptedLinear(layer, target, registry)
+            layer = adapted_layer(layer, target, registry)
             replace_module(model, target, layer)
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]

@@ -36,9 +36,7 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     """out + the route's deltas for this layer, added in place into `out` (the fresh base output) and
     returned. `checked` (the route's cache, None while compiling) remembers which stacks were verified to
     hold the route's adapters."""
-    # gradients must reach the parameters themselves; and under torch.compile(model) the slot stacks must not be
-    # (re)built while tracing (`param.data` re-pointed under Dynamo: inductor's stride asserts then fail)
-    per_call = torch.is_grad_enabled() or layer.training or (checked is not None and torch.compiler.is_compiling())
+    per_call = uses_parameters(layer, checked)
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
     for kind, columns in route.kinds.items():
@@ -56,12 +54,19 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     return out
 
 
+def uses_parameters(layer: nn.Module, checked: dict | None) -> bool:
+    """Whether deltas read the adapters' own parameters (stacked per call) rather than the slot stacks."""
+    # gradients must reach the parameters themselves; and under torch.compile(model) the slot stacks must not be
+    # (re)built while tracing (`param.data` re-pointed under Dynamo: inductor's stride asserts then fail)
+    return torch.is_grad_enabled() or layer.training or (checked is not None and torch.compiler.is_compiling())
+
+
 def _add_column(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, rows: KindRows, groups: int,
                 per_call: bool, checked: dict | None) -> None:
     """One column of a LoRA or VeRA kind: each group's adapter in it, times its blend weight."""
     if checked is not None and groups == 1 and rows.lead not in layer.adapters:
         return  # one adapter for the batch, and it does not touch this layer
-    source = _source(layer, kind, rows, per_call, checked, x)
+    source = routed_source(layer, kind, rows, per_call, checked, x)
     if source is None:
         return
     fields, scales, index, rates = source
@@ -90,10 +95,12 @@ def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: tor
             scales.index_select(0, index))
 
 
-def _source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, checked: dict | None,
-            x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+def routed_source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, checked: dict | None,
+                  like: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor,
+                                               torch.Tensor | None] | None:
     """(fields, scales, index, dropout rates or None) for `kind` in this layer, or None when no adapter of
-    the kind is here. Inference reads the slot stack; training stacks the route's parameters."""
+    the kind is here. Inference reads the slot stack; training stacks the route's parameters, in the dtype
+    and on the device of `like` (the activations)."""
     if not per_call:
         stack = _checked_stack(layer, kind, rows, checked)
         if stack is not None:
@@ -105,9 +112,9 @@ def _source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, checked
     if not present:
         return None
     shapes = type(present[0]).slot_shapes(layer.in_features, layer.out_features, max(a.r for a in present))
-    fields, scales = param_source(adapters, shapes, x.dtype, x.device)
+    fields, scales = param_source(adapters, shapes, like.dtype, like.device)
     rates = [0.0] + [dropout_rate(a) if a is not None else 0.0 for a in adapters]
-    return fields, scales, rows.local, (torch.tensor(rates, device=x.device) if any(rates) else None)
+    return fields, scales, rows.local, (torch.tensor(rates, device=like.device) if any(rates) else None)
 
 
 def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | None) -> SlotStack | None:
@@ -135,7 +142,7 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
     bank = layer.registry.bank
     for rows in columns:
         weights = rows.weights[:, None, None] if rows.weights is not None else None
-        source = _source(layer, "lora_xs", rows, per_call, checked, x)
+        source = routed_source(layer, "lora_xs", rows, per_call, checked, x)
         if source is not None:
             fields, scales, index, rates = source
             if dropout is None and rates is not None:

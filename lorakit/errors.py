@@ -80,3 +80,7 @@ class PrefixMismatchError(AdapterMismatchError):
 class WriteError(LorakitError, OSError):
     """A file or directory could not be written (no space left, no permission...): the message names the
     path; the previous version is intact and the write's temporary files are gone."""
+
+
+class TiedWeightError(MergeStateError):
+    """A merge would write into a weight another module shares (a tied embedding and output head)."""

@@ -34,13 +34,15 @@ ADAPTABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv
 class AdaptedLinear(nn.Module):
     """A linear (or Conv1D) layer whose output adds the routed adapters' deltas."""
 
+    wraps_linear: bool = True  # False for a layer over another kind of base (lorakit.embedding_layer)
+
     def __init__(self, base: nn.Module, module_name: str, registry: Any) -> None:
         """`registry` is the model's ModelAdapters (lorakit.model_adapters, a layer above: it walks these
         layers), read for what is merged, the packed bank and the default route."""
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D) if isinstance(Conv1D, type) else False
         self.weight = base.weight  # the base's own Parameter: same key, same storage
-        self.bias = base.bias
+        self.bias = getattr(base, "bias", None)  # an embedding table has none
         self.quant = quantized_base(base)  # bitsandbytes specifics of a 4/8-bit base (lorakit.quant_layer), else None
         if self.quant is not None:  # a packed weight's shape is not (out, in)
             self.in_features, self.out_features = base.in_features, base.out_features
@@ -97,9 +99,7 @@ class AdaptedLinear(nn.Module):
         if torch.compiler.is_compiling():  # lorakit.compiled: the route's tensors are the graph's inputs
             handed = registry.traced_slots if registry.traced_slots is not None else registry.entry_slots
             if handed is not None:
-                if x.dtype != out.dtype:
-                    x = x.to(out.dtype)
-                return add_routed_deltas(self, x, out, handed, None)
+                return self.add_deltas(x, out, handed, None)
         if not self.adapters and self.bank_index is None and not registry.merged:
             return out
         route = current_route(id(registry))
@@ -113,9 +113,14 @@ class AdaptedLinear(nn.Module):
         resolved = self.resolved(names, cache, x.device, tuple(registry.merged))
         if not resolved.kinds and not resolved.merged:
             return out
+        return self.add_deltas(x, out, resolved, cache)
+
+    def add_deltas(self, x: torch.Tensor, out: torch.Tensor, route: RouteSlots, cache: dict | None) -> torch.Tensor:
+        """out (the fresh base output) + the route's deltas; `cache` is None while compiling. The one step
+        a layer over another kind of base (lorakit.embedding_layer) does its own way."""
         if x.dtype != out.dtype:  # under torch.autocast the base output is bf16/fp16 while x is not: the
             x = x.to(out.dtype)  # adapter math and its in-place adds then run in the output's dtype
-        return add_routed_deltas(self, x, out, resolved, cache)
+        return add_routed_deltas(self, x, out, route, cache)
 
     def resolved(self, names: RowNames, cache: dict, device: torch.device, merged: tuple[str, ...]) -> RouteSlots:
         """The route's tensors (lorakit.route_slots), made once per route, table version and device (and
@@ -241,7 +246,9 @@ class AdaptedLinear(nn.Module):
 
 def is_adaptable(module: nn.Module) -> bool:
     """A layer adapters can be put on: a plain linear / Conv1D base, or one already adapted."""
-    return isinstance(module, (AdaptedLinear,) + ADAPTABLE_TYPES)
+    if isinstance(module, AdaptedLinear):
+        return module.wraps_linear
+    return isinstance(module, ADAPTABLE_TYPES)
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:

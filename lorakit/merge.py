@@ -17,6 +17,7 @@ from lorakit.model_adapters import adapters_of, release
 from lorakit.prefix_hook import unload_prefixes
 from lorakit.quant_layer import dequantize_model
 from lorakit.surgery import replace_module
+from lorakit.tied import check_untied
 
 
 def merge(model: nn.Module, name: str) -> None:
@@ -29,7 +30,9 @@ def merge(model: nn.Module, name: str) -> None:
     if isinstance(registry.configs[name], PrefixConfig):
         raise MergeStateError(f"adapter {name!r} is a prefix adapter: it adds attention keys and values, not a weight "
                               "update, so there is nothing to merge")
-    layers = [layer for layer in adapted_layers(model).values() if layer.has(name)]
+    touched = {n: layer for n, layer in adapted_layers(model).items() if layer.has(name)}
+    check_untied(model, name, list(touched))  # a tied embedding / output head: merging would change both
+    layers = list(touched.values())
     factors = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
     for layer, (up, down) in zip(layers, factors):
         layer.merge_factors_(name, up, down)
@@ -61,6 +64,7 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
         raise MergeStateError(f"adapter {new!r} is already merged")
     if isinstance(registry.configs[new], PrefixConfig):
         raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
+    check_untied(model, new, [n for n, layer in adapted_layers(model).items() if layer.has(new)])
     plan = []
     for layer in adapted_layers(model).values():
         added = layer.check_mergeable(new) if layer.has(new) else None  # every layer checked before any write

@@ -8,11 +8,20 @@ PEFT's scaling α/r is 1):
     VeRA     A' = diag(d)·A_shared,  B' = diag(b)·B_shared
 
 The exported file is larger than the native one (it carries the bases), but any LoRA runtime reads it.
+
+Embedding and output-head targets (`embed_tokens` as lora_embedding_A/B, `lm_head`) are written as PEFT
+writes them, and PEFT reads them; vLLM serves them only for model classes that declare those modules as LoRA
+embedding modules (its Llama does; its Qwen2/Qwen3 did not as of early 2026) and raises "expected target
+modules ... but received" for the others. Export therefore warns when an adapter has such modules, and
+`drop_modules` leaves named modules out explicitly (the file then differs from the trained adapter, and says
+so in the warning); nothing is ever dropped silently.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -20,8 +29,16 @@ from torch import nn
 
 from lorakit.adapters import adapter_config, adapter_state_dict
 from lorakit.config import LoraConfig, LoraXSConfig, VeraConfig
+from lorakit.embedding_layer import is_embedding
+from lorakit.errors import AdapterConfigError
 from lorakit.io.peft_lora import peft_config_dict, save_lora, write_peft_lora
+from lorakit.layer import adapted_layers
 from lorakit.methods.vera import vera_basis_key
+from lorakit.surgery import matches, output_head_names
+
+
+class ServingCompatibilityWarning(UserWarning):
+    """An exported adapter holds modules some LoRA runtimes (vLLM) refuse for some models."""
 
 
 def lora_factors(layer: nn.Module, config: LoraXSConfig | VeraConfig,
@@ -39,15 +56,49 @@ def lora_factors(layer: nn.Module, config: LoraXSConfig | VeraConfig,
     return a.to(dtype), b.to(dtype)
 
 
-def export_to_peft(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
-    """Write adapter `name` (any method) as a PEFT LoRA adapter directory that real PEFT loads."""
+def vocabulary_modules(model: nn.Module, modules: Collection[str]) -> list[str]:
+    """Those of `modules` that are embedding tables or the output head: what vLLM serves for some models only."""
+    heads = output_head_names(model)
+    return [m for m in modules if m in heads or is_embedding(model.get_submodule(m))]
+
+
+def kept_modules(model: nn.Module, name: str, modules: list[str], drop_modules: Collection[str]) -> list[str]:
+    """`modules` less `drop_modules` (full names or suffixes, each of which must name one of them), with a
+    ServingCompatibilityWarning for what is dropped and for embedding / output-head modules kept."""
+    unknown = [d for d in drop_modules if not any(matches(m, d) for m in modules)]
+    if unknown:
+        raise AdapterConfigError(f"drop_modules {unknown} name no module of adapter {name!r}; it has "
+                                 f"{sorted({m.rsplit('.', 1)[-1] for m in modules})}")
+    dropped = [m for m in modules if any(matches(m, d) for d in drop_modules)]
+    if dropped:
+        warnings.warn(f"adapter {name!r}: leaving out {dropped} as asked (drop_modules); the exported adapter "
+                      "no longer computes what the trained one does", ServingCompatibilityWarning, stacklevel=3)
+    kept = [m for m in modules if m not in dropped]
+    if not kept:
+        raise AdapterConfigError(f"drop_modules {list(drop_modules)} leaves adapter {name!r} with no module")
+    vocab = vocabulary_modules(model, kept)
+    if vocab:
+        warnings.warn(f"adapter {name!r} adapts {vocab} (embedding / output head): PEFT loads them, but vLLM serves "
+                      "them only for model classes that declare embed_tokens / lm_head as LoRA embedding modules "
+                      "(Llama does, Qwen2/Qwen3 did not) and refuses the adapter otherwise; export with drop_modules "
+                      "(lorakit export --drop-modules) to leave them out", ServingCompatibilityWarning, stacklevel=3)
+    return kept
+
+
+def export_to_peft(model: nn.Module, name: str, path: str | os.PathLike, *,
+                   drop_modules: Collection[str] = ()) -> Path:
+    """Write adapter `name` (any method) as a PEFT LoRA adapter directory that real PEFT loads, less the
+    modules named in `drop_modules` (see `kept_modules`)."""
     config = adapter_config(model, name)
     if isinstance(config, LoraConfig):
-        return save_lora(model, name, path)
+        modules = [m for m, layer in adapted_layers(model).items() if name in layer.adapters]
+        return save_lora(model, name, path, modules=set(kept_modules(model, name, modules, drop_modules)))
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter_state_dict(model, name).items():  # module adapters and packed ones alike
         module, param = key.rsplit(".", 1)
         per_module.setdefault(module, {})[param] = tensor
+    kept = set(kept_modules(model, name, list(per_module), drop_modules))
+    per_module = {m: t for m, t in per_module.items() if m in kept}
     weights = {m: lora_factors(model.get_submodule(m), config, t) for m, t in per_module.items()}
     dropout = getattr(config, "lora_dropout", getattr(config, "vera_dropout", 0.0))
     peft_config = peft_config_dict(model, list(weights), config.r, lora_alpha=config.r, lora_dropout=dropout)

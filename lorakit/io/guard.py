@@ -18,6 +18,7 @@ from lorakit.attach import find_targets
 from lorakit.basis_setup import layer_shape
 from lorakit.config import AdapterConfig
 from lorakit.errors import (AdapterExistsError, AdapterMismatchError, LorakitError, UnsupportedLayerError)
+from lorakit.embedding_layer import adapted_layer, is_embedding
 from lorakit.layer import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
 from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, adapters_of
@@ -41,10 +42,11 @@ def target_shapes(model: nn.Module, modules: Iterable[str], where: object) -> di
         raise AdapterMismatchError(f"{where}: module(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} do not exist "
                                    f"in {type(model).__name__} (its adaptable layers look like {examples}): is the "
                                    "adapter for another model?")
-    bad = sorted(f"{m} ({type(found[m]).__name__})" for m in modules if not is_adaptable(found[m]))
+    bad = sorted(f"{m} ({type(found[m]).__name__})" for m in modules
+                 if not (is_adaptable(found[m]) or is_embedding(found[m])))
     if bad:
-        raise UnsupportedLayerError(f"{where}: module(s) {bad[:5]} are not linear layers; lorakit adapts only "
-                                    "nn.Linear and transformers' Conv1D")
+        raise UnsupportedLayerError(f"{where}: module(s) {bad[:5]} are not linear or embedding layers; lorakit "
+                                    "adapts only nn.Linear, transformers' Conv1D and (LoRA) nn.Embedding")
     return {m: layer_shape(found[m]) for m in modules}
 
 
@@ -107,7 +109,7 @@ def install_bases(model: nn.Module, key: str, bases: dict[str, Basis]) -> None:
     for module_name, basis in bases.items():
         layer = model.get_submodule(module_name)
         if not isinstance(layer, AdaptedLinear):
-            layer = AdaptedLinear(layer, module_name, registry)
+            layer = adapted_layer(layer, module_name, registry)
             replace_module(model, module_name, layer)
             registry.version += 1
         have = layer.basis(key)

@@ -9,6 +9,7 @@ from pathlib import Path
 from lorakit.io.atomic import readable_directory
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, read_config_only, tensor_shapes
 from lorakit.io.native import FINGERPRINT
+from lorakit.io.peft_embedding import BASE_COPY, EMBEDDING_KEYS, LINEAR_KEYS
 
 
 def read_adapter_info(path: str | os.PathLike) -> dict:
@@ -25,10 +26,11 @@ def read_adapter_info(path: str | os.PathLike) -> dict:
         info = {"format": "lorakit", "method": config["lorakit_method"], "rank": settings.get("r"),
                 "alpha": settings.get("lora_alpha"), "modules": list(config.get("modules") or [])}
     else:
-        trained = shapes
+        trained = {k: v for k, v in shapes.items() if not k.endswith(BASE_COPY)}  # PEFT's copies of base tables
         peft_type = str(config.get("peft_type", "unknown"))
-        modules = sorted(k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                         for k in shapes if k.endswith(".lora_A.weight"))
+        a_keys = (LINEAR_KEYS[0], EMBEDDING_KEYS[0])
+        modules = sorted(k.removeprefix("base_model.model.").removesuffix(next(a for a in a_keys if k.endswith(a)))
+                         for k in shapes if k.endswith(a_keys))
         info = {"format": "peft", "method": "lora" if peft_type == "LORA" else peft_type.lower(),
                 "rank": config.get("r"), "alpha": config.get("lora_alpha"), "modules": modules}
     dtypes = sorted({dtype for _, dtype in trained.values()})

@@ -4,11 +4,13 @@
                                 use_rslora, fan_in_fan_out, rank_pattern, alpha_pattern, task_type ...
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
                                 base_model.model.<module path>.lora_B.weight  (out, r)
+                                (an nn.Embedding target: .lora_embedding_A (r, V), .lora_embedding_B (D, r),
+                                lorakit.io.peft_embedding)
 
 PEFT wraps the user's model, hence the `base_model.model.` prefix; the module path is the path in the
 model the adapter was attached to, and the adapter's name is not part of any key. Per-module ranks and
 alphas (`rank_pattern` / `alpha_pattern`) are read and written; features that change the forward pass
-in ways lorakit does not implement (DoRA, biases, modules_to_save, embedding or conv targets...) are
+in ways lorakit does not implement (DoRA, biases, modules_to_save, conv targets...) are
 refused by name before the model is touched.
 """
 
@@ -18,6 +20,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -30,6 +33,8 @@ from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdap
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
 from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite
 from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
+from lorakit.io.peft_embedding import (EMBEDDING_KEYS, check_base_copies, check_layouts, pair_keys,
+                                       split_base_copies)
 from lorakit.layer import AdaptedLinear, adapted_layers
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file layout this module writes
@@ -124,21 +129,24 @@ def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str
     """Write `weights` (module -> (lora_A (r, in), lora_B (out, r))) and `config` as a PEFT adapter dir."""
     tensors = {}
     for module, (a, b) in weights.items():
-        tensors[f"{KEY_PREFIX}{module}{_A}"] = a
-        tensors[f"{KEY_PREFIX}{module}{_B}"] = b
+        a_key, b_key = pair_keys(model, module)
+        tensors[f"{KEY_PREFIX}{module}{a_key}"] = a
+        tensors[f"{KEY_PREFIX}{module}{b_key}"] = b
     return write_directory(path, {CONFIG_NAME: json_bytes(config),
                                   WEIGHTS_NAME: tensors_bytes(tensors, {"format": "pt"})})
 
 
-def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True) -> Path:
-    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it)."""
+def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True,
+              modules: Collection[str] | None = None) -> Path:
+    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it); `modules`
+    (full names) keeps only those (lorakit.io.export drops modules a runtime cannot serve, when asked)."""
     config = adapter_config(model, name)
     if not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"adapter {name!r} is {config.method}, not LoRA; use lorakit.io.save_adapter, or "
                                  "export_to_peft for a PEFT copy")
     weights, rank_pattern, alpha_pattern = {}, {}, {}
     for module, layer in adapted_layers(model).items():
-        if name not in layer.adapters:
+        if name not in layer.adapters or (modules is not None and module not in modules):
             continue
         adapter = layer.adapters[name]
         weights[module] = (adapter.lora_A, adapter.lora_B)
@@ -179,20 +187,23 @@ def check_supported(config: dict, where: Path) -> None:
                                       "support; only plain LoRA (optionally rsLoRA, rank/alpha patterns) loads")
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {"A": lora_A, "B": lora_B}; foreign keys are named (by feature where recognised)."""
+def _split_keys(tensors: dict[str, torch.Tensor], where: Path,
+                layouts: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {"A": lora_A, "B": lora_B} (`layouts` gets each module's key layout); foreign keys are named
+    (by feature where recognised)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     features, unexpected = set(), []
+    suffixes = {_A: ("A", "linear"), _B: ("B", "linear"),
+                EMBEDDING_KEYS[0]: ("A", "embedding"), EMBEDDING_KEYS[1]: ("B", "embedding")}
     for key, tensor in tensors.items():
         rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
-        if rest is not None and rest.endswith(_A):
-            pairs.setdefault(rest[: -len(_A)], {})["A"] = tensor
-        elif rest is not None and rest.endswith(_B):
-            pairs.setdefault(rest[: -len(_B)], {})["B"] = tensor
+        suffix = next((s for s in suffixes if rest is not None and rest.endswith(s)), None)
+        if suffix is not None:
+            part, layout = suffixes[suffix]
+            pairs.setdefault(rest[: -len(suffix)], {})[part] = tensor
+            layouts[rest[: -len(suffix)]] = layout
         elif "lora_magnitude_vector" in key:
             features.add("DoRA (lora_magnitude_vector)")
-        elif "lora_embedding_" in key:
-            features.add("embedding targets (lora_embedding_A/B)")
         elif ".lora_B.bias" in key:
             features.add("LoRA bias terms (lora_B.bias)")
         else:
@@ -203,9 +214,11 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict
     if unexpected:
         raise CorruptAdapterError(f"{where}: unexpected keys {sorted(unexpected)[:5]}: expected only "
                                   f"'{KEY_PREFIX}<module>{_A}' and '...{_B}' (modules_to_save or a non-PEFT file?)")
-    missing = sorted(f"{KEY_PREFIX}{m}{_A if 'A' not in p else _B}" for m, p in pairs.items() if len(p) != 2)
+    keys = {"linear": (_A, _B), "embedding": EMBEDDING_KEYS}
+    missing = sorted(f"{KEY_PREFIX}{m}{keys[layouts[m]][0 if 'A' not in p else 1]}" for m, p in pairs.items()
+                     if len(p) != 2)
     if missing:
-        raise CorruptAdapterError(f"{where}: missing keys {missing[:5]} (every module needs lora_A and lora_B)")
+        raise CorruptAdapterError(f"{where}: missing keys {missing[:5]} (every module needs both A and B)")
     if not pairs:
         raise CorruptAdapterError(f"{where}: holds no LoRA tensors")
     return pairs
@@ -222,16 +235,21 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptAdapterError(f"{files.path / CONFIG_NAME}: bad or missing LoRA field: {exc}") from None
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    pairs = _split_keys(files.tensors, where)
+    tensors, base_copies = split_base_copies(files.tensors, KEY_PREFIX)
+    layouts: dict[str, str] = {}
+    pairs = _split_keys(tensors, where, layouts)
     if not strict:
         present = {n for n, _ in model.named_modules()}
         pairs = {m: p for m, p in pairs.items() if m in present}
+        base_copies = {m: t for m, t in base_copies.items() if m in pairs}
         if not pairs:
             raise AdapterMismatchError(f"{where}: none of the adapter's modules exist in {type(model).__name__}")
     try:
         shapes = target_shapes(model, list(pairs), where)
     except AdapterMismatchError as exc:  # modules this model lacks: a non-strict load skips them
         raise AdapterMismatchError(f"{exc} ({NOT_STRICT_HINT})") from None
+    check_layouts(model, {m: layouts[m] for m in pairs}, where)
+    check_base_copies(model, base_copies, set(pairs), where)
     plan = {}
     for module, pair in pairs.items():
         a, b = pair["A"], pair["B"]

@@ -54,7 +54,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         "8 for lora, 16 for lora_xs, 256 for vera)")
     p.add_argument("--alpha", type=float, help="lora_alpha of LoRA and LoRA-XS (default: 16)")
     p.add_argument("--dropout", type=float, help="adapter input dropout (default: 0)")
-    p.add_argument("--targets", help="'all-linear', a regex, or comma-separated module names (default: all-linear)")
+    p.add_argument("--targets", help="'all-linear', a regex, or comma-separated module names (default: all-linear); "
+                   "names may include embed_tokens / lm_head (LoRA only)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set init_std=1e-4 (value parsed as JSON)")
     p.add_argument("--adapter-name", help="name of the trained adapter" + _d("adapter_name"))

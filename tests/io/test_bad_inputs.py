@@ -179,7 +179,7 @@ def test_unsupported_peft_features_are_named(host, saved, tmp_path, field, value
     expect_refused(host, path, UnsupportedAdapterError, feature)
 
 
-@pytest.mark.parametrize("suffix, feature", [("lora_magnitude_vector", "DoRA"), ("lora_embedding_A", "embedding")])
+@pytest.mark.parametrize("suffix, feature", [("lora_magnitude_vector", "DoRA")])
 def test_unsupported_peft_tensors_are_named(host, saved, tmp_path, suffix, feature):
     path = broken(saved, tmp_path, "lora")
     edit_tensors(path, lambda t: t.__setitem__(f"base_model.model.model.embed_tokens.{suffix}", torch.zeros(4, 8)))

@@ -1,0 +1,58 @@
+"""LoRA on an embedding table: a low-rank update of the rows the ids pick.
+
+    ids ──► E (V×D) ─────────────────────► (+) ──► y      y = E[ids] + (α/r)·Aᵀ[ids]·Bᵀ
+    └──► Aᵀ (V×r), its rows for ids ─► Bᵀ (r×D) ─┘        A zero, B normal: training starts at the base
+
+The same factors as a linear LoRA read with a one-hot input of width V: `lora_A` (r, V) and `lora_B` (D, r),
+the shapes PEFT stores as `lora_embedding_A` / `lora_embedding_B`, so slot stacks, merging (ΔEᵀ = B·A) and
+files treat it as a LoRA adapter of a V -> D layer. Only the init differs (PEFT's for embeddings: A zeros,
+B standard normal), and there is no dropout (PEFT applies none to embedding targets).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorakit.config import LoraConfig
+from lorakit.methods.lora import LoraAdapter
+
+
+class EmbeddingLoraAdapter(LoraAdapter):
+    """One embedding table's LoRA state: `lora_A` (r, num_embeddings) and `lora_B` (embedding_dim, r)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: LoraConfig, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, config, dtype, device)
+        with torch.no_grad():
+            self.lora_A.zero_()
+            self.lora_B.normal_()
+        self.dropout = nn.Identity()
+
+    def delta(self, x: torch.Tensor, basis: None = None) -> torch.Tensor:
+        """(...) long ids -> (..., D): (α/r)·Aᵀ[ids]·Bᵀ."""
+        h = F.embedding(x, self.lora_A.T)  # (..., r)
+        return (h @ self.lora_B.T) * self.scaling
+
+
+def add_embedding_rows_(out: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
+                        coef: torch.Tensor | float, padding_idx: int | None = None) -> None:
+    """out += coef_i·A_{index_i}ᵀ[ids_i]·B_{index_i}ᵀ for every group i of rows, in place.
+
+    out (..., D) holds the base embeddings of `ids` (...); a (C, r, V) and b (C, r, D) are stacks of A and Bᵀ
+    (as lorakit.slots holds them) and index (n,) picks each group's; `coef` (n,) scales each group, or is one
+    float for all. Only the picked columns of A are read (n·T·r numbers), never a whole (r, V) table per
+    group. Ids equal to `padding_idx` give A no gradient, as F.embedding's padding_idx does."""
+    n, dtype = index.shape[0], out.dtype
+    ids2 = ids.reshape(n, -1)  # (n, T): the batch split into n equal groups of rows
+    h = a[index[:, None], :, ids2]  # (n, T, r)
+    if padding_idx is not None and h.requires_grad:
+        h = torch.where((ids2 == padding_idx)[..., None], h.detach(), h)
+    h = h.to(dtype)
+    alpha = 1.0
+    if isinstance(coef, torch.Tensor):
+        h = h * coef.to(dtype)[:, None, None]
+    else:  # one adapter for the batch: scaled after the product, as PEFT rounds it
+        alpha = coef
+    out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, index).to(dtype), alpha=alpha)  # (n, T, D)
