@@ -46,8 +46,9 @@ class Scenario:
         """Medians over rounds of the load's wall time and the server engine's time in decode and prefill."""
         if not self.engine:
             return None
-        keys = self.engine[0].keys()
-        return {k: statistics.median(e[k] for e in self.engine) for k in keys}
+        rounds = [e | {"outside_s": e.get("window_s", e["wall_s"]) - e["decode_s"] - e["prefill_s"]}
+                  for e in self.engine]  # per round: a median of differences, not a difference of medians
+        return {k: statistics.median(e[k] for e in rounds) for k in rounds[0]}
 
 
 def quantile(sorted_values: list[float], q: float) -> float | None:
@@ -175,7 +176,7 @@ def _engine_time(summaries: list[dict], bound: dict | None) -> list[str]:
     for s in rows:
         t = s["engine_time"]
         label = "base only" if s["method"] == BASE else f"{s['adapters']} distinct {s['method']}"
-        outside = t.get("window_s", t["wall_s"]) - t["decode_s"] - t["prefill_s"]
+        outside = t["outside_s"]
         tokens = statistics.median(s["completion_tokens"])
         lines.append(f"| {label} | {t['wall_s']:.2f} | {t['decode_s']:.2f} ({t['decode_steps']:.0f}) | "
                      f"{t['prefill_s']:.2f} ({t['prefill_steps']:.0f}) | {outside:.2f} | "

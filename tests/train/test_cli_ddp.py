@@ -37,8 +37,10 @@ def test_ddp_two_processes_match_one(tmp_path, llama_dir):
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b)
-    for key in a:  # same global batch and loss normalisation; only the summation order differs
-        assert torch.allclose(a[key], b[key], atol=2e-6, rtol=0), (key, (a[key] - b[key]).abs().max())
+    # same global batch and loss normalisation; only the summation order differs, and by how much depends on the
+    # CPU's kernels (2.3e-6 seen on an AVX2-only machine): a wrong batch or gradient moves weights by ~lr = 1e-2
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (key, (a[key] - b[key]).abs().max())
     log1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     log2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert [r["loss"] for r in log1] == pytest.approx([r["loss"] for r in log2], abs=1e-5)
