@@ -262,7 +262,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = _fresh_out_dir(args.out, args.overwrite)
     model, _, name = _load_base_with_adapter(args.base, args.adapter, args.strict)
-    export_to_peft(model, name, out)
+    export_to_peft(model, name, out, drop_extras=args.drop_extras)
     _say(f"exported adapter {name!r} from {args.adapter} as a PEFT LoRA adapter to {out}:")
     _print_files(out)
     return 0
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     e.add_argument("--no-strict", dest="strict", action="store_false", help=NO_STRICT_HELP)
+    e.add_argument("--drop-extras", action="store_true", help="leave out modules_to_save copies and trainable "
+                   "tokens (vLLM loads neither); without it such an adapter is refused")
     e.set_defaults(func=_cmd_export)
 
     from lorakit.train.cli import add_data_parser, add_eval_parser, add_train_parser

@@ -8,6 +8,8 @@ PEFT's scaling α/r is 1):
     VeRA     A' = diag(d)·A_shared,  B' = diag(b)·B_shared
 
 The exported file is larger than the native one (it carries the bases), but any LoRA runtime reads it.
+It is plain LoRA: an adapter that also holds modules_to_save copies or trainable tokens is refused, since
+vLLM-style runtimes load neither (save_adapter keeps them, for PEFT), unless drop_extras=True leaves them out.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 
 from lorakit.adapters import adapter_config, adapter_state_dict
 from lorakit.config import LoraConfig, LoraXSConfig, VeraConfig
+from lorakit.errors import UnsupportedAdapterError
+from lorakit.io.peft_extras import extras_of
 from lorakit.io.peft_lora import peft_config_dict, save_lora, write_peft_lora
 from lorakit.methods.vera import vera_basis_key
 
@@ -39,11 +43,18 @@ def lora_factors(layer: nn.Module, config: LoraXSConfig | VeraConfig,
     return a.to(dtype), b.to(dtype)
 
 
-def export_to_peft(model: nn.Module, name: str, path: str | os.PathLike) -> Path:
-    """Write adapter `name` (any method) as a PEFT LoRA adapter directory that real PEFT loads."""
+def export_to_peft(model: nn.Module, name: str, path: str | os.PathLike, *, drop_extras: bool = False) -> Path:
+    """Write adapter `name` (any method) as a plain PEFT LoRA adapter directory that real PEFT and LoRA
+    runtimes load. modules_to_save copies and trainable tokens are refused, or left out with `drop_extras`."""
     config = adapter_config(model, name)
+    extras = extras_of(model, name)
+    if extras and not drop_extras:
+        raise UnsupportedAdapterError(
+            f"adapter {name!r} holds {' and '.join(extras)}, which a plain LoRA export cannot carry (vLLM loads "
+            "neither trained module copies nor trainable tokens): use save_adapter for a PEFT file that keeps them, "
+            "or export with drop_extras=True (lorakit export --drop-extras) to write the LoRA part alone")
     if isinstance(config, LoraConfig):
-        return save_lora(model, name, path)
+        return save_lora(model, name, path, extras=False)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter_state_dict(model, name).items():  # module adapters and packed ones alike
         module, param = key.rsplit(".", 1)

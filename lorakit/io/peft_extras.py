@@ -133,8 +133,11 @@ def peft_extras(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, 
         elif key.endswith(".trainable_tokens_delta"):
             tensors[f"{PEFT_KEY_PREFIX}{key.removesuffix('.trainable_tokens_delta')}{TOKENS_KEY}"] = tensor
     indices = config.trainable_token_indices
-    if indices is not None:
-        indices = list(indices) if isinstance(indices[0], int) else {m: list(ids) for m, ids in indices}
+    if indices is not None and not isinstance(indices[0], int):  # full names: PEFT matches by string suffix
+        indices = {n: m.ids(name).tolist() for n, m in model.named_modules()
+                   if isinstance(m, TokenLayer) and not m.is_head and name in m.names()}
+    elif indices is not None:
+        indices = list(indices)
     return {"modules_to_save": saved or None, "trainable_token_indices": indices}, tensors
 
 

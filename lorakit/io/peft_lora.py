@@ -131,8 +131,10 @@ def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str
                                   WEIGHTS_NAME: tensors_bytes(tensors, {"format": "pt"})})
 
 
-def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True) -> Path:
-    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it)."""
+def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True,
+              extras: bool = True) -> Path:
+    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it); extras=False
+    leaves out its modules_to_save copies and trainable tokens (lorakit.io.export's plain LoRA)."""
     config = adapter_config(model, name)
     if not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"adapter {name!r} is {config.method}, not LoRA; use lorakit.io.save_adapter, or "
@@ -151,7 +153,7 @@ def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type
     peft_config = peft_config_dict(model, list(weights), config.r, config.lora_alpha, use_rslora=config.use_rslora,
                                    lora_dropout=config.lora_dropout, rank_pattern=rank_pattern,
                                    alpha_pattern=alpha_pattern, task_type=task_type)
-    fields, extra = peft_extras(model, name, config)  # modules_to_save copies, trainable token rows
+    fields, extra = peft_extras(model, name, config) if extras else ({}, {})  # copies, trainable token rows
     return write_peft_lora(model, path, weights, peft_config | fields, extra)
 
 

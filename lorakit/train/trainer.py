@@ -27,6 +27,7 @@ from torch import nn
 
 import lorakit
 from lorakit.io import save_adapter
+from lorakit.saved_modules import SavedModule
 from lorakit.io.files import parse_safetensors
 from lorakit.io.safe_open import read_safetensors_bytes, read_safetensors_header
 from lorakit.io.atomic import (atomic_write_json, fsync_dir, is_temp_name, replace_directory, reporting_write_errors,
@@ -146,8 +147,10 @@ def attach_or_check(model: nn.Module, config: TrainConfig) -> None:
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of the classification head (trained in full and saved with the adapter)."""
-    return {n: p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_NAMES}
+    """Parameters of the classification head (trained in full and saved with the adapter), unless the adapter
+    holds its own copy of the head (modules_to_save): then the copy trains, as part of the adapter."""
+    copied = {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), SavedModule)}
+    return {n: p for n, p in model.named_parameters() if n.split(".")[0] in set(HEAD_NAMES) - copied}
 
 
 def _labelled(batch: dict[str, torch.Tensor]) -> float:
