@@ -66,7 +66,7 @@ class SavedModule(nn.Module):
         return next((n for n in self.registry.merged if n in self.modules_to_save), None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        keys = row_keys(route_names(self.registry), self.key_of, self.module_name, "a trained copy of the module")
+        keys = row_keys(route_names(self.registry, self.module_name), self.key_of, self.module_name, "a trained copy of the module")
         if keys is AS_STORED:
             keys = self.merged_copy()
         if not isinstance(keys, tuple):

@@ -86,7 +86,7 @@ class TokenLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original_module(x)
-        keys = row_keys(route_names(self.registry), self.key_of, self.module_name, "trainable tokens")
+        keys = row_keys(route_names(self.registry, self.module_name), self.key_of, self.module_name, "trainable tokens")
         if keys is AS_STORED:
             return out
         if not isinstance(keys, tuple):

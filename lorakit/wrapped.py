@@ -50,8 +50,14 @@ def sync_back(wrapper: nn.Module, original: nn.Module) -> None:
         original._buffers[name] = wrapper._buffers[name]
 
 
-def route_names(registry: Any) -> object:
-    """The adapter names this call runs (the route's, else the record's default; AS_STORED when merged)."""
+def route_names(registry: Any, module_name: str) -> object:
+    """The adapter names this call runs (the route's, else the record's default; AS_STORED when merged).
+
+    Under torch.compile the route is handed to AdaptedLinear layers as slot tensors, never to these
+    wrappers: refused rather than run with the wrong adapter."""
+    if torch.compiler.is_compiling():
+        raise RoutingError(f"{module_name}: modules_to_save copies and trainable tokens do not run under "
+                           "torch.compile or lorakit.CompiledForward; run this model eagerly")
     route = current_route(id(registry))
     return route.names if route is not None else registry.default_names()
 

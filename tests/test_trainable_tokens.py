@@ -149,3 +149,9 @@ def test_config_refuses_bad_ids_and_blends_are_refused():
     lk.attach(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), "b")
     with pytest.raises(RoutingError, match="embed_tokens.*trainable tokens"), lk.use_adapter(model, {"a": 1.0, "b": 1.0}):
         model(input_ids=IDS)
+
+
+def test_compiled_forward_refuses_rather_than_run_without_the_route():
+    model = with_tokens(False, names=("a", "b"))
+    with pytest.raises(RoutingError, match="embed_tokens.*compiled forward"):
+        lk.CompiledForward(model, backend="eager")(["a", None, "b"], input_ids=IDS)
