@@ -33,3 +33,21 @@ def test_train_with_modules_to_save_and_trainable_tokens(tmp_path, llama_dir):
     assert not torch.equal(rows, base.model.embed_tokens.weight[tokens])
     assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
     assert lorakit.adapter_config(model, "t").trainable_token_indices == tuple(tokens)
+
+
+def test_classifier_head_as_modules_to_save_trains_as_the_adapters_and_evaluates(tmp_path, bert_dir):
+    from safetensors.torch import load_file
+
+    from tests.train.conftest import class_rows
+
+    data = write_jsonl(tmp_path / "d.jsonl", class_rows(12))
+    out = tmp_path / "run"
+    assert main(["train", "--base", str(bert_dir), "--data", str(data), "--output-dir", str(out), "--steps", "3",
+                 "--batch-size", "4", "--lr", "0.05", "--targets", "query", "--modules-to-save", "classifier",
+                 "--no-progress"]) == 0
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    head = load_file(out / "adapter" / "head.safetensors")  # the original head: labels and the un-routed path
+    assert set(head) == {"classifier.weight", "classifier.bias"}
+    assert not torch.equal(adapter["base_model.model.classifier.weight"], head["classifier.weight"])
+    assert main(["eval", "--base", str(bert_dir), "--adapter", str(out / "adapter"), "--data", str(data),
+                 "--no-generate", "--json"]) == 0
