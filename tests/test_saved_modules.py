@@ -188,3 +188,11 @@ def test_all_linear_never_adapts_inside_a_copy():
     lk.attach(model, lk.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.layers.1.mlp"]), "a")
     lk.attach(model, lk.LoraConfig(r=4), "b")  # all-linear
     assert not [n for n in lk.adapted_layers(model) if "mlp" in n and n.startswith("model.layers.1.")]
+
+
+def test_combining_an_adapter_with_copies_is_refused():
+    model = with_copies("a", 1)
+    lk.attach(model, lk.LoraConfig(r=4, target_modules=["q_proj"]), "b")
+    with pytest.raises(AdapterConfigError, match="'a' holds modules_to_save"):
+        lk.combine(model, {"a": 0.5, "b": 0.5}, "ab", combination_type="cat")
+    assert lk.adapter_names(model) == ["a", "b"]
