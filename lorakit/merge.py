@@ -69,7 +69,11 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
         raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
     if saved_modules(model) or token_layers(model):  # whole-module copies and token rows: one after the other
         unmerge(model, old)
-        merge(model, new)
+        try:
+            merge(model, new)
+        except BaseException:  # a refused merge leaves the model as it was: `old` merged
+            merge(model, old)
+            raise
         return
     plan = []
     for layer in adapted_layers(model).values():

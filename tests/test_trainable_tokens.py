@@ -155,3 +155,20 @@ def test_compiled_forward_refuses_rather_than_run_without_the_route():
     model = with_tokens(False, names=("a", "b"))
     with pytest.raises(RoutingError, match="embed_tokens.*compiled forward"):
         lk.CompiledForward(model, backend="eager")(["a", None, "b"], input_ids=IDS)
+
+
+def test_swap_merged_swaps_rows_and_a_refused_swap_keeps_the_old_merge():
+    model = with_tokens(False, names=("a", "b"))
+    lk.attach(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[40]), "c")
+    with torch.no_grad():
+        model.model.embed_tokens.trainable_tokens_delta["c"].fill_(float("nan"))
+        with lk.use_adapter(model, "b"):
+            expected = model(input_ids=IDS).logits
+        lk.merge(model, "a")
+        lk.swap_merged(model, "a", "b")
+        assert lk.merged_names(model) == ["b"]
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=2e-5)
+        with pytest.raises(lk.NonFiniteAdapterError, match="'c'"):
+            lk.swap_merged(model, "b", "c")
+        assert lk.merged_names(model) == ["b"]
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=2e-5)
