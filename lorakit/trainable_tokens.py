@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lorakit.config import TokenIndices, adapter_dtype
 from lorakit.errors import AdapterConfigError, MergeStateError, NonFiniteAdapterError, TargetNotFoundError

@@ -172,3 +172,14 @@ def test_swap_merged_swaps_rows_and_a_refused_swap_keeps_the_old_merge():
             lk.swap_merged(model, "b", "c")
         assert lk.merged_names(model) == ["b"]
         torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=2e-5)
+
+
+def test_lora_on_an_embedding_with_trainable_tokens_is_refused():
+    """Embedding LoRA and trainable tokens on one module do not compose yet: either order is refused."""
+    model = with_tokens(False)
+    with pytest.raises(lk.LorakitError, match="embed_tokens"):
+        lk.attach(model, lk.LoraConfig(r=4, target_modules=["embed_tokens"]), "e")
+    assert lk.adapter_names(model) == ["a"] and isinstance(model.model.embed_tokens, TokenLayer)
+    with pytest.raises(lk.LorakitError, match="embed_tokens"):  # today: no embedding LoRA; then: both at once
+        lk.attach(tiny_lm(False), lk.LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                trainable_token_indices=[3]), "e")
