@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.errors import AdapterConfigError, MergeStateError, RoutingError, TargetNotFoundError
 from lorakit.route_state import AS_STORED
 from lorakit.surgery import PREFIX_STORE_PREFIX, matches, replace_module
-from lorakit.wrapped import adopt, by_rows, route_names, row_keys, sync_back
+from lorakit.wrapped import WholeModuleWrapper, by_rows, route_names, row_keys
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -39,18 +39,14 @@ def row_independent(module: nn.Module) -> bool:
     return isinstance(module, ROW_INDEPENDENT) or type(module).__name__.endswith(ROW_INDEPENDENT_SUFFIXES)
 
 
-class SavedModule(nn.Module):
+class SavedModule(WholeModuleWrapper):
     """A base module plus one trained copy per adapter, the copy chosen by the call's route."""
 
-    lorakit_wraps_whole = True  # lorakit.wrapped.WRAPPER_ATTR
-
     def __init__(self, original: nn.Module, module_name: str, registry: Any) -> None:
-        super().__init__()
-        adopt(self, original, reserved=(COPIES,))
+        super().__init__(original, reserved=(COPIES,))
         self.modules_to_save = nn.ModuleDict()
         self.module_name = module_name
         object.__setattr__(self, "registry", registry)
-        self.training = original.training
 
     def extra_repr(self) -> str:
         return f"original={type(self.original_module).__name__}, copies={list(self.modules_to_save)}"
@@ -77,11 +73,6 @@ class SavedModule(nn.Module):
                                "send one adapter per batch")
         x, rest = args[0], args[1:]
         return by_rows(keys, x, lambda key, rows: self.module_for(key)(rows, *rest, **kwargs), self.module_name)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "SavedModule":
-        super()._apply(fn, recurse)
-        sync_back(self, self.original_module)
-        return self
 
 
 # -------------------------------------------------------------------------- attach / delete / unload

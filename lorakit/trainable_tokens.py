@@ -24,20 +24,17 @@ from lorakit.config import TokenIndices, adapter_dtype
 from lorakit.errors import AdapterConfigError, MergeStateError, NonFiniteAdapterError, TargetNotFoundError
 from lorakit.route_state import AS_STORED
 from lorakit.surgery import matches, replace_module
-from lorakit.wrapped import adopt, by_rows, route_names, row_keys, sync_back
+from lorakit.wrapped import WholeModuleWrapper, by_rows, route_names, row_keys
 
 Rows = list[tuple[torch.Tensor, torch.Tensor]]  # (ids (n,), values (n, dim)) written in order, later ones win
 
 
-class TokenLayer(nn.Module):
+class TokenLayer(WholeModuleWrapper):
     """An nn.Embedding (or the linear output head tied to it) with per-adapter replacement rows."""
-
-    lorakit_wraps_whole = True  # lorakit.wrapped.WRAPPER_ATTR
 
     def __init__(self, original: nn.Module, module_name: str, registry: Any, source: "TokenLayer | None" = None):
         """`source`: for a tied output head, the embedding's TokenLayer, whose rows it reads."""
-        super().__init__()
-        adopt(self, original, reserved=("trainable_tokens_delta", "token_indices", "merged_rows"))
+        super().__init__(original, reserved=("trainable_tokens_delta", "token_indices", "merged_rows"))
         self.module_name = module_name
         self.is_head = source is not None
         if source is None:
@@ -46,7 +43,6 @@ class TokenLayer(nn.Module):
             self.merged_rows = nn.Module()  # what merging overwrote, per adapter
         object.__setattr__(self, "source", source if source is not None else self)
         object.__setattr__(self, "registry", registry)
-        self.training = original.training
 
     def extra_repr(self) -> str:
         return f"tied_head={self.is_head}, adapters={list(self.source.trainable_tokens_delta)}"
@@ -104,11 +100,6 @@ class TokenLayer(nn.Module):
                 at = lookup[x]  # (...): position in `ids`, -1 for other tokens
                 out = torch.where((at >= 0)[..., None], values[at.clamp(min=0)], out)
         return out
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "TokenLayer":
-        super()._apply(fn, recurse)
-        sync_back(self, self.original_module)
-        return self
 
     # -- merging -----------------------------------------------------------------------------------
     @torch.no_grad()

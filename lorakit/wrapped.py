@@ -22,32 +22,42 @@ from lorakit.route_state import AS_STORED, Blend, current_route
 RowKey = Hashable
 
 
-WRAPPER_ATTR = "lorakit_wraps_whole"  # class attribute of the wrappers: nothing inside them is adapted again
+class WholeModuleWrapper(nn.Module):
+    """Base of the wrappers: takes over `original`'s tensors and children under their own names (the same
+    objects) and keeps the original, called through a plain reference, in step with .to() and .train()."""
+
+    def __init__(self, original: nn.Module, reserved: tuple[str, ...]) -> None:
+        super().__init__()
+        clash = sorted(set(reserved) & (set(original._parameters) | set(original._buffers) | set(original._modules)))
+        if clash:
+            raise UnsupportedLayerError(f"{type(original).__name__} already has attributes {clash}; it cannot be "
+                                        "wrapped")
+        self._parameters.update(original._parameters)
+        self._buffers.update(original._buffers)
+        self._non_persistent_buffers_set.update(original._non_persistent_buffers_set)
+        self._modules.update(original._modules)
+        object.__setattr__(self, "original_module", original)  # a plain reference: its tensors are the wrapper's
+        self.training = original.training
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "WholeModuleWrapper":
+        """.to(), .half()...: after they rebind tensors, point the original at the same ones."""
+        super()._apply(fn, recurse)
+        original = self.original_module
+        for name in original._parameters:
+            original._parameters[name] = self._parameters[name]
+        for name in original._buffers:
+            original._buffers[name] = self._buffers[name]
+        return self
+
+    def train(self, mode: bool = True) -> "WholeModuleWrapper":
+        super().train(mode)  # the adopted children and the copies are submodules; the original itself is not
+        self.original_module.training = mode
+        return self
 
 
 def wrapped_prefixes(model: nn.Module) -> tuple[str, ...]:
     """'name.' of every module lorakit wraps whole: what lies below is the wrapper's, never a target."""
-    return tuple(f"{n}." for n, m in model.named_modules() if getattr(type(m), WRAPPER_ATTR, False))
-
-
-def adopt(wrapper: nn.Module, original: nn.Module, reserved: tuple[str, ...]) -> None:
-    """Register `original`'s direct parameters, buffers and children on `wrapper` under the same names."""
-    clash = sorted(set(reserved) & (set(original._parameters) | set(original._buffers) | set(original._modules)))
-    if clash:
-        raise UnsupportedLayerError(f"{type(original).__name__} already has attributes {clash}; it cannot be wrapped")
-    wrapper._parameters.update(original._parameters)
-    wrapper._buffers.update(original._buffers)
-    wrapper._non_persistent_buffers_set.update(original._non_persistent_buffers_set)
-    wrapper._modules.update(original._modules)
-    object.__setattr__(wrapper, "original_module", original)  # a plain reference: its tensors are the wrapper's
-
-
-def sync_back(wrapper: nn.Module, original: nn.Module) -> None:
-    """After `wrapper._apply` (.to(), .half()) rebound tensors, point the original at the same ones."""
-    for name in original._parameters:
-        original._parameters[name] = wrapper._parameters[name]
-    for name in original._buffers:
-        original._buffers[name] = wrapper._buffers[name]
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, WholeModuleWrapper))
 
 
 def route_names(registry: Any, module_name: str) -> object:

@@ -196,3 +196,17 @@ def test_combining_an_adapter_with_copies_is_refused():
     with pytest.raises(AdapterConfigError, match="'a' holds modules_to_save"):
         lk.combine(model, {"a": 0.5, "b": 0.5}, "ab", combination_type="cat")
     assert lk.adapter_names(model) == ["a", "b"]
+
+
+def test_train_and_eval_reach_the_original_and_the_copies():
+    """A copied module whose forward reads its own `training` flag (dropout) behaves as the model's mode says."""
+    model = tiny_classifier()
+    model.extra = nn.Dropout(0.5)  # a module of the model, only to be wrapped
+    lk.attach(model, lk.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["extra"]), "a")
+    model.train()
+    assert model.extra.original_module.training and model.extra.modules_to_save["a"].training
+    model.eval()
+    assert not model.extra.original_module.training and not model.extra.modules_to_save["a"].training
+    x = torch.ones(2, 8)
+    with lk.disable_adapters(model):
+        assert torch.equal(model.extra(x), x)  # eval: dropout is the identity
