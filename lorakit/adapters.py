@@ -11,7 +11,9 @@ from lorakit.layer import adapted_layers
 from lorakit.slots import unshare
 from lorakit.model_adapters import ATTR, adapters_of
 from lorakit.prefix_hook import prefix_adapter, remove_prefix
+from lorakit.saved_modules import remove_saved, saved_parameters, saved_state
 from lorakit.surgery import freeze_base
+from lorakit.trainable_tokens import remove_tokens, token_parameters, token_state
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -43,7 +45,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name in layer.adapters:
             for pname, param in layer.adapters[name].named_parameters():
                 state[f"{module_name}.{pname}"] = param.detach()
-    return state
+    return state | saved_state(model, name) | token_state(model, name)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -51,7 +53,7 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     if isinstance(adapter_config(model, name), PrefixConfig):
         return list(prefix_adapter(model, name).parameters())
     return [p for layer in adapted_layers(model).values() if name in layer.adapters
-            for p in layer.adapters[name].parameters()]
+            for p in layer.adapters[name].parameters()] + saved_parameters(model, name) + token_parameters(model, name)
 
 
 def set_trainable(model: nn.Module, name: str | None) -> None:
@@ -100,6 +102,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layers_changed = True
     if isinstance(registry.configs[name], PrefixConfig):
         remove_prefix(model, name)
+    remove_saved(model, name)
+    remove_tokens(model, name)
     del registry.configs[name]
     if registry.trained == name:
         registry.trained = None

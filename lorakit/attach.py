@@ -28,8 +28,11 @@ from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_f
 from lorakit.model_adapters import ModelAdapters, adapters_of
 from lorakit.prefix_hook import attach_prefix
 from lorakit.route_state import carry_routes_through_checkpointing
+from lorakit.saved_modules import install_saved, plan_saved
 from lorakit.slots import kind_of
 from lorakit.surgery import PREFIX_STORE_PREFIX, freeze_base, matches, output_head_names, replace_module
+from lorakit.trainable_tokens import install_tokens, plan_tokens
+from lorakit.wrapped import wrapped_prefixes
 
 
 def check_adapter_name(name: str) -> None:
@@ -40,7 +43,9 @@ def check_adapter_name(name: str) -> None:
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Full names of the modules `config` targets, in model order; errors name what exists."""
     # lorakit's own modules (a prefix adapter's MLP under `lorakit_prefix`) are never targets
-    all_names = [n for n, _ in model.named_modules() if n and not n.startswith(PREFIX_STORE_PREFIX)]
+    # nor is anything inside a module lorakit wraps whole (modules_to_save copies, trainable-token layers)
+    skip = (PREFIX_STORE_PREFIX,) + wrapped_prefixes(model)
+    all_names = [n for n, _ in model.named_modules() if n and not n.startswith(skip)]
     modules = dict(model.named_modules())
     adaptable = [n for n in all_names if is_adaptable(modules[n])]
     targets = config.target_modules
@@ -107,6 +112,13 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     modules = dict(model.named_modules())
     for target in targets:
         _check_rank(config, target, *layer_shape(modules[target]))
+    saved, tokens = [], []
+    if isinstance(config, LoraConfig):  # modules_to_save, trainable tokens: planned (checked) before any change
+        if config.target_modules == "all-linear" and config.modules_to_save:  # a saved module is copied whole
+            held = plan_saved(model, config.modules_to_save, name, [])
+            targets = [t for t in targets if not any(t == h or t.startswith(f"{h}.") for h in held)]
+        saved = plan_saved(model, config.modules_to_save, name, targets)
+        tokens = plan_tokens(model, config.trainable_token_indices, name, targets)
 
     # Build everything first: nothing below touches the model until all of it succeeded.
     built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
@@ -141,6 +153,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter
+    install_saved(model, saved, name, registry)
+    install_tokens(model, tokens, name, registry, config.autocast_adapter_dtype)
     registry.slot_table.assign(kind_of(next(iter(built.values()))[0]), name)  # same number in every layer
     registry.configs[name] = config
     registry.version += 1

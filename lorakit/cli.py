@@ -263,7 +263,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = _fresh_out_dir(args.out, args.overwrite)
     model, _, name = _load_base_with_adapter(args.base, args.adapter, args.strict)
     drop = [m.strip() for m in args.drop_modules.split(",") if m.strip()] if args.drop_modules else []
-    export_to_peft(model, name, out, drop_modules=drop)
+    export_to_peft(model, name, out, drop_modules=drop, drop_extras=args.drop_extras)
     _say(f"exported adapter {name!r} from {args.adapter} as a PEFT LoRA adapter to {out}:")
     _print_files(out)
     return 0
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-modules", metavar="NAMES", help="comma-separated modules (names or suffixes, e.g. "
                    "embed_tokens,lm_head) to leave out of the export, for runtimes that refuse them (vLLM for "
                    "some models); what is dropped is named in a warning")
+    e.add_argument("--drop-extras", action="store_true", help="leave out modules_to_save copies and trainable "
+                   "tokens (vLLM loads neither); without it such an adapter is refused")
     e.set_defaults(func=_cmd_export)
 
     from lorakit.train.cli import add_data_parser, add_eval_parser, add_train_parser

@@ -133,6 +133,9 @@ def _checked_sources(registry, weights: dict[str, float], new_name: str) -> dict
         if isinstance(config, PrefixConfig):
             raise AdapterConfigError(f"adapter {name!r} is a prefix adapter: prefixes add attention keys and values, "
                                      "not weight updates, so they do not combine")
+        if getattr(config, "modules_to_save", ()) or getattr(config, "trainable_token_indices", None) is not None:
+            raise AdapterConfigError(f"adapter {name!r} holds modules_to_save copies or trainable tokens, which have "
+                                     "no combined meaning here; the combination would silently lose them")
         configs[name] = config
     return configs
 

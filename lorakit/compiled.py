@@ -38,6 +38,7 @@ from torch import nn
 from lorakit.config import PrefixConfig
 from lorakit.errors import RoutingError
 from lorakit.layer import adapted_layers
+from lorakit.wrapped import wrapped_prefixes
 from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, ModelAdapters
 from lorakit.route_slots import RouteSlots, resolve
 from lorakit.route_state import AS_STORED, Route, RowName, current_route, normalised_names, route_for
@@ -88,6 +89,10 @@ class CompiledForward:
         prefix = sorted({n for n in per_row if isinstance(registry.configs.get(n), PrefixConfig)})
         if prefix:
             raise RoutingError(f"prefix adapter(s) {prefix} cannot run in a compiled forward; use the eager model")
+        wrapped = wrapped_prefixes(self.model)
+        if wrapped:  # they read the route from its ContextVar, which this path does not set
+            raise RoutingError(f"modules {[w[:-1] for w in wrapped][:3]} hold modules_to_save copies or trainable "
+                               "tokens, which cannot run in a compiled forward; use the eager model")
         self.prepare()
         device = next(self.model.parameters()).device
         table = registry.slot_table

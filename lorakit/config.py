@@ -33,6 +33,43 @@ def normalise_excludes(value: object) -> tuple[str, ...]:
     raise AdapterConfigError(f"exclude_modules must be a module name or a list of names, got {value!r}")
 
 
+def normalise_saved(value: object) -> tuple[str, ...]:
+    """modules_to_save as a tuple of module names (a lone string is one name)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value):
+        return tuple(value)
+    raise AdapterConfigError(f"modules_to_save must be a module name or a list of names, got {value!r}")
+
+
+# trainable_token_indices as PEFT takes it: ids for the input embedding, or {module name: ids}; held as a
+# tuple of ids, or a tuple of (module, ids) pairs, so the frozen config stays hashable
+TokenIndices = Union[None, tuple[int, ...], tuple[tuple[str, tuple[int, ...]], ...]]
+
+
+def _token_ids(value: object, where: str) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value) and len(set(value)) == len(value):
+        return tuple(value)
+    raise AdapterConfigError(f"trainable_token_indices{where} must be a non-empty list of distinct token ids >= 0, "
+                             f"got {value!r}")
+
+
+def normalise_token_indices(value: object) -> TokenIndices:
+    """trainable_token_indices: None, a list of ids (the input embedding) or {module: ids}."""
+    if value is None:
+        return None
+    if isinstance(value, dict) or (isinstance(value, tuple) and value and all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value)):
+        pairs = value.items() if isinstance(value, dict) else value
+        if not pairs:
+            raise AdapterConfigError("trainable_token_indices is an empty mapping")
+        return tuple((str(m), _token_ids(ids, f"[{m!r}]")) for m, ids in pairs)
+    return _token_ids(value, "")
+
+
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise AdapterConfigError(f"{name} must be True or False, got {value!r}")
@@ -79,6 +116,8 @@ class LoraConfig:
     target_modules: Targets = "all-linear"  # which layers get an adapter
     exclude_modules: tuple[str, ...] = ()  # names/suffixes never adapted (the output head always is)
     autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
+    modules_to_save: tuple[str, ...] = ()  # modules trained as full copies (a classifier head, a norm), as PEFT's
+    trainable_token_indices: TokenIndices = None  # embedding rows trained for these ids (lorakit.trainable_tokens)
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
@@ -88,6 +127,8 @@ class LoraConfig:
         _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
+        object.__setattr__(self, "modules_to_save", normalise_saved(self.modules_to_save))
+        object.__setattr__(self, "trainable_token_indices", normalise_token_indices(self.trainable_token_indices))
 
     @property
     def scaling(self) -> float:
@@ -179,9 +220,13 @@ CONFIG_CLASSES: dict[str, type] = {c.method: c for c in (LoraConfig, LoraXSConfi
 def config_to_dict(config: AdapterConfig) -> dict:
     """A JSON-ready dict of the config, with its method name."""
     data = asdict(config)
-    for key in ("target_modules", "exclude_modules"):
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
         if isinstance(data.get(key), tuple):
             data[key] = list(data[key])
+    tokens = data.get("trainable_token_indices")
+    if tokens is not None:  # back to PEFT's JSON shape: a list of ids or {module: ids}
+        data["trainable_token_indices"] = list(tokens) if isinstance(tokens[0], int) else \
+            {m: list(ids) for m, ids in tokens}
     return {"method": config.method, **data}
 
 
@@ -196,7 +241,7 @@ def config_from_dict(data: dict) -> AdapterConfig:
     unknown = set(data) - known
     if unknown:
         raise AdapterConfigError(f"unknown {method} config fields {sorted(unknown)}; known: {sorted(known)}")
-    for key in ("target_modules", "exclude_modules"):
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
     return cls(**data)

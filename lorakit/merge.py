@@ -16,6 +16,8 @@ from lorakit.layer import adapted_layers
 from lorakit.model_adapters import adapters_of, release
 from lorakit.prefix_hook import unload_prefixes
 from lorakit.quant_layer import dequantize_model
+from lorakit.saved_modules import check_merge_saved, saved_modules, unwrap_saved
+from lorakit.trainable_tokens import check_merge_tokens, merge_tokens, token_layers, unwrap_tokens
 from lorakit.surgery import replace_module
 from lorakit.tied import check_untied
 
@@ -34,8 +36,11 @@ def merge(model: nn.Module, name: str) -> None:
     check_untied(model, name, list(touched))  # a tied embedding / output head: merging would change both
     layers = list(touched.values())
     factors = [layer.check_mergeable(name) for layer in layers]  # all checked before any write
+    check_merge_saved(model, name, registry.merged)
+    check_merge_tokens(model, name, registry.merged)
     for layer, (up, down) in zip(layers, factors):
         layer.merge_factors_(name, up, down)
+    merge_tokens(model, name, merge=True)  # a saved module's copy needs no write: as-stored calls run it
     registry.merged.append(name)
 
 
@@ -47,6 +52,7 @@ def unmerge(model: nn.Module, name: str) -> None:
     for layer in adapted_layers(model).values():
         if layer.has(name):
             layer.unmerge_factors_(name)  # exactly what the merge added
+    merge_tokens(model, name, merge=False)  # the rows the merge overwrote, back
     registry.merged.remove(name)
 
 
@@ -65,6 +71,14 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
     if isinstance(registry.configs[new], PrefixConfig):
         raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
     check_untied(model, new, [n for n, layer in adapted_layers(model).items() if layer.has(new)])
+    if saved_modules(model) or token_layers(model):  # whole-module copies and token rows: one after the other
+        unmerge(model, old)
+        try:
+            merge(model, new)
+        except BaseException:  # a refused merge leaves the model as it was: `old` merged
+            merge(model, old)
+            raise
+        return
     plan = []
     for layer in adapted_layers(model).values():
         added = layer.check_mergeable(new) if layer.has(new) else None  # every layer checked before any write
@@ -116,6 +130,8 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None, *,
             merge(model, name)
     for full_name, layer in adapted_layers(model).items():
         replace_module(model, full_name, layer.to_plain(full_precision=full_precision))
+    unwrap_saved(model)  # the merged adapter's copy (or the original) in place of each wrapper
+    unwrap_tokens(model)  # the merged rows are in W already
     if full_precision:
         dequantize_model(model)
     unload_prefixes(model)

@@ -15,6 +15,9 @@ embedding modules (its Llama does; its Qwen2/Qwen3 did not as of early 2026) and
 modules ... but received" for the others. Export therefore warns when an adapter has such modules, and
 `drop_modules` leaves named modules out explicitly (the file then differs from the trained adapter, and says
 so in the warning); nothing is ever dropped silently.
+
+It is plain LoRA: an adapter that also holds modules_to_save copies or trainable tokens is refused, since
+vLLM-style runtimes load neither (save_adapter keeps them, for PEFT), unless drop_extras=True leaves them out.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from torch import nn
 from lorakit.adapters import adapter_config, adapter_state_dict
 from lorakit.config import LoraConfig, LoraXSConfig, VeraConfig
 from lorakit.embedding_layer import is_embedding
-from lorakit.errors import AdapterConfigError
+from lorakit.errors import AdapterConfigError, UnsupportedAdapterError
+from lorakit.io.peft_extras import extras_of
 from lorakit.io.peft_lora import peft_config_dict, save_lora, write_peft_lora
 from lorakit.layer import adapted_layers
 from lorakit.methods.vera import vera_basis_key
@@ -86,13 +90,21 @@ def kept_modules(model: nn.Module, name: str, modules: list[str], drop_modules: 
 
 
 def export_to_peft(model: nn.Module, name: str, path: str | os.PathLike, *,
-                   drop_modules: Collection[str] = ()) -> Path:
-    """Write adapter `name` (any method) as a PEFT LoRA adapter directory that real PEFT loads, less the
-    modules named in `drop_modules` (see `kept_modules`)."""
+                   drop_modules: Collection[str] = (), drop_extras: bool = False) -> Path:
+    """Write adapter `name` (any method) as a plain PEFT LoRA adapter directory that real PEFT and LoRA runtimes
+    load, less the modules named in `drop_modules` (see `kept_modules`). modules_to_save copies and trainable
+    tokens are refused, or left out with `drop_extras`."""
     config = adapter_config(model, name)
+    extras = extras_of(model, name)
+    if extras and not drop_extras:
+        raise UnsupportedAdapterError(
+            f"adapter {name!r} holds {' and '.join(extras)}, which a plain LoRA export cannot carry (vLLM loads "
+            "neither trained module copies nor trainable tokens): use save_adapter for a PEFT file that keeps them, "
+            "or export with drop_extras=True (lorakit export --drop-extras) to write the LoRA part alone")
     if isinstance(config, LoraConfig):
         modules = [m for m, layer in adapted_layers(model).items() if name in layer.adapters]
-        return save_lora(model, name, path, modules=set(kept_modules(model, name, modules, drop_modules)))
+        return save_lora(model, name, path, modules=set(kept_modules(model, name, modules, drop_modules)),
+                         extras=False)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter_state_dict(model, name).items():  # module adapters and packed ones alike
         module, param = key.rsplit(".", 1)

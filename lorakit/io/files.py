@@ -24,6 +24,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 NATIVE_MARKER = "lorakit_method"  # in a lorakit LoRA-XS / VeRA config
 PEFT_MARKER = "peft_type"  # in a PEFT config
+PEFT_KEY_PREFIX = "base_model.model."  # PEFT's tensor keys: the wrapped model's module paths after it
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # Ends the errors that a non-strict load would get past; names both the API and the command-line form.
 NOT_STRICT_HINT = "load_adapter(..., strict=False), or --no-strict on the command line, loads it anyway"

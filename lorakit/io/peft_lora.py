@@ -10,8 +10,9 @@
 PEFT wraps the user's model, hence the `base_model.model.` prefix; the module path is the path in the
 model the adapter was attached to, and the adapter's name is not part of any key. Per-module ranks and
 alphas (`rank_pattern` / `alpha_pattern`) are read and written; features that change the forward pass
-in ways lorakit does not implement (DoRA, biases, modules_to_save, conv targets...) are
-refused by name before the model is touched.
+in ways lorakit does not implement (DoRA, biases, conv targets...) are refused by name before the model is
+touched. modules_to_save and trainable tokens are read and written by lorakit.io.peft_extras; embedding
+targets by lorakit.io.peft_embedding.
 """
 
 from __future__ import annotations
@@ -31,22 +32,21 @@ from lorakit.attach import attach
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
-from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite
+from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, PEFT_KEY_PREFIX, WEIGHTS_NAME, AdapterFiles, check_finite
 from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
 from lorakit.io.peft_embedding import (EMBEDDING_KEYS, check_base_copies, check_layouts, pair_keys,
                                        split_base_copies)
+from lorakit.io.peft_extras import fill_extras, peft_extras, split_extras
 from lorakit.layer import AdaptedLinear, adapted_layers
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file layout this module writes
-KEY_PREFIX = "base_model.model."
+KEY_PREFIX = PEFT_KEY_PREFIX
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 # Config fields whose non-default value changes the forward pass in a way lorakit does not implement.
 _UNSUPPORTED: dict[str, str] = {
     "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias terms (lora_bias)",
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "target_parameters": "parameter targets (target_parameters)",
     "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA (use_qalora)",
@@ -125,9 +125,10 @@ def peft_config_dict(model: nn.Module, modules: list[str], r: int, lora_alpha: f
 
 
 def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                    config: dict) -> Path:
-    """Write `weights` (module -> (lora_A (r, in), lora_B (out, r))) and `config` as a PEFT adapter dir."""
-    tensors = {}
+                    config: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `weights` (module -> (lora_A (r, in), lora_B (out, r))), `extra` tensors (full PEFT keys) and
+    `config` as a PEFT adapter dir."""
+    tensors = dict(extra or {})
     for module, (a, b) in weights.items():
         a_key, b_key = pair_keys(model, module)
         tensors[f"{KEY_PREFIX}{module}{a_key}"] = a
@@ -137,9 +138,10 @@ def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str
 
 
 def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True,
-              modules: Collection[str] | None = None) -> Path:
+              modules: Collection[str] | None = None, extras: bool = True) -> Path:
     """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it); `modules`
-    (full names) keeps only those (lorakit.io.export drops modules a runtime cannot serve, when asked)."""
+    (full names) keeps only those (lorakit.io.export drops modules a runtime cannot serve, when asked);
+    extras=False leaves out its modules_to_save copies and trainable tokens (lorakit.io.export's plain LoRA)."""
     config = adapter_config(model, name)
     if not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"adapter {name!r} is {config.method}, not LoRA; use lorakit.io.save_adapter, or "
@@ -158,7 +160,8 @@ def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type
     peft_config = peft_config_dict(model, list(weights), config.r, config.lora_alpha, use_rslora=config.use_rslora,
                                    lora_dropout=config.lora_dropout, rank_pattern=rank_pattern,
                                    alpha_pattern=alpha_pattern, task_type=task_type)
-    return write_peft_lora(model, path, weights, peft_config)
+    fields, extra = peft_extras(model, name, config) if extras else ({}, {})  # copies, trainable token rows
+    return write_peft_lora(model, path, weights, peft_config | fields, extra)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -281,13 +284,16 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
 def load_lora(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool = True) -> str:
     """Attach PEFT LoRA adapter `files` as `name`; the model is untouched unless all checks pass."""
     check_free_name(model, name)
+    files, extras = split_extras(model, files)  # modules_to_save copies and token rows, checked
     config, plan = _plan(model, files, strict)
     peft_targets = files.config.get("target_modules")
     if isinstance(peft_targets, list):
         peft_targets = sorted(peft_targets)
     config = config_for_modules(model, config, list(plan), [t for t in (peft_targets, "all-linear") if t])
-    with restore_on_error(model, name, plan), torch.no_grad():
+    config = extras.config(config)
+    with restore_on_error(model, name, list(plan) + extras.modules()), torch.no_grad():
         attach(model, config, name)
+        fill_extras(model, name, extras)
         for module, (a, b, r_mod, scaling) in plan.items():
             layer: AdaptedLinear = model.get_submodule(module)
             adapter = layer.adapters[name]

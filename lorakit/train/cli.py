@@ -56,6 +56,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--dropout", type=float, help="adapter input dropout (default: 0)")
     p.add_argument("--targets", help="'all-linear', a regex, or comma-separated module names (default: all-linear); "
                    "names may include embed_tokens / lm_head (LoRA only)")
+    p.add_argument("--modules-to-save", help="LoRA: comma-separated modules trained as full copies, as PEFT's "
+                   "modules_to_save (e.g. score,model.norm)")
+    p.add_argument("--trainable-tokens", help="LoRA: comma-separated token ids whose input-embedding rows train "
+                   "(PEFT's trainable_token_indices)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method setting, e.g. --set init_std=1e-4 (value parsed as JSON)")
     p.add_argument("--adapter-name", help="name of the trained adapter" + _d("adapter_name"))
@@ -152,6 +156,14 @@ def _adapter_settings(args: argparse.Namespace, base: dict) -> dict:
         regex = "," not in args.targets and any(c in args.targets for c in "*[]()|^$+?\\")
         plain = args.targets == "all-linear" or regex
         settings["target_modules"] = args.targets if plain else args.targets.split(",")
+    if getattr(args, "modules_to_save", None):
+        settings["modules_to_save"] = args.modules_to_save.split(",")
+    if getattr(args, "trainable_tokens", None):
+        try:
+            settings["trainable_token_indices"] = [int(i) for i in args.trainable_tokens.split(",")]
+        except ValueError:
+            raise TrainConfigError(f"--trainable-tokens expects comma-separated token ids, got "
+                                   f"{args.trainable_tokens!r}") from None
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

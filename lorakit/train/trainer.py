@@ -27,6 +27,7 @@ from torch import nn
 
 import lorakit
 from lorakit.io import save_adapter
+from lorakit.saved_modules import COPIES, SavedModule
 from lorakit.io.files import parse_safetensors
 from lorakit.io.safe_open import read_safetensors_bytes, read_safetensors_header
 from lorakit.io.atomic import (atomic_write_json, fsync_dir, is_temp_name, replace_directory, reporting_write_errors,
@@ -146,8 +147,16 @@ def attach_or_check(model: nn.Module, config: TrainConfig) -> None:
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of the classification head (trained in full and saved with the adapter)."""
-    return {n: p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_NAMES}
+    """Parameters of the classification head (trained in full and saved with the adapter), unless the adapter
+    holds its own copy of the head (modules_to_save): then the copy trains, as part of the adapter."""
+    copied = {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), SavedModule)}
+    return {n: p for n, p in model.named_parameters() if n.split(".")[0] in set(HEAD_NAMES) - copied}
+
+
+def frozen_head(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The original (untrained) classifier head under its own keys, when the adapter holds a trained copy."""
+    return {n: p.detach() for n, p in model.named_parameters()
+            if n.split(".")[0] in HEAD_NAMES and f".{COPIES}." not in n}
 
 
 def _labelled(batch: dict[str, torch.Tensor]) -> float:
@@ -335,6 +344,8 @@ def train(config: TrainConfig, *, resume: bool = False, model: nn.Module | None 
             log.set_eval(total, eval_loss)
             reporters.scalars(total, eval_loss=eval_loss)
         whole_head = {n: whole_params[n] for n in head}
+        if labels is not None and not head:  # the adapter holds the head's copy: the file keeps the labels and
+            whole_head = frozen_head(model)  # the original head, which routes without the adapter still run
         with plain_parameters(model, whole_params) if collective else nullcontext():
             write_adapter(model, name, adapter_dir, whole_head, labels)
         log.flush()

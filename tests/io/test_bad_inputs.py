@@ -170,7 +170,7 @@ def test_vera_for_other_model_sizes_is_refused(host, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, feature", [
-    ("use_dora", True, "DoRA"), ("bias", "all", "bias='all'"), ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("use_dora", True, "DoRA"), ("bias", "all", "bias='all'"), ("use_qalora", True, "QA-LoRA"),
     ("lora_bias", True, "lora_bias"), ("peft_type", "ADALORA", "ADALORA"), ("layer_replication", [[0, 1]],
                                                                              "layer_replication")])
 def test_unsupported_peft_features_are_named(host, saved, tmp_path, field, value, feature):
@@ -184,19 +184,6 @@ def test_unsupported_peft_tensors_are_named(host, saved, tmp_path, suffix, featu
     path = broken(saved, tmp_path, "lora")
     edit_tensors(path, lambda t: t.__setitem__(f"base_model.model.model.embed_tokens.{suffix}", torch.zeros(4, 8)))
     expect_refused(host, path, UnsupportedAdapterError, feature)
-
-
-def test_peft_classifier_head_file_is_refused(tmp_path):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
-
-    def classifier():
-        torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
-                                                        num_hidden_layers=2, num_attention_heads=4)).eval()
-    get_peft_model(classifier(), PeftLoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(
-        tmp_path / "cls")
-    expect_refused(classifier(), tmp_path / "cls", UnsupportedAdapterError, "modules_to_save")
 
 
 def test_native_config_problems(host, saved, tmp_path):
