@@ -51,7 +51,8 @@ from lorakit.prefix_hook import cache_argument
 from lorakit.route_state import RowName, row_parts
 from lorakit.routing import Route, use_adapter, use_route
 from lorakit.serve.kv_cache import BatchCache
-from lorakit.serve.packed_prefill import packed_inputs, packing_supported, request_logits, take_packed
+from lorakit.serve.packed_prefill import (packed_inputs, packing_pays, packing_supported, pairs_per_token,
+                                         request_logits, take_packed)
 from lorakit.serve.prefill import PrefillRow, plan_chunks, prefill_inputs, take_rows
 
 log = logging.getLogger("lorakit.serve")
@@ -308,7 +309,8 @@ class Engine:
         self._cache_arg = cache_argument(forward_params)  # `cache` on newer transformers, `past_key_values` before
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)  # the hidden states'
-        if pack_prefill and not (self._logits_to_keep and packing_supported(model)):
+        self._pairs_per_token = pairs_per_token(model)
+        if pack_prefill and not (self._logits_to_keep and packing_supported(model) and self._pairs_per_token):
             pack_prefill = False  # this model's attention cannot take the packed mask as given
         self.pack_prefill = pack_prefill  # prompts sharing a route prefill end to end in one row, unpadded
         config = getattr(model, "config", None)
@@ -591,9 +593,10 @@ class Engine:
     def _prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]]) -> torch.Tensor:
         """One forward over the rows' next chunks; each row's cache grows by its chunk. → (B, V) last logits."""
         adapters = [request.adapter for (request, _), _ in now]
-        if self.pack_prefill and len(set(adapters)) < len(adapters):  # some share a route: pack them
-            return self._packed_prefill_forward(now, adapters)
         rows, sizes = [row for (_, row), _ in now], [size for _, size in now]
+        if self.pack_prefill and len(set(adapters)) < len(adapters) \
+                and packing_pays(rows, sizes, adapters, self._pairs_per_token):  # some share a route, and it pays
+            return self._packed_prefill_forward(now, adapters)
         inputs = prefill_inputs(rows, sizes, self.device)
         cache = DynamicCache(ddp_cache_data=inputs.past) if inputs.past is not None else DynamicCache()
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}

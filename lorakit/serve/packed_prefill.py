@@ -14,7 +14,9 @@ poisons a masked value with NaN). Position ids continue each request's own count
 what it computes alone. The logits of each request's last new token are the only ones taken.
 
 Only for models whose attention takes such a mask as given (transformers' eager and SDPA attention) and
-have no sliding window (the window would be ours to apply): `packing_supported` says.
+have no sliding window (the window would be ours to apply): `packing_supported` says. Packing trades the
+padding's linear work for attention over the whole packed row (masked pairs are still computed), so the
+engine packs a step only when `packing_pays` finds it cheaper in FLOPs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,32 @@ def packing_supported(model: nn.Module) -> bool:
         return False
     implementation = getattr(config, "_attn_implementation", None)
     return implementation in MASKED_ATTENTION and getattr(config, "sliding_window", None) is None
+
+
+def pairs_per_token(model: nn.Module) -> float | None:
+    """How many attention (query, key) pairs cost the FLOPs of one token through a decoder's linear layers,
+    from a transformers config (None when it lacks the sizes): linear params per layer / (2 · heads · head_dim)."""
+    config = getattr(model, "config", None)
+    hidden, inner = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, inner, heads)):
+        return None
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    linear = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * inner  # q, o; k, v; mlp
+    return linear / (2 * heads * head_dim)
+
+
+def packing_pays(rows: list[PrefillRow], sizes: list[int], keys: Sequence[Hashable], pairs: float) -> bool:
+    """Whether the packed layout costs fewer FLOPs than the padded one: each is its forward's token positions
+    plus its attention rectangle (queries x cached and new columns) in token equivalents (`pairs` per token)."""
+    past, chunk = max(r.done for r in rows), max(sizes)
+    padded = len(rows) * chunk * (1 + (past + chunk) / pairs)
+    groups = group_requests(keys)
+    past_sum = max(sum(rows[i].done for i in g) for g in groups)
+    chunk_sum = max(sum(sizes[i] for i in g) for g in groups)
+    packed = len(groups) * chunk_sum * (1 + (past_sum + chunk_sum) / pairs)
+    return packed < padded
 
 
 @dataclass

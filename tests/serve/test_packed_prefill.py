@@ -6,11 +6,12 @@ import inspect
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lorakit.prefix_hook import cache_argument
 from lorakit.serve.engine import Engine, SamplingParams
-from lorakit.serve.packed_prefill import group_requests, packed_inputs, packing_supported, request_logits, take_packed
+from lorakit.serve.packed_prefill import (group_requests, packed_inputs, packing_pays, packing_supported,
+                                         pairs_per_token, request_logits, take_packed)
 from lorakit.serve.prefill import PrefillRow, prefill_inputs, take_rows
 from tests.conftest import tiny_llama
 from tests.serve.conftest import greedy_alone, with_adapters
@@ -167,3 +168,30 @@ def test_packed_prefill_on_every_device_and_dtype(device, dtype):
     assert outcomes[True].dtype == dtype and outcomes[True].device.type == device.type
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(outcomes[True].float(), outcomes[False].float(), atol=tol, rtol=tol)
+
+
+def test_pairs_per_token_follows_the_config():
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                          num_hidden_layers=30, vocab_size=49152)
+    assert pairs_per_token(LlamaForCausalLM(LlamaConfig(**{**smollm2.to_dict(), "num_hidden_layers": 1}))) == 3072
+    assert pairs_per_token(torch.nn.Linear(2, 2)) is None
+
+
+def test_packing_is_chosen_only_where_it_saves_flops():
+    ragged = [PrefillRow(list(range(n))) for n in (3, 40, 5, 38)]
+    equal = [PrefillRow(list(range(20))) for _ in range(4)]
+    assert packing_pays(ragged, [3, 40, 5, 38], [None] * 4, pairs=3072)  # padding was 76 of 160 positions
+    assert not packing_pays(equal, [20] * 4, [None] * 4, pairs=3072)  # no padding to save, a wider attention
+    assert not packing_pays(ragged, [3, 40, 5, 38], [None] * 4, pairs=10)  # attention-heavy: padding is cheaper
+
+
+def test_equal_prompts_prefill_padded(model):
+    prompts = _prompts([6, 6, 6, 6], seed=9)
+    jobs = [(p, None, SamplingParams(max_tokens=2, ignore_eos=True)) for p in prompts]
+    log = ForwardLog(model)
+    try:
+        results, engine = _run(model, jobs, max_batch=4)
+    finally:
+        log.remove()
+    assert engine.pack_prefill and log.prefills[0] == ((4, 6), 0)  # packing would widen attention, save nothing
+    assert [r.token_ids for r in results] == [greedy_alone(model, p, None, 2, eos=None) for p in prompts]
