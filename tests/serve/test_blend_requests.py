@@ -141,7 +141,8 @@ def test_a_batch_mixing_blends_single_adapters_and_the_base_equals_each_alone(se
         hook.remove()
         if gate is not None:
             gate.remove()
-    assert batch_sizes[:2] == [len(rows) - 1, len(rows)]  # one prefill (rows 2 and 4 packed), then a decode step
+    # one prefill (4 rows where rows 2 and 4 are packed, 5 where packing does not pay), then a decode step of 5
+    assert batch_sizes[0] in (len(rows) - 1, len(rows)) and batch_sizes[1] == len(rows)
     for k, (model, blend) in enumerate(rows):
         adapter = blend if blend is not None else (None if model == "tiny" else model)
         assert got[k] == _text(tokenizer, greedy_alone(source, tokenizer(prompts[k]).input_ids, adapter, 8, eos=None))

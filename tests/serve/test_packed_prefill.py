@@ -195,3 +195,20 @@ def test_equal_prompts_prefill_padded(model):
         log.remove()
     assert engine.pack_prefill and log.prefills[0] == ((4, 6), 0)  # packing would widen attention, save nothing
     assert [r.token_ids for r in results] == [greedy_alone(model, p, None, 2, eos=None) for p in prompts]
+
+
+def test_blend_routes_pack_too(model):
+    from lorakit.route_state import blend_of
+
+    mix, other = blend_of({"a0": 0.7, "a1": 0.3}), blend_of({"a0": 0.2, "a1": 0.8})
+    prompts = _prompts([2, 14, 3, 13], seed=10)
+    adapters = [mix, other, other, mix]  # two routes of 15 and 17 tokens: packing drops the padding
+    jobs = [(p, a, SamplingParams(max_tokens=3, ignore_eos=True)) for p, a in zip(prompts, adapters)]
+    log = ForwardLog(model)
+    try:
+        results, _ = _run(model, jobs, max_batch=4)
+    finally:
+        log.remove()
+    assert log.prefills[0] == ((2, 17), 0)
+    for (prompt, adapter, _), got in zip(jobs, results):
+        assert got.token_ids == greedy_alone(model, prompt, adapter, 3, eos=None)
