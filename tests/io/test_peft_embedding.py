@@ -17,6 +17,7 @@ import lorakit as lk
 from lorakit import io
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError
 from lorakit.io.export import ServingCompatibilityWarning
+from lorakit.models import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters, tiny_llama
 from tests.test_embedding_layer import tied_llama
 
@@ -135,7 +136,7 @@ def test_export_command_names_what_it_warns_about_and_drops(tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     base = save_tiny_llama(tmp_path / "base")
-    model = lk.attach(LlamaForCausalLM.from_pretrained(base), lk.LoraConfig(r=4, target_modules=("embed_tokens", "q_proj")),
+    model = lk.attach(LlamaForCausalLM.from_pretrained(base, **NO_HUB_KERNELS), lk.LoraConfig(r=4, target_modules=("embed_tokens", "q_proj")),
                       "a")
     io.save_adapter(model, "a", tmp_path / "a")
     with pytest.warns(ServingCompatibilityWarning, match="vLLM"):

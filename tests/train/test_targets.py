@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM
 import lorakit as lk
 from lorakit import io
 from lorakit.train.cli import main
+from lorakit.models import NO_HUB_KERNELS
 from tests.train.conftest import prompt_rows, write_jsonl
 
 
@@ -30,10 +31,10 @@ def test_train_with_embedding_targets_trains_a_and_b_and_reloads(tmp_path, llama
     assert sorted(json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]) == [
         "embed_tokens", "q_proj"]
     ids = torch.randint(3, 20, (2, 7), generator=torch.Generator().manual_seed(0))
-    ours = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    ours = LlamaForCausalLM.from_pretrained(llama_dir, **NO_HUB_KERNELS).eval()
     io.load_adapter(ours, out / "adapter", "t")
     assert torch.equal(ours.model.embed_tokens.adapters["t"].lora_A.detach(), a)
-    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_dir), out / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_dir, **NO_HUB_KERNELS), out / "adapter").eval()
     with torch.no_grad():
         assert (ours(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max() < 2e-5
         with lk.use_adapter(ours, None):
