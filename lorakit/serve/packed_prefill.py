@@ -116,8 +116,8 @@ def packed_inputs(rows: list[PrefillRow], sizes: list[int], keys: Sequence[Hasha
     for g, members in enumerate(groups):
         past_col = past_width - past_sums[g]
         col = chunk_width - chunk_sums[g]
-        for pad in range(col):  # a padding query sees only itself
-            allowed[g, pad, past_width + pad] = True
+        pads = torch.arange(col)
+        allowed[g, pads, past_width + pads] = True  # a padding query sees only itself
         for i in members:
             row, size = rows[i], sizes[i]
             ids[g, col:col + size] = torch.tensor(row.prompt[row.done:row.done + size])

@@ -43,6 +43,16 @@ def _rows_with_pasts(model, lengths: list[int], done: list[int], adapters: list)
     return rows
 
 
+def _logged_run(model, jobs, **engine_kwargs):
+    """_run with every forward recorded: (results, engine, log)."""
+    log = ForwardLog(model)
+    try:
+        results, engine = _run(model, jobs, **engine_kwargs)
+    finally:
+        log.remove()
+    return results, engine, log
+
+
 def test_requests_group_by_route_in_order_of_first_appearance():
     assert group_requests([None, "a", None, "b", "a", "a"]) == [[0, 2], [1, 4, 5], [3]]
 
@@ -104,11 +114,7 @@ def test_the_engine_packs_shared_routes_and_every_request_equals_itself_alone(mo
     prompts = _prompts([3, 11, 1, 7, 15, 5, 9], seed=6)
     adapters = [None, "a0", "a1", "a0", None, "a1", "a0"]
     jobs = [(p, a, SamplingParams(max_tokens=6, ignore_eos=True)) for p, a in zip(prompts, adapters)]
-    log = ForwardLog(model)
-    try:
-        results, engine = _run(model, jobs, max_batch=8, prefill_tokens=budget)
-    finally:
-        log.remove()
+    results, engine, log = _logged_run(model, jobs, max_batch=8, prefill_tokens=budget)
     assert engine.pack_prefill
     for (prompt, adapter, _), got in zip(jobs, results):
         assert got.token_ids == greedy_alone(model, prompt, adapter, 6, eos=None), (prompt, adapter, budget)
@@ -121,11 +127,7 @@ def test_the_engine_packs_shared_routes_and_every_request_equals_itself_alone(mo
 def test_a_batch_of_one_route_is_one_unpadded_row(model):
     prompts = _prompts([4, 9, 2, 6], seed=7)
     jobs = [(p, None, SamplingParams(max_tokens=3, ignore_eos=True)) for p in prompts]
-    log = ForwardLog(model)
-    try:
-        results, _ = _run(model, jobs, max_batch=4)
-    finally:
-        log.remove()
+    results, _, log = _logged_run(model, jobs, max_batch=4)
     assert log.prefills[0] == ((1, 21), 0)  # 21 real tokens, not 4 rows x 9
     assert [r.token_ids for r in results] == [greedy_alone(model, p, None, 3, eos=None) for p in prompts]
 
@@ -158,12 +160,15 @@ def test_packed_prefill_on_every_device_and_dtype(device, dtype):
             return out
 
         engine._prefill_forward = record  # noqa: SLF001
+        log = ForwardLog(model)
         streams = [engine.submit(p, a, params) for p, a, params in jobs]
         engine.start()
         try:
             assert all(s.result().reason == "length" for s in streams)
         finally:
             engine.close()
+            log.remove()
+        assert log.prefills[0][0] == ((2, 13) if pack else (4, 8))  # a0: 5 + 8 tokens, the base: 3 + 6
         outcomes[pack] = torch.cat(logits)
     assert outcomes[True].dtype == dtype and outcomes[True].device.type == device.type
     tol = 2e-5 if dtype == torch.float32 else 3e-2
@@ -188,11 +193,7 @@ def test_packing_is_chosen_only_where_it_saves_flops():
 def test_equal_prompts_prefill_padded(model):
     prompts = _prompts([6, 6, 6, 6], seed=9)
     jobs = [(p, None, SamplingParams(max_tokens=2, ignore_eos=True)) for p in prompts]
-    log = ForwardLog(model)
-    try:
-        results, engine = _run(model, jobs, max_batch=4)
-    finally:
-        log.remove()
+    results, engine, log = _logged_run(model, jobs, max_batch=4)
     assert engine.pack_prefill and log.prefills[0] == ((4, 6), 0)  # packing would widen attention, save nothing
     assert [r.token_ids for r in results] == [greedy_alone(model, p, None, 2, eos=None) for p in prompts]
 
@@ -204,11 +205,7 @@ def test_blend_routes_pack_too(model):
     prompts = _prompts([2, 14, 3, 13], seed=10)
     adapters = [mix, other, other, mix]  # two routes of 15 and 17 tokens: packing drops the padding
     jobs = [(p, a, SamplingParams(max_tokens=3, ignore_eos=True)) for p, a in zip(prompts, adapters)]
-    log = ForwardLog(model)
-    try:
-        results, _ = _run(model, jobs, max_batch=4)
-    finally:
-        log.remove()
+    results, _, log = _logged_run(model, jobs, max_batch=4)
     assert log.prefills[0] == ((2, 17), 0)
     for (prompt, adapter, _), got in zip(jobs, results):
         assert got.token_ids == greedy_alone(model, prompt, adapter, 3, eos=None)
