@@ -15,19 +15,19 @@ from lorakit.basis_setup import layer_shape, lora_xs_bases_for
 from lorakit.compiled import install_route_entry
 from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, UnsupportedLayerError
-from lorakit.embedding_layer import adapted_layer, check_embedding, is_embedding
+from lorakit.embedding_layer import check_embedding, is_embedding
 from lorakit.layer import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora import LoraAdapter
 from lorakit.methods.lora_embedding import EmbeddingLoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
-from lorakit.model_adapters import ModelAdapters, adapters_of
+from lorakit.model_adapters import ModelAdapters, adapters_of, wrap_layer
 from lorakit.prefix_hook import attach_prefix
 from lorakit.route_state import carry_routes_through_checkpointing
 from lorakit.saved_modules import install_saved, plan_saved
 from lorakit.slots import kind_of
-from lorakit.surgery import PREFIX_STORE_PREFIX, freeze_base, replace_module, select_modules
+from lorakit.surgery import PREFIX_STORE_PREFIX, freeze_base, select_modules
 from lorakit.trainable_tokens import install_tokens, plan_tokens
 from lorakit.wrapped import wrapped_prefixes
 
@@ -114,10 +114,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         built[target] = (adapter, new_basis)
 
     for target, (adapter, new_basis) in built.items():
-        layer = modules[target]
-        if not isinstance(layer, AdaptedLinear):
-            layer = adapted_layer(layer, target, registry)
-            replace_module(model, target, layer)
+        layer = wrap_layer(model, target)
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter

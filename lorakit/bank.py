@@ -22,11 +22,11 @@ from lorakit.adapters import adapter_config
 from lorakit.basis_setup import lora_xs_bases_for
 from lorakit.config import LoraXSConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
-from lorakit.layer import AdaptedLinear, adapted_layers
-from lorakit.model_adapters import adapters_of
+from lorakit.layer import adapted_layers
+from lorakit.model_adapters import adapters_of, install_bases
 from lorakit.names import check_adapter_name
 from lorakit.slots import unshare
-from lorakit.surgery import freeze_base, replace_module
+from lorakit.surgery import freeze_base
 
 BANK_ATTR = "lorakit_bank"
 
@@ -208,12 +208,4 @@ def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int, *,
                          progress: bool | None = None) -> None:
     """Give each named layer a LoRA-XS basis of rank ≥ r (computed once per layer, or read from the
     bases cache: lorakit.basis_setup); adapters then share it. Nothing changes if a module is bad."""
-    bases = lora_xs_bases_for(model, module_names, r, progress=progress)
-    registry = adapters_of(model, create=True)
-    for module_name, basis in bases.items():
-        module = model.get_submodule(module_name)
-        if not isinstance(module, AdaptedLinear):
-            module = AdaptedLinear(module, module_name, registry)
-            replace_module(model, module_name, module)
-            registry.version += 1
-        module.bases["lora_xs"] = basis
+    install_bases(model, "lora_xs", lora_xs_bases_for(model, module_names, r, progress=progress))

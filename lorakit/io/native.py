@@ -31,14 +31,14 @@ from lorakit.config import LoraXSConfig, VeraConfig, config_from_dict, config_to
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
 from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite, expect_keys
-from lorakit.io.guard import (check_free_name, config_for_modules, install_bases, restore_on_error,
-                              target_shapes)
+from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
 from lorakit.io.packed import try_load_packed
 from lorakit.io.peft_lora import base_model_name
 from lorakit.layer import is_adaptable
 from lorakit.methods.basis import Basis, fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
+from lorakit.model_adapters import install_bases
 from lorakit.versions import LORAKIT_VERSION
 
 NATIVE_FORMAT = 1

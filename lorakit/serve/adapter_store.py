@@ -46,9 +46,9 @@ from lorakit.config import adapter_dtype
 from lorakit.errors import AdapterNotFoundError, LorakitError
 from lorakit.io.atomic import is_temp_name
 from lorakit.io.files import read_adapter_dir, read_config_only
-from lorakit.io.guard import install_bases
 from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
 from lorakit.io.peft_lora import load_lora
+from lorakit.model_adapters import install_bases
 from lorakit.names import adapter_name_problem
 from lorakit.perf import in_fresh_thread
 from lorakit.serve.adapter_memory import HOST_ONLY_SUFFIX, adapter_device_bytes, stage
