@@ -221,6 +221,7 @@ class VeraConfig(CheckedConfig):
     """VeRA: ΔW = Λ_b·B·Λ_d·A with A, B random and shared by all layers; only d and b are trained."""
 
     method: ClassVar[str] = "vera"
+    scaling: ClassVar[float] = 1.0  # d and b carry the whole scale: no α
     r: int = rank(256)  # rank of the shared random projections
     d_initial: float = 0.1  # initial value of every entry of d
     projection_seed: int = 0  # seed of the shared A and B
@@ -228,10 +229,6 @@ class VeraConfig(CheckedConfig):
     target_modules: Targets = targets()
     exclude_modules: tuple[str, ...] = excludes()
     autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
-
-    @property
-    def scaling(self) -> float:
-        return 1.0
 
 
 def _positive_int_or_none(name: str, value: object) -> int | None:

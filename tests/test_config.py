@@ -62,7 +62,8 @@ def test_positional_order_and_saved_keys_are_unchanged():
     assert [f.name for f in dataclasses.fields(VeraConfig)] == [
         "r", "d_initial", "projection_seed", "vera_dropout", "target_modules", "exclude_modules",
         "autocast_adapter_dtype"]
-    assert LoraConfig(4, 8.0).scaling == 2.0 and LoraXSConfig(4, 8.0).init_std == 1e-5
+    assert LoraConfig(4, 8.0).scaling == 2.0 and LoraXSConfig(4, 8.0).scaling == 2.0 and VeraConfig(4).scaling == 1.0
+    assert LoraXSConfig(4, 8.0).init_std == 1e-5
     lora = LoraConfig(modules_to_save="score", trainable_token_indices={"embed_tokens": [3, 1]})
     assert config_to_dict(lora) == {
         "method": "lora", "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "use_rslora": False,

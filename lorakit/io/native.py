@@ -173,6 +173,14 @@ def missing_lora_xs_bases(model: nn.Module, config: LoraXSConfig, modules: list[
     return lora_xs_bases_for(model, modules, config.r, progress=False)
 
 
+def native_bases_to_precompute(model: nn.Module, files: AdapterFiles) -> dict[str, Basis]:
+    """The LoRA-XS SVD bases loading `files` will need and the model lacks, computed without touching the model
+    (a server does this off its engine's thread). The files are checked first (method, modules of this base,
+    rank <= min(in, out)), so a bad file costs no SVD at all; VeRA needs none."""
+    config, modules = check_native_files(model, files)
+    return missing_lora_xs_bases(model, config, modules) if isinstance(config, LoraXSConfig) else {}
+
+
 def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool = True,
                 packed: bool = False) -> str:
     """Attach a LoRA-XS / VeRA adapter from `files` as `name` after checking it against this base.
