@@ -106,9 +106,7 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _rank(name: str, r: object) -> int:
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterConfigError(f"rank {name} must be a positive integer, got {r!r}")
-    return r
+    return _positive_int(f"rank {name}", r)
 
 
 def _rate(name: str, p: object) -> float:
