@@ -183,7 +183,7 @@ class LoraConfig(CheckedConfig):
     exclude_modules: tuple[str, ...] = excludes()  # names/suffixes never adapted (the output head always is)
     autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
     modules_to_save: tuple[str, ...] = saved()  # modules trained as full copies (a classifier head, a norm), as PEFT's
-    trainable_token_indices: TokenIndices = token_indices()  # embedding rows trained for these ids (lorakit.trainable_tokens)
+    trainable_token_indices: TokenIndices = token_indices()  # embedding rows trained for these ids (lorakit.layer.trainable_tokens)
 
     @property
     def scaling(self) -> float:

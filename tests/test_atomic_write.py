@@ -9,7 +9,7 @@ import torch
 
 import lorakit.atomic_write as atomic_write
 from lorakit.atomic_write import is_temp_name, replace_file, temp_path
-from lorakit.bases_cache import BasesCache
+from lorakit.model.bases_cache import BasesCache
 from lorakit.errors import WriteError
 from lorakit.io.atomic import atomic_write_bytes
 from lorakit.methods.basis import Basis

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.attach import find_targets
-from lorakit.basis_setup import layer_shape
+from lorakit.model.attach import find_targets
+from lorakit.model.bases import layer_shape
 from lorakit.config import AdapterConfig
 from lorakit.errors import (AdapterExistsError, AdapterMismatchError, LorakitError, UnsupportedLayerError)
-from lorakit.embedding_layer import is_embedding
-from lorakit.layer import is_adaptable
-from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, unwrap_on_error
+from lorakit.layer.embedding import is_embedding
+from lorakit.layer.linear import is_adaptable
+from lorakit.model.record import ATTR as ADAPTERS_ATTR, unwrap_on_error
 from lorakit.names import check_adapter_name
 
 
@@ -65,7 +65,7 @@ def config_for_modules(model: nn.Module, config: AdapterConfig, modules: list[st
 @contextmanager
 def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Iterator[None]:
     """On any exception inside the block, undo what attaching adapter `name` to `modules` changed: the
-    layers and the record (lorakit.model_adapters.unwrap_on_error), and every parameter's requires_grad."""
+    layers and the record (lorakit.model.record.unwrap_on_error), and every parameter's requires_grad."""
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         with unwrap_on_error(model, name, modules):

@@ -4,7 +4,7 @@
     └──► A (r×in) ─► B (out×r) ─┘           A random, B zero: training starts at the base model
 
 B·A is never formed in the forward pass, nor by merging: a merge adds up·down from `factors` ((α/r)·B and A)
-into W with one fused addmm (lorakit.layer), so no dense ΔW is ever allocated; `delta_weight` forms the dense
+into W with one fused addmm (lorakit.layer.linear), so no dense ΔW is ever allocated; `delta_weight` forms the dense
 update only for callers that want to look at it. A and B may be kept in a wider dtype than the activations
 (float32 on a bf16 base): each call casts them (r-wide, cheap) to x's dtype, and autograd casts their
 gradients back.
@@ -43,7 +43,7 @@ class LoraAdapter(nn.Module):
 
     @staticmethod
     def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
-        """One slot of a layer's LoRA stack (lorakit.slots): A (r, in) as nn.Linear holds it (so one adapter's
+        """One slot of a layer's LoRA stack (lorakit.layer.slots): A (r, in) as nn.Linear holds it (so one adapter's
         GEMM rounds as PEFT's does) and Bᵀ (r, out), so that CPU baddbmm reads each row of it contiguously."""
         return {"a": (r, in_features), "b": (r, out_features)}
 

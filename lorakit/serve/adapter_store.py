@@ -41,13 +41,13 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import delete_adapter
+from lorakit.model.manage import delete_adapter
 from lorakit.config import adapter_dtype
 from lorakit.errors import AdapterNotFoundError, LorakitError, UnsupportedAdapterError
 from lorakit.io.atomic import is_temp_name
 from lorakit.io.files import CONFIG_NAME, read_adapter_dir, read_config_only
 from lorakit.io.formats import format_of
-from lorakit.model_adapters import install_bases
+from lorakit.model.record import install_bases
 from lorakit.names import adapter_name_problem
 from lorakit.perf import in_fresh_thread
 from lorakit.serve.adapter_memory import HOST_ONLY_SUFFIX, adapter_device_bytes, stage
