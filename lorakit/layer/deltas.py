@@ -1,10 +1,10 @@
 """The routed deltas of one adapted layer: per kind, one path for one adapter or one per row.
 
-    kind      per call                                                   math (lorakit.methods)
-    LoRA      gather each group's A, Bᵀ from the slot stack             add_lora_rows_: bmm, baddbmm_
-    LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      add_core_rows_
+    kind      per call                                                   kernel (lorakit.kernels)
+    LoRA      gather each group's A, Bᵀ from the slot stack             lora_rows: bmm, baddbmm_
+    LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      core_rows
               and packed), up once
-    VeRA      x·Aᵀ once, gather d and b vectors                          add_vera_rows_
+    VeRA      x·Aᵀ once, gather d and b vectors                          vera_rows
 
 A route arrives resolved (lorakit.routing.resolve): per kind, one slot index per group of rows, where the
 batch is one group (every row the same adapter) or one group per row. In inference the sources are the
@@ -22,9 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.methods.lora import add_lora_rows_
-from lorakit.methods.lora_xs import add_core_rows_
-from lorakit.methods.vera import add_vera_rows_
+from lorakit.kernels.backend import KERNELS
 from lorakit.routing.resolve import KindRows, RouteSlots
 from lorakit.layer.slots import SlotStack, names_of_kind, param_source, stack_for
 
@@ -50,7 +48,7 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
         if recorded is not None:
             up, down = recorded
             groups = coef.shape[0]
-            add_lora_rows_(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
+            KERNELS.lora_rows(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
     return out
 
 
@@ -77,13 +75,13 @@ def _add_column(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor,
             coef = layer.adapters[rows.lead].scaling * rows.lead_weight
         elif rows.weights is not None:
             coef = coef * rows.weights
-        add_lora_rows_(out, xd, a_rows, b_rows, coef)
+        KERNELS.lora_rows(out, xd, a_rows, b_rows, coef)
     else:  # VeRA, one kind per shared basis
         basis = layer.bases[kind]
         d = fields["d"].index_select(0, index)  # (n, r)
         if rows.weights is not None:
             d = d * rows.weights.to(d)[:, None]
-        add_vera_rows_(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
+        KERNELS.vera_rows(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
 
 
 def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: torch.Tensor,
@@ -165,7 +163,7 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
         cores = part.to(x.dtype) if cores is None else cores + part.to(x.dtype)
     xd = row_dropout(x, *dropout) if dropout is not None else x
     down, up = basis.sliced(k)
-    add_core_rows_(out, xd, down, up, cores)
+    KERNELS.core_rows(out, xd, down, up, cores)
 
 
 def dropout_rate(adapter: nn.Module) -> float:

@@ -98,14 +98,3 @@ class VeraAdapter(nn.Module):
 
     def num_trainable(self) -> int:
         return self.vera_lambda_d.numel() + self.vera_lambda_b.numel()
-
-
-def add_vera_rows_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, d: torch.Tensor,
-                   b: torch.Tensor) -> None:
-    """out += b_i ⊙ B(d_i ⊙ A·x_i) for every group i of rows, in place: the shared projections once for the
-    batch, the per-group vectors d (n, r) and b (n, out) element-wise (zero for groups without an adapter;
-    the batch split into n equal groups as in lorakit.methods.lora.add_lora_rows_)."""
-    n, dtype = d.shape[0], x.dtype
-    h = torch.matmul(x.reshape(n, -1, x.shape[-1]), down.to(dtype).T) * d.to(dtype)[:, None, :]  # (n, T, r)
-    y = torch.matmul(h, up.to(dtype).T).mul_(b.to(dtype)[:, None, :])  # (n, T, out)
-    out.add_(y.reshape(out.shape))
