@@ -83,7 +83,7 @@ def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Ite
             registry.configs.pop(name, None)
             registry.slot_table.release(name)
             registry.vera_projections = projections_before
-            registry.version += 1  # adapted layers changed: drop ModelAdapters' cached layer map
+            registry.layers_changed()
         for module_name, original in before.items():
             current = model.get_submodule(module_name)
             if current is not original:
@@ -111,7 +111,7 @@ def install_bases(model: nn.Module, key: str, bases: dict[str, Basis]) -> None:
         if not isinstance(layer, AdaptedLinear):
             layer = adapted_layer(layer, module_name, registry)
             replace_module(model, module_name, layer)
-            registry.version += 1
+            registry.layers_changed()
         have = layer.basis(key)
         if have is None or have.rank < basis.rank:
             layer.bases[key] = basis.to(layer.weight.device)

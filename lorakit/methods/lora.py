@@ -23,6 +23,7 @@ class LoraAdapter(nn.Module):
     """One layer's LoRA state: `lora_A` (r, in) and `lora_B` (out, r)."""
 
     method = "lora"
+    slot_kind = "lora"
     basis_key: str | None = None  # LoRA needs no shared basis
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, dtype: torch.dtype,

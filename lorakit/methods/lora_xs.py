@@ -71,6 +71,7 @@ class LoraXSAdapter(nn.Module):
     """One layer's LoRA-XS state: `lora_R` (r, r); A and B come from the layer's shared basis."""
 
     method = "lora_xs"
+    slot_kind = "lora_xs"
     basis_key = "lora_xs"
 
     def __init__(self, config: LoraXSConfig, dtype: torch.dtype, device: torch.device | None = None) -> None:

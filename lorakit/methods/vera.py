@@ -63,6 +63,7 @@ class VeraAdapter(nn.Module):
     """One layer's VeRA state: `vera_lambda_d` (r,) and `vera_lambda_b` (out,)."""
 
     method = "vera"
+    scaling = 1.0  # the trained vectors carry the scale
 
     def __init__(self, out_features: int, config: VeraConfig, dtype: torch.dtype,
                  device: torch.device | None = None) -> None:
@@ -72,6 +73,11 @@ class VeraAdapter(nn.Module):
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), config.d_initial, dtype=dtype, device=device))
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+
+    @property
+    def slot_kind(self) -> str:
+        """One kind per shared basis: adapters of other projection seeds or ranks cannot share a stack."""
+        return self.basis_key
 
     def delta(self, x: torch.Tensor, basis: Basis) -> torch.Tensor:
         """(..., in) -> (..., out): b ⊙ B(d ⊙ A·dropout(x))."""

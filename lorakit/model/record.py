@@ -38,7 +38,7 @@ class ModelAdapters:
         self.vera_projections: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.packed: set[str] = set()  # adapters held in the packed bank (lorakit.model.bank), not as modules
         self.bank = None  # the model's CoreBank, once something is packed
-        self.version = 0  # bumped when adapters or adapted layers are added or removed
+        self._layers_version = 0  # see layers_changed
         self.slot_table = SlotTable()  # model-wide slot numbers of the adapters in layers (lorakit.routing.slot_table)
         self.traced_slots = None  # set only while lorakit.model.compiled traces a forward: the route as inputs
         self.entry_slots = None  # torch.compile(model): the call's route, from entry to exit (compiled.RouteEntry)
@@ -48,9 +48,19 @@ class ModelAdapters:
 
     def layer_map(self, model: nn.Module) -> dict:
         """Full name -> AdaptedLinear, cached until the next change (a model walk costs milliseconds)."""
-        if self._layer_map[0] != self.version:
-            self._layer_map = (self.version, adapted_layers(model))
+        if self._layer_map[0] != self._layers_version:
+            self._layer_map = (self._layers_version, adapted_layers(model))
         return self._layer_map[1]
+
+    @property
+    def layers_version(self) -> int:
+        """Changes with every layers_changed(): a key for what is cached from a walk of the model."""
+        return self._layers_version
+
+    def layers_changed(self) -> None:
+        """The one way to say adapters or adapted layers were added or removed (slot changes are the slot
+        table's own): what was cached from a walk of the model is walked again."""
+        self._layers_version += 1
 
     def slot_table_memo(self) -> dict:
         """Resolved routes of calls without a `use_adapter` block (the default route), kept until the
