@@ -37,13 +37,15 @@ from lorakit.io.peft_lora import base_model_name
 from lorakit.layer.linear import is_adaptable
 from lorakit.methods.basis import Basis, fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
+from lorakit.methods.table import METHODS
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
 from lorakit.model.record import install_bases
 from lorakit.versions import LORAKIT_VERSION
 
 NATIVE_FORMAT = 1
 FINGERPRINT = "basis_fingerprint"
-TRAINED = {"lora_xs": ("lora_R",), "vera": ("vera_lambda_d", "vera_lambda_b")}
+# the native format holds the methods whose layers share a frozen basis: only what they trained per layer
+TRAINED = {name: method.trained for name, method in METHODS.items() if method.basis is not None}
 
 
 def basis_key(config: LoraXSConfig | VeraConfig) -> str:

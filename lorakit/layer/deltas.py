@@ -1,10 +1,10 @@
 """The routed deltas of one adapted layer: per kind, one path for one adapter or one per row.
 
-    kind      per call                                                   math (lorakit.methods)
-    LoRA      gather each group's A, Bᵀ from the slot stack             add_lora_rows_: bmm, baddbmm_
-    LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      add_core_rows_
+    kind      per call                                                   kernel (lorakit.kernels)
+    LoRA      gather each group's A, Bᵀ from the slot stack             lora_rows: bmm, baddbmm_
+    LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      core_rows
               and packed), up once
-    VeRA      x·Aᵀ once, gather d and b vectors                          add_vera_rows_
+    VeRA      x·Aᵀ once, gather d and b vectors                          vera_rows
 
 A route arrives resolved (lorakit.routing.resolve): per kind, one slot index per group of rows, where the
 batch is one group (every row the same adapter) or one group per row. In inference the sources are the
@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.methods.lora import add_lora_rows_
-from lorakit.methods.lora_xs import add_core_rows_
-from lorakit.methods.vera import add_vera_rows_
+from lorakit.kernels.backend import KERNELS
+from lorakit.methods.table import method_of_kind
 from lorakit.routing.resolve import KindRows, RouteSlots
 from lorakit.layer.slots import SlotStack, names_of_kind, param_source, stack_for
 
@@ -39,18 +38,14 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     per_call = uses_parameters(layer, checked)
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
-    for kind, columns in route.kinds.items():
-        if kind == "lora_xs":  # every column's cores summed first: a blend costs one product
-            _add_lora_xs(layer, x, out, columns, per_call, checked)
-            continue
-        for rows in columns:  # a blend of m adapters of this kind: m passes, each weighted
-            _add_column(layer, kind, x, out, rows, route.groups, per_call, checked)
+    for kind, columns in route.kinds.items():  # the kind's method names its path (lorakit.methods.table)
+        PATHS[method_of_kind(kind).kernel](layer, kind, x, out, columns, route.groups, per_call, checked)
     for name, coef in route.merged.items():  # rows not routed to a merged adapter must not see it
         recorded = layer.merged_factors(name)
         if recorded is not None:
             up, down = recorded
             groups = coef.shape[0]
-            add_lora_rows_(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
+            KERNELS.lora_rows(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
     return out
 
 
@@ -61,29 +56,49 @@ def uses_parameters(layer: nn.Module, checked: dict | None) -> bool:
     return torch.is_grad_enabled() or layer.training or (checked is not None and torch.compiler.is_compiling())
 
 
-def _add_column(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, rows: KindRows, groups: int,
-                per_call: bool, checked: dict | None) -> None:
-    """One column of a LoRA or VeRA kind: each group's adapter in it, times its blend weight."""
+def _column_source(layer: nn.Module, kind: str, x: torch.Tensor, rows: KindRows, groups: int, per_call: bool,
+                   checked: dict | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor,
+                                                  torch.Tensor] | None:
+    """(fields, scales, index, the input after each row's dropout) of one column, or None when no adapter of it
+    is on this layer."""
     if checked is not None and groups == 1 and rows.lead not in layer.adapters:
-        return  # one adapter for the batch, and it does not touch this layer
+        return None  # one adapter for the batch, and it does not touch this layer
     source = routed_source(layer, kind, rows, per_call, checked, x)
     if source is None:
-        return
+        return None
     fields, scales, index, rates = source
-    xd = row_dropout(x, rates, index) if rates is not None else x
-    if kind == "lora":
+    return fields, scales, index, (row_dropout(x, rates, index) if rates is not None else x)
+
+
+def _add_lora(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+              groups: int, per_call: bool, checked: dict | None) -> None:
+    """LoRA: a blend of m adapters is m passes, each group's adapter times its blend weight."""
+    for rows in columns:
+        source = _column_source(layer, kind, x, rows, groups, per_call, checked)
+        if source is None:
+            continue
+        fields, scales, index, xd = source
         a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
         if checked is not None and groups == 1:  # one adapter for the batch: a float scale, as PEFT rounds it
             coef = layer.adapters[rows.lead].scaling * rows.lead_weight
         elif rows.weights is not None:
             coef = coef * rows.weights
-        add_lora_rows_(out, xd, a_rows, b_rows, coef)
-    else:  # VeRA, one kind per shared basis
-        basis = layer.bases[kind]
+        KERNELS.lora_rows(out, xd, a_rows, b_rows, coef)
+
+
+def _add_vera(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+              groups: int, per_call: bool, checked: dict | None) -> None:
+    """VeRA (one kind per shared basis): the blend weight scales each group's d."""
+    basis = layer.bases[kind]
+    for rows in columns:
+        source = _column_source(layer, kind, x, rows, groups, per_call, checked)
+        if source is None:
+            continue
+        fields, _, index, xd = source
         d = fields["d"].index_select(0, index)  # (n, r)
         if rows.weights is not None:
             d = d * rows.weights.to(d)[:, None]
-        add_vera_rows_(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
+        KERNELS.vera_rows(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
 
 
 def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: torch.Tensor,
@@ -134,8 +149,8 @@ def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | 
     return stack
 
 
-def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
-                 per_call: bool, checked: dict | None) -> None:
+def _add_lora_xs(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+                 groups: int, per_call: bool, checked: dict | None) -> None:
     """Attached LoRA-XS cores (slot stack or parameters) and packed ones (the model's bank), of every column
     (a blend's parts, weighted), summed into one core per group: one product whatever the blend."""
     parts: list[torch.Tensor] = []
@@ -143,7 +158,7 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
     bank = layer.registry.bank
     for rows in columns:
         weights = rows.weights[:, None, None] if rows.weights is not None else None
-        source = routed_source(layer, "lora_xs", rows, per_call, checked, x)
+        source = routed_source(layer, kind, rows, per_call, checked, x)
         if source is not None:
             fields, scales, index, rates = source
             if dropout is None and rates is not None:
@@ -152,12 +167,12 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
             parts.append(core if weights is None else core * weights.to(core))
         if bank is not None and layer.bank_index is not None:
             if checked is not None:  # attached LoRA-XS adapters take numbers too: rows routed to them read zeros
-                bank.ensure_capacity(layer.registry.slot_table.capacity("lora_xs"))
+                bank.ensure_capacity(layer.registry.slot_table.capacity(kind))
             packed = bank.cores[layer.bank_index].index_select(0, rows.slots)  # scaled; slot 0 zero
             parts.append(packed if weights is None else packed * weights.to(packed))
     if not parts:
         return
-    basis = layer.bases["lora_xs"]
+    basis = layer.bases[kind]
     k = min(max(p.shape[-1] for p in parts), basis.rank)  # the bank may be wider than this layer's basis
     cores = None
     for part in parts:
@@ -166,7 +181,11 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
         cores = part.to(x.dtype) if cores is None else cores + part.to(x.dtype)
     xd = row_dropout(x, *dropout) if dropout is not None else x
     down, up = basis.sliced(k)
-    add_core_rows_(out, xd, down, up, cores)
+    KERNELS.core_rows(out, xd, down, up, cores)
+
+
+# kernel (lorakit.methods.table) -> the path that gathers a kind's columns for it
+PATHS = {"lora_rows": _add_lora, "vera_rows": _add_vera, "core_rows": _add_lora_xs}
 
 
 def dropout_rate(adapter: nn.Module) -> float:

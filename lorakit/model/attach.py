@@ -13,15 +13,13 @@ from lorakit import names
 from lorakit.model.manage import apply_trainable
 from lorakit.model.bases import layer_shape, lora_xs_bases_for
 from lorakit.model.compiled import install_route_entry
-from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
+from lorakit.config import AdapterConfig, LoraConfig, VeraConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, UnsupportedLayerError
 from lorakit.layer.embedding import check_embedding, is_embedding
 from lorakit.layer.linear import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
-from lorakit.methods.lora import LoraAdapter
-from lorakit.methods.lora_embedding import EmbeddingLoraAdapter
-from lorakit.methods.lora_xs import LoraXSAdapter
-from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
+from lorakit.methods.table import method_for
+from lorakit.methods.vera import vera_basis, vera_fingerprint, vera_projections
 from lorakit.model.record import ModelAdapters, adapters_of, wrap_layer
 from lorakit.model.prefix_hook import attach_prefix
 from lorakit.routing.context import carry_routes_through_checkpointing
@@ -56,7 +54,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
-    if isinstance(config, (LoraConfig, LoraXSConfig)) and config.r > min(in_f, out_f):
+    if method_for(config).rank_bounded and config.r > min(in_f, out_f):
         raise AdapterConfigError(f"rank r={config.r} exceeds min(in, out)={min(in_f, out_f)} of module {name} "
                                  f"({in_f}->{out_f})")
 
@@ -67,12 +65,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     Base parameters are frozen; only adapter parameters require grad. Base state-dict keys are kept.
     """
     check_adapter_name(name)
-    if isinstance(config, PrefixConfig):  # not a linear-layer adapter: keys/values prepended to attention
+    method = method_for(config)
+    if method.build is None:  # not a linear-layer adapter (prefix tuning: keys/values prepended to attention)
         attach_prefix(model, config, name)
         apply_trainable(model)
         return model
-    if not isinstance(config, (LoraConfig, LoraXSConfig, VeraConfig)):
-        raise AdapterConfigError(f"unsupported config type {type(config).__name__}")
     registry = adapters_of(model, create=True)
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or pick another name")
@@ -90,27 +87,20 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
     # Build everything first: nothing below touches the model until all of it succeeded.
     built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
-    vera = VeraPlacer(model, config, registry) if isinstance(config, VeraConfig) else None
-    xs_bases = lora_xs_bases_for(model, targets, config.r) if isinstance(config, LoraXSConfig) else {}
+    vera = VeraPlacer(model, config, registry) if method.basis == "projections" else None
+    xs_bases = lora_xs_bases_for(model, targets, config.r) if method.basis == "svd" else {}
     for target in targets:
         module = modules[target]
         in_f, out_f = layer_shape(module)
         dtype = adapter_dtype(module.weight.dtype, config.autocast_adapter_dtype)
-        device = module.weight.device
+        build = method.build_embedding if is_embedding(module) else method.build  # find_targets checked it
+        adapter: nn.Module = build(in_f, out_f, config, dtype, module.weight.device)
         new_basis = None
-        if is_embedding(module):  # find_targets let only LoRA through
-            adapter: nn.Module = EmbeddingLoraAdapter(in_f, out_f, config, dtype, device)
-        elif isinstance(config, LoraConfig):
-            adapter = LoraAdapter(in_f, out_f, config, dtype, device)
-        elif isinstance(config, LoraXSConfig):
-            adapter = LoraXSAdapter(config, dtype, device)
-            if target in xs_bases:  # computed (or read from the bases cache) for layers that lack one
-                new_basis = ("lora_xs", xs_bases[target])
-        else:
-            adapter = VeraAdapter(out_f, config, dtype, device)
-            key = vera_basis_key(config)
-            if not (isinstance(module, AdaptedLinear) and module.basis(key) is not None):
-                new_basis = (key, vera.basis(module, in_f, out_f))
+        key = adapter.basis_key
+        if method.basis == "svd" and target in xs_bases:  # computed (or read from the bases cache) where missing
+            new_basis = (key, xs_bases[target])
+        elif vera is not None and not (isinstance(module, AdaptedLinear) and module.basis(key) is not None):
+            new_basis = (key, vera.basis(module, in_f, out_f))
         built[target] = (adapter, new_basis)
 
     for target, (adapter, new_basis) in built.items():
@@ -122,7 +112,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     install_tokens(model, tokens, name, registry, config.autocast_adapter_dtype)
     registry.slot_table.assign(kind_of(next(iter(built.values()))[0]), name)  # same number in every layer
     registry.configs[name] = config
-    registry.version += 1
+    registry.layers_changed()
     freeze_base(model)
     apply_trainable(model)  # a declared trained adapter (set_trainable) stays the only one that trains
     carry_routes_through_checkpointing(model)  # routes hold for gradient checkpointing's recomputation

@@ -46,7 +46,7 @@ class ModelAdapters:
         self.vera_projections: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.packed: set[str] = set()  # adapters held in the packed bank (lorakit.model.bank), not as modules
         self.bank = None  # the model's CoreBank, once something is packed
-        self.version = 0  # bumped when adapters or adapted layers are added or removed
+        self._layers_version = 0  # see layers_changed
         self.slot_table = SlotTable()  # model-wide slot numbers of the adapters in layers (lorakit.routing.slot_table)
         self.traced_slots = None  # set only while lorakit.model.compiled traces a forward: the route as inputs
         self.entry_slots = None  # torch.compile(model): the call's route, from entry to exit (compiled.RouteEntry)
@@ -56,9 +56,19 @@ class ModelAdapters:
 
     def layer_map(self, model: nn.Module) -> dict:
         """Full name -> AdaptedLinear, cached until the next change (a model walk costs milliseconds)."""
-        if self._layer_map[0] != self.version:
-            self._layer_map = (self.version, adapted_layers(model))
+        if self._layer_map[0] != self._layers_version:
+            self._layer_map = (self._layers_version, adapted_layers(model))
         return self._layer_map[1]
+
+    @property
+    def layers_version(self) -> int:
+        """Changes with every layers_changed(): a key for what is cached from a walk of the model."""
+        return self._layers_version
+
+    def layers_changed(self) -> None:
+        """The one way to say adapters or adapted layers were added or removed (slot changes are the slot
+        table's own): what was cached from a walk of the model is walked again."""
+        self._layers_version += 1
 
     def slot_table_memo(self) -> dict:
         """Resolved routes of calls without a `use_adapter` block (the default route), kept until the
@@ -99,7 +109,7 @@ class ModelAdapters:
         self.configs.pop(name, None)
         self.slot_table.release(name)
         self.vera_projections = vera_projections
-        self.version += 1  # adapted layers may have changed: the cached layer map is stale
+        self.layers_changed()
 
     def default_names(self) -> str | None | object:
         """What a call without a route runs: the weights as they stand if anything is merged, else the
@@ -158,7 +168,7 @@ def wrap_layer(model: nn.Module, module_name: str) -> AdaptedLinear:
     record = adapters_of(model, create=True)
     layer = adapted_layer(layer, module_name, record)
     replace_module(model, module_name, layer)
-    record.version += 1
+    record.layers_changed()
     return layer
 
 
@@ -168,7 +178,7 @@ def unwrap_layer(model: nn.Module, module_name: str, original: nn.Module) -> Non
         replace_module(model, module_name, original)
         record = model.__dict__.get(ATTR)
         if record is not None:
-            record.version += 1
+            record.layers_changed()
 
 
 def install_bases(model: nn.Module, key: str, bases: dict[str, Basis]) -> None:
