@@ -32,7 +32,7 @@ def test_wrap_layer_keeps_the_base_and_is_idempotent(device):
 def test_attach_bank_and_io_wrap_through_the_same_routine(monkeypatch):
     import lorakit.model.record as model_adapters
 
-    attach_module = sys.modules["lorakit.attach"]  # (lorakit.attach, the attribute, is the function)
+    attach_module = sys.modules["lorakit.model.attach"]
 
     wrapped: list[str] = []
     real = model_adapters.wrap_layer
