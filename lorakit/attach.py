@@ -21,12 +21,14 @@ from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFou
 from lorakit.embedding_layer import adapted_layer, check_embedding, is_embedding
 from lorakit.layer import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
+from lorakit.methods.dora import DoraAdapter
 from lorakit.methods.lora import LoraAdapter
 from lorakit.methods.lora_embedding import EmbeddingLoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
 from lorakit.model_adapters import ModelAdapters, adapters_of
 from lorakit.prefix_hook import attach_prefix
+from lorakit.quant_layer import is_quantized_linear
 from lorakit.route_state import carry_routes_through_checkpointing
 from lorakit.saved_modules import install_saved, plan_saved
 from lorakit.slots import kind_of
@@ -93,6 +95,23 @@ def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None
                                  f"({in_f}->{out_f})")
 
 
+def _check_dora(module: nn.Module, name: str) -> None:
+    """DoRA takes row norms of the dense base weight: plain float linear layers only."""
+    if is_embedding(module) or (isinstance(module, AdaptedLinear) and not module.wraps_linear):
+        raise UnsupportedLayerError(f"cannot put a DoRA adapter on embedding {name}: lorakit's DoRA adapts "
+                                    "linear layers only (leave it out with exclude_modules)")
+    if is_quantized_linear(module) or (isinstance(module, AdaptedLinear) and module.quant is not None):
+        raise UnsupportedLayerError(f"cannot put a DoRA adapter on quantized module {name}: lorakit's DoRA "
+                                    "needs a float base weight")
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight (out, in) of a linear, Conv1D or adapted layer, without anything merged into it."""
+    if isinstance(module, AdaptedLinear):
+        return module.unmerged_weight()
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D holds (in, out)
+
+
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Attach adapter `name` with `config` to `model` in place and return the model.
 
@@ -112,6 +131,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     modules = dict(model.named_modules())
     for target in targets:
         _check_rank(config, target, *layer_shape(modules[target]))
+        if getattr(config, "use_dora", False):
+            _check_dora(modules[target], target)
     saved, tokens = [], []
     if isinstance(config, LoraConfig):  # modules_to_save, trainable tokens: planned (checked) before any change
         if config.target_modules == "all-linear" and config.modules_to_save:  # a saved module is copied whole
@@ -132,6 +153,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         new_basis = None
         if is_embedding(module):  # find_targets let only LoRA through
             adapter: nn.Module = EmbeddingLoraAdapter(in_f, out_f, config, dtype, device)
+        elif isinstance(config, LoraConfig) and config.use_dora:
+            adapter = DoraAdapter(in_f, out_f, config, _dense_weight(module), dtype, device)
         elif isinstance(config, LoraConfig):
             adapter = LoraAdapter(in_f, out_f, config, dtype, device)
         elif isinstance(config, LoraXSConfig):

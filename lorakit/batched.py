@@ -5,6 +5,8 @@
     LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      add_core_rows_
               and packed), up once
     VeRA      x·Aᵀ once, gather d and b vectors                          add_vera_rows_
+    DoRA      gather each group's g − 1 (kept per slot in inference),   rescale_rows, then add_lora_rows_
+              rescale the base output, then LoRA with Bᵀ scaled by g     with Bᵀ·diag(g)
 
 A route arrives resolved (lorakit.route_slots): per kind, one slot index per group of rows, where the
 batch is one group (every row the same adapter) or one group per row. In inference the sources are the
@@ -13,7 +15,10 @@ dropout active) they are stacked from the route's adapters' own parameters per c
 gradients reach each adapter. Same math either way: three forward paths in all, one per kind.
 
 Merged adapters are taken back out of rows that do not route to them with what the merge added (the
-layer's record), through the LoRA path. Deltas are added into the base output in place (it is fresh).
+layer's record), through the LoRA path; a merged DoRA adapter, whose update is not low-rank, by the base
+computed again from the W its merge kept. Deltas are added into the base output in place (it is fresh).
+DoRA rescales the base output itself, so where a route has DoRA (or a DoRA adapter is merged) merged
+adapters are taken out first, DoRA comes next, then the other kinds.
 Dropout (training only) is per row: row i's adapter input is dropped at that adapter's own rate.
 """
 
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from lorakit.methods.dora import gain_minus_one, rescale_rows
 from lorakit.methods.lora import add_lora_rows_
 from lorakit.methods.lora_xs import add_core_rows_
 from lorakit.methods.vera import add_vera_rows_
@@ -39,19 +46,122 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     per_call = uses_parameters(layer, checked)
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
+    dora_first = "dora" in route.kinds or any(layer.merged_base(n) is not None for n in route.merged)
+    if dora_first:  # DoRA rescales the base output: it must see the unmerged base and nothing else added
+        out = _take_out_merged(layer, x, out, route)
+        if "dora" in route.kinds:
+            out = _add_dora(layer, x, out, route.kinds["dora"], route.groups, per_call, checked)
     for kind, columns in route.kinds.items():
+        if kind == "dora":
+            continue
         if kind == "lora_xs":  # every column's cores summed first: a blend costs one product
             _add_lora_xs(layer, x, out, columns, per_call, checked)
             continue
         for rows in columns:  # a blend of m adapters of this kind: m passes, each weighted
             _add_column(layer, kind, x, out, rows, route.groups, per_call, checked)
-    for name, coef in route.merged.items():  # rows not routed to a merged adapter must not see it
+    if not dora_first:
+        out = _take_out_merged(layer, x, out, route)
+    return out
+
+
+def _take_out_merged(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, route: RouteSlots) -> torch.Tensor:
+    """Rows not routed to a merged adapter must not see it: its record subtracted at each row's coefficient."""
+    for name, coef in route.merged.items():
+        groups = coef.shape[0]
+        kept = layer.merged_base(name)
+        if kept is not None:  # DoRA: out += coef·(out − base(x)), base(x) from the W its merge kept
+            base = F.linear(x, kept.T if layer.fan_in_fan_out else kept, layer.bias).to(out.dtype)
+            step = (out - base).reshape(groups, -1, out.shape[-1]) * coef.to(out.dtype)[:, None, None]
+            out = out + step.reshape(out.shape)
+            continue
         recorded = layer.merged_factors(name)
         if recorded is not None:
             up, down = recorded
-            groups = coef.shape[0]
             add_lora_rows_(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
     return out
+
+
+def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...], groups: int,
+              per_call: bool, checked: dict | None) -> torch.Tensor:
+    """DoRA's columns: the base output rescaled once by 1 + Σ_j w_j(g_j − 1), then each column's LoRA part
+    with Bᵀ·diag(g_j), times w_j. Returns the new output (a new tensor when gradients flow through it)."""
+    total, parts = None, []
+    for rows in columns:
+        if checked is not None and groups == 1 and rows.lead not in layer.adapters:
+            continue  # one adapter for the batch, and it does not touch this layer
+        source = routed_source(layer, "dora", rows, per_call, checked, x)
+        if source is None:
+            continue
+        fields, scales, index, rates = source
+        stack = layer.slot_stack("dora")
+        from_stack = stack is not None and fields is stack.fields  # else stacked per call from the parameters
+        gains = _stack_gains(layer, stack, rows, checked) if from_stack else \
+            _parameter_gains(layer, fields, scales, rows)
+        gm1 = gains.index_select(0, index)  # (n, out) float32: g − 1, zero for groups without a DoRA adapter
+        a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
+        b_rows = b_rows * (1 + gm1).to(x.dtype)[:, None, :]  # Bᵀ·diag(g): (n, r, out)
+        if checked is not None and groups == 1:  # one adapter for the batch: a float scale, as PEFT rounds it
+            coef = layer.adapters[rows.lead].scaling * rows.lead_weight
+        elif rows.weights is not None:
+            coef = coef * rows.weights
+        if rows.weights is not None:
+            gm1 = gm1 * rows.weights.to(gm1)[:, None]
+        total = gm1 if total is None else total + gm1
+        parts.append((row_dropout(x, rates, index) if rates is not None else x, a_rows, b_rows, coef))
+    if total is None:
+        return out
+    out = rescale_rows(out, total, layer.bias, in_place=not per_call)
+    for xd, a_rows, b_rows, coef in parts:
+        add_lora_rows_(out, xd, a_rows, b_rows, coef)
+    return out
+
+
+def _parameter_gains(layer: nn.Module, fields: dict[str, torch.Tensor], scales: torch.Tensor,
+                     rows: KindRows) -> torch.Tensor:
+    """(1 + len(rows.names), out) float32 g − 1 from per-call fields (training: m gets gradients, the norm
+    none); zero for slot 0 and for the route's adapters this layer lacks."""
+    weight = layer.unmerged_weight()
+    gains = [torch.zeros(layer.out_features, dtype=torch.float32, device=weight.device)]
+    for k, name in enumerate(rows.names, start=1):
+        if name not in layer.adapters:
+            gains.append(gains[0])
+            continue
+        up = fields["b"][k].T * scales[k]  # (out, r)
+        gains.append(gain_minus_one(weight, up, fields["a"][k], fields["m"][k]))
+    return torch.stack(gains)
+
+
+def _stack_gains(layer: nn.Module, stack: SlotStack, rows: KindRows | None, checked: dict | None) -> torch.Tensor:
+    """(C, out) float32 g − 1 of every slot of the layer's DoRA stack, kept in `stack.derived` and brought up
+    to date for the route's adapters (all held ones when `rows` is None) whose parameters or the layer's
+    weight changed since (tensor versions). While compiling (`checked` None) it is read as prepared
+    (refresh_gains ran before the call)."""
+    gains = stack.derived.get("gains")
+    if checked is None and gains is not None:
+        return gains
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, updated in place: a compiled graph keeps them
+        if gains is None:
+            gains = stack.derived["gains"] = torch.zeros(stack.capacity, layer.out_features, dtype=torch.float32,
+                                                         device=stack.scales.device)
+        known = stack.derived.setdefault("versions", {})
+        weight = None
+        for name in (stack.held if rows is None else rows.names):
+            if name not in stack.held:
+                continue
+            adapter = layer.adapters[name]
+            version = (layer.weight._version, id(layer.weight), *(p._version for p in adapter._parameters.values()))
+            if known.get(name) != version:
+                weight = layer.unmerged_weight() if weight is None else weight
+                gains[stack.held[name]] = gain_minus_one(weight, *adapter.factors(), adapter.lora_magnitude_vector)
+                known[name] = version
+    return gains
+
+
+def refresh_gains(layer: nn.Module) -> None:
+    """Bring the layer's kept DoRA gains up to date outside any graph (lorakit.compiled, before each call)."""
+    stack = layer.slot_stack("dora")
+    if stack is not None:
+        _stack_gains(layer, stack, None, {})
 
 
 def uses_parameters(layer: nn.Module, checked: dict | None) -> bool:

@@ -106,7 +106,7 @@ def _check_rank(r: int) -> None:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA: ΔW = (α/r)·B·A, A random, B zero, both trained."""
+    """LoRA: ΔW = (α/r)·B·A, A random, B zero, both trained; with use_dora, DoRA (lorakit.methods.dora)."""
 
     method: ClassVar[str] = "lora"
     r: int = 8  # rank of the update
@@ -118,6 +118,7 @@ class LoraConfig:
     autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
     modules_to_save: tuple[str, ...] = ()  # modules trained as full copies (a classifier head, a norm), as PEFT's
     trainable_token_indices: TokenIndices = None  # embedding rows trained for these ids (lorakit.trainable_tokens)
+    use_dora: bool = False  # DoRA: each output row rescaled to a trained magnitude m (W' = m·(W+ΔW)/‖W+ΔW‖)
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
@@ -125,6 +126,7 @@ class LoraConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
+        _check_flag("use_dora", self.use_dora)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
         object.__setattr__(self, "modules_to_save", normalise_saved(self.modules_to_save))

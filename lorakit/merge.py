@@ -71,7 +71,8 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
     if isinstance(registry.configs[new], PrefixConfig):
         raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
     check_untied(model, new, [n for n, layer in adapted_layers(model).items() if layer.has(new)])
-    if saved_modules(model) or token_layers(model):  # whole-module copies and token rows: one after the other
+    dora = any(getattr(registry.configs[n], "use_dora", False) for n in (old, new))  # rescales W: not additive
+    if dora or saved_modules(model) or token_layers(model):  # whole-module copies, token rows: one after the other
         unmerge(model, old)
         try:
             merge(model, new)
