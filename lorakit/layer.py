@@ -109,6 +109,9 @@ class AdaptedLinear(nn.Module):
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Δ_name(x) alone (the adapter's contribution, whether attached or packed)."""
         out = x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.has(name) and self.is_dora(name):  # DoRA rescales the base output: its delta needs it
+            base = self.base_forward(x)
+            return add_routed_deltas(self, x, base.clone(), self.resolved(name, {}, x.device, merged=()), {}) - base
         if self.has(name):
             out = add_routed_deltas(self, x, out, self.resolved(name, {}, x.device, merged=()), {})
         return out

@@ -161,3 +161,10 @@ def test_dora_file_without_magnitudes_or_with_stray_ones_is_refused(tmp_path):
     with pytest.raises(CorruptAdapterError, match="does not say use_dora"):
         io.load_adapter(model, tmp_path / "ours", "x")
     assert not lk.adapted_layers(model)
+
+
+def test_inspect_names_dora_and_counts_the_magnitudes(tmp_path):
+    ours = ours_dora("llama")
+    io.save_adapter(ours, "d", tmp_path / "ours")
+    info = io.read_adapter_info(tmp_path / "ours")
+    assert info["method"] == "dora" and info["trainable_numbers"] == lk.count_trainable(ours, "d")

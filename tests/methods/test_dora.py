@@ -14,16 +14,16 @@ from tests.conftest import TOLERANCES, randomize_adapters, tiny_gpt2, tiny_llama
 Q = "model.layers.0.self_attn.q_proj"
 
 
-def randomize_dora(model: torch.nn.Module, name: str, seed: int = 3) -> None:
-    """Non-trivial B and magnitudes 20% off ‖W‖ (a fresh DoRA adapter is exactly the base)."""
+def randomize_dora(model: torch.nn.Module, name: str, seed: int = 3, strength: float = 1.0) -> None:
+    """Non-trivial B (std 0.1·strength) and magnitudes ~20%·strength off ‖W‖ (a fresh DoRA adapter is the base)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lk.adapted_layers(model).values():
             if name in layer.adapters:
                 a = layer.adapters[name]
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen) * 0.1)
-                a.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(a.lora_magnitude_vector.shape, generator=gen)
-                                             .to(a.lora_magnitude_vector))
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen) * 0.1 * strength)
+                noise = torch.randn(a.lora_magnitude_vector.shape, generator=gen) * 0.2 * strength
+                a.lora_magnitude_vector.mul_(noise.exp().to(a.lora_magnitude_vector))
 
 
 def dora_model(device: torch.device, dtype: torch.dtype = torch.float32, r: int = 4) -> torch.nn.Module:
@@ -247,3 +247,11 @@ def test_parameter_count_and_state_keys(device):
     assert f"{Q}.lora_magnitude_vector" in state and state[f"{Q}.lora_magnitude_vector"].shape == (32,)
     layer = model.get_submodule(Q)
     assert layer.adapters["d"].num_trainable() == 4 * 32 + 32 * 4 + 32
+
+
+def test_layer_delta_is_what_the_adapter_adds(device):
+    model = dora_model(device)
+    layer = model.get_submodule(Q)
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(9)).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.delta("d", x), layer(x) - layer.base_forward(x), rtol=0, atol=1e-6)
