@@ -255,3 +255,24 @@ def test_layer_delta_is_what_the_adapter_adds(device):
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(9)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(layer.delta("d", x), layer(x) - layer.base_forward(x), rtol=0, atol=1e-6)
+
+
+def test_swap_merged_and_merge_and_unload(device):
+    model = dora_model(device)
+    lk.attach(model, lk.LoraConfig(r=2, lora_alpha=4, use_dora=True), "e")
+    randomize_dora(model, "e", seed=11)
+    ids = ids_for(device)
+    weights = {n: l.weight.detach().clone() for n, l in lk.adapted_layers(model).items()}
+    with torch.no_grad():
+        with lk.use_adapter(model, "e"):
+            want_e = model(ids).logits
+        with lk.use_adapter(model, "d"):
+            want_d = model(ids).logits
+        lk.merge(model, "d")
+        lk.swap_merged(model, "d", "e")  # one after the other: DoRA's merge is not additive
+        torch.testing.assert_close(model(ids).logits, want_e, rtol=0, atol=1e-5)
+        lk.unmerge(model, "e")
+        assert all(torch.equal(l.weight, weights[n]) for n, l in lk.adapted_layers(model).items())
+        plain = lk.merge_and_unload(model, "d")
+        assert not lk.adapted_layers(plain)
+        torch.testing.assert_close(plain(ids).logits, want_d, rtol=0, atol=1e-5)
