@@ -5,8 +5,8 @@
     LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      add_core_rows_
               and packed), up once
     VeRA      x·Aᵀ once, gather d and b vectors                          add_vera_rows_
-    DoRA      gather each group's g − 1 (kept per slot in inference),   rescale_rows, then add_lora_rows_
-              rescale the base output, then LoRA with Bᵀ scaled by g     with Bᵀ·diag(g)
+    DoRA      gather each group's g − 1 (kept per slot in inference),   add_lora_rows_, then rescale_rows
+              add LoRA's part, rescale it with the base output
 
 A route arrives resolved (lorakit.route_slots): per kind, one slot index per group of rows, where the
 batch is one group (every row the same adapter) or one group per row. In inference the sources are the
@@ -84,7 +84,8 @@ def _take_out_merged(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, route
 def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...], groups: int,
               per_call: bool, checked: dict | None) -> torch.Tensor:
     """DoRA's columns: the base output rescaled once by 1 + Σ_j w_j(g_j − 1), then each column's LoRA part
-    with Bᵀ·diag(g_j), times w_j. Returns the new output (a new tensor when gradients flow through it)."""
+    with Bᵀ·diag(g_j), times w_j; one unweighted column (no blend) as g ⊙ (base − b + s·B(Ax)) + b, the LoRA
+    part added first and rescaled with the base. Returns the new output (a new tensor when gradients flow)."""
     total, parts = None, []
     for rows in columns:
         if checked is not None and groups == 1 and rows.lead not in layer.adapters:
@@ -99,7 +100,8 @@ def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tup
             _parameter_gains(layer, fields, scales, rows)
         gm1 = gains.index_select(0, index)  # (n, out) float32: g − 1, zero for groups without a DoRA adapter
         a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
-        b_rows = b_rows * (1 + gm1).to(x.dtype)[:, None, :]  # Bᵀ·diag(g): (n, r, out)
+        if len(columns) > 1 or rows.weights is not None:  # else scaled with the base, below: g ⊙ (base + s·BAx)
+            b_rows = b_rows * (1 + gm1).to(x.dtype)[:, None, :]  # Bᵀ·diag(g): (n, r, out)
         if checked is not None and groups == 1:  # one adapter for the batch: a float scale, as PEFT rounds it
             coef = layer.adapters[rows.lead].scaling * rows.lead_weight
         elif rows.weights is not None:
@@ -110,6 +112,9 @@ def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tup
         parts.append((row_dropout(x, rates, index) if rates is not None else x, a_rows, b_rows, coef))
     if total is None:
         return out
+    if len(columns) == 1 and columns[0].weights is None:  # one DoRA adapter per row: rescale base and LoRA at once
+        add_lora_rows_(out, *parts[0])
+        return rescale_rows(out, total, layer.bias, in_place=not per_call)
     out = rescale_rows(out, total, layer.bias, in_place=not per_call)
     for xd, a_rows, b_rows, coef in parts:
         add_lora_rows_(out, xd, a_rows, b_rows, coef)
