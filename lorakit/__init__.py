@@ -4,21 +4,21 @@ from lorakit.versions import LORAKIT_VERSION, check_core_versions
 
 check_core_versions()  # before anything reaches into torch's or transformers' internals
 
-from lorakit.adapters import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
-                              count_trainable, delete_adapter, set_trainable)
-from lorakit.attach import attach, find_targets
-from lorakit.combine import combine
-from lorakit.compiled import CompiledForward
-from lorakit.generation import generate
+from lorakit.model.manage import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
+                                  count_trainable, delete_adapter, set_trainable)
+from lorakit.model.attach import attach, find_targets
+from lorakit.model.combine import combine
+from lorakit.model.compiled import CompiledForward
+from lorakit.model.generate import generate
 from lorakit.config import LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig
 from lorakit.errors import *  # noqa: F401,F403 - the exception classes are part of the API
-from lorakit.embedding_layer import AdaptedEmbedding
-from lorakit.layer import AdaptedLinear, adapted_layers
-from lorakit.merge import merge, merge_and_unload, merged_names, swap_merged, unmerge
-from lorakit.quant_model import quantize
-from lorakit.tied import untie
-from lorakit.routing import (Route, checkpoint_with_route, disable_adapters, route_context, use_adapter,
-                             use_route)
+from lorakit.layer.embedding import AdaptedEmbedding
+from lorakit.layer.linear import AdaptedLinear, adapted_layers
+from lorakit.model.merge import merge, merge_and_unload, merged_names, swap_merged, unmerge
+from lorakit.model.quantize import quantize
+from lorakit.model.tied import untie
+from lorakit.model.use import (Route, checkpoint_with_route, disable_adapters, route_context, use_adapter,
+                               use_route)
 
 __version__ = LORAKIT_VERSION
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from lorakit.cli import main
+from lorakit.cli.main import main
 
 sys.exit(main())

@@ -117,7 +117,7 @@ class LoraConfig:
     exclude_modules: tuple[str, ...] = ()  # names/suffixes never adapted (the output head always is)
     autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
     modules_to_save: tuple[str, ...] = ()  # modules trained as full copies (a classifier head, a norm), as PEFT's
-    trainable_token_indices: TokenIndices = None  # embedding rows trained for these ids (lorakit.trainable_tokens)
+    trainable_token_indices: TokenIndices = None  # embedding rows trained for these ids (lorakit.layer.trainable_tokens)
     use_dora: bool = False  # DoRA: each output row rescaled to a trained magnitude m (W' = m·(W+ΔW)/‖W+ΔW‖)
 
     def __post_init__(self) -> None:

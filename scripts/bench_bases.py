@@ -1,4 +1,4 @@
-"""Time LoRA-XS basis set-up: the old per-module float32 torch.linalg.svd against lorakit.basis_setup.
+"""Time LoRA-XS basis set-up: the old per-module float32 torch.linalg.svd against lorakit.model.bases.
 
     python scripts/bench_bases.py --shape tinyllama --device cuda --rank 16
 TinyLlama-1.1B's 154 projections (22 layers × q,k,v,o,gate,up,down) as random nn.Linear layers; the
@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from lorakit.basis_setup import lora_xs_bases_for
+from lorakit.model.bases import lora_xs_bases_for
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.basis import fingerprints_match
 

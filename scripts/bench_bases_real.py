@@ -13,12 +13,12 @@ import torch
 
 import lorakit as lk
 from lorakit import io
-from lorakit.basis_setup import lora_xs_bases_for, weight_as_out_in
-from lorakit.bases_cache import BasesCache
+from lorakit.model.bases import lora_xs_bases_for, weight_as_out_in
+from lorakit.model.bases_cache import BasesCache
 from lorakit.methods import lora_xs as lora_xs_module
 from lorakit.methods.basis import fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
-from lorakit.models import cache_root, load_base
+from lorakit.base_models.load import cache_root, load_base
 from scripts.bench_bases import old_svd_basis
 
 

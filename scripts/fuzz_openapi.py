@@ -4,7 +4,7 @@ refused with a 4xx, valid input accepted, 405s must carry Allow, and nothing may
 
     python scripts/fuzz_openapi.py --max-examples 50 --out fuzz.json
 
-The server: a random tiny Llama (lorakit.bench.llama_config's "tiny-llama-random", a one-token-per-character
+The server: a random tiny Llama (lorakit.base_models.llama_config's "tiny-llama-random", a one-token-per-character
 tokenizer) with two adapters in its directory and one allowed adapter root, on 127.0.0.1 (a free port),
 no API key. Prints schemathesis's summary; exits with schemathesis's code (0: no failure).
 """

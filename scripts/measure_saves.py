@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import lorakit as lk
 from lorakit.integrations import prepare_trainer
 from lorakit.io import load_adapter
-from lorakit.models import ensure_cache
+from lorakit.base_models.load import ensure_cache
 
 
 def size(path: Path) -> int:

@@ -16,10 +16,10 @@ import torch
 
 import lorakit as lk
 from lorakit import io
-from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases, get_bank, pack_adapter
+from lorakit.model.bank import add_packed_lora_xs, ensure_lora_xs_bases, get_bank, pack_adapter
 from lorakit.config import adapter_dtype
 from lorakit.io.export import export_to_peft
-from lorakit.slots import stacks
+from lorakit.layer.slots import stacks
 from tests.conftest import TOLERANCES, randomize_adapters, tiny_llama
 
 LOW = (torch.bfloat16, torch.float16)

@@ -20,20 +20,17 @@ ROOT = Path(__file__).resolve().parents[1] / "lorakit"
 # Every lorakit module must be listed, so a new one is placed on purpose. A name ending in ".*" covers a package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("lorakit.errors", "lorakit.versions", "lorakit.names", "lorakit.config", "lorakit.perf")),
-    ("methods", ("lorakit.methods.*", "lorakit.bases_cache")),
-    ("surgery, route state, slots", ("lorakit.surgery", "lorakit.route_state", "lorakit.slot_table",
-                                     "lorakit.quant_layer", "lorakit.slots", "lorakit.route_slots",
-                                     "lorakit.wrapped")),
-    ("per-layer deltas", ("lorakit.batched",)),
-    ("layer", ("lorakit.layer", "lorakit.embedding_layer", "lorakit.saved_modules", "lorakit.trainable_tokens")),
-    ("model record, routing, bases", ("lorakit.model_adapters", "lorakit.routing", "lorakit.basis_setup")),
-    ("operations", ("lorakit.tied", "lorakit.prefix_hook", "lorakit.attach", "lorakit.adapters", "lorakit.bank", "lorakit.merge",
-                    "lorakit.combine", "lorakit.quant_model", "lorakit.compiled", "lorakit.generation")),
+    ("methods", ("lorakit.methods.*",)),
+    ("kernels", ("lorakit.kernels.*",)),
+    ("routing", ("lorakit.routing.*",)),
+    ("layer", ("lorakit.layer.*",)),
+    ("model", ("lorakit.model.*",)),
     ("package API", ("lorakit",)),
     ("io", ("lorakit.io.*",)),
     ("integrations", ("lorakit.integrations.*",)),
-    ("applications", ("lorakit.models", "lorakit.cli_common", "lorakit.train_loop", "lorakit.train.*",
-                      "lorakit.tasks.*", "lorakit.serve.*", "lorakit.bench.*", "lorakit.cli", "lorakit.__main__")),
+    ("base models", ("lorakit.base_models.*",)),
+    ("libraries", ("lorakit.train.*", "lorakit.tasks.*", "lorakit.serve.*", "lorakit.bench.*")),
+    ("command line", ("lorakit.cli.*", "lorakit.__main__", "lorakit.train.__main__")),
 ]
 
 
@@ -114,10 +111,14 @@ def cycles(modules: set[str], imports: list[Import]) -> list[list[str]]:
 
 
 def layer_of(module: str) -> int:
+    """The layer that names the module itself, else the one whose package covers it (`lorakit.train.__main__` is
+    a command line, though `lorakit.train.*` is a library)."""
     for level, (_, members) in enumerate(LAYERS):
-        for member in members:
-            if module == member or (member.endswith(".*") and (module + ".").startswith(member[:-1])):
-                return level
+        if module in members:
+            return level
+    for level, (_, members) in enumerate(LAYERS):
+        if any(m.endswith(".*") and (module + ".").startswith(m[:-1]) for m in members):
+            return level
     raise KeyError(module)
 
 
@@ -166,11 +167,11 @@ def test_core_rules_spelled_out(graph):
     edges = {(i.source, i.target) for i in graph[1]}
     core = {m for m in graph[0] if layer_of(m) < layer_of("lorakit.io.native")}
     assert not {(s, t) for s, t in edges if s.startswith("lorakit.methods") and t in
-                {"lorakit.layer", "lorakit.attach", "lorakit.model_adapters", "lorakit.surgery"}}
+                {"lorakit.layer.linear", "lorakit.model.attach", "lorakit.model.record", "lorakit.layer.surgery"}}
     io_users = {(s, t) for s, t in edges if s in core and t.startswith("lorakit.io")}
     assert not io_users, "io is never imported by the core"
-    assert not {(s, t) for s, t in edges if t == "lorakit.attach" and s in
-                {"lorakit.model_adapters", "lorakit.layer", "lorakit.bank", "lorakit.merge", "lorakit.quant_layer"}}
+    assert not {(s, t) for s, t in edges if t == "lorakit.model.attach" and s in
+                {"lorakit.model.record", "lorakit.layer.linear", "lorakit.model.bank", "lorakit.model.merge", "lorakit.layer.quantized"}}
 
 
 def test_the_checker_sees_what_it_must(tmp_path):
@@ -179,9 +180,18 @@ def test_the_checker_sees_what_it_must(tmp_path):
     (pkg / "methods").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "methods" / "__init__.py").write_text("")
-    (pkg / "layer.py").write_text("from lorakit.methods.lora import helper\n")
-    (pkg / "methods" / "lora.py").write_text("def helper():\n    from lorakit.layer import _private\n")
+    (pkg / "layer").mkdir()
+    (pkg / "layer" / "__init__.py").write_text("")
+    (pkg / "layer" / "linear.py").write_text("from lorakit.methods.lora import helper\n")
+    (pkg / "methods" / "lora.py").write_text("def helper():\n    from lorakit.layer.linear import _private\n")
     modules, imports = lorakit_imports(pkg)
-    assert cycles(modules, imports) == [["lorakit.layer", "lorakit.methods.lora"]]
-    assert private(imports) == ["lorakit.methods.lora:2 imports _private from lorakit.layer"]
+    assert cycles(modules, imports) == [["lorakit.layer.linear", "lorakit.methods.lora"]]
+    assert private(imports) == ["lorakit.methods.lora:2 imports _private from lorakit.layer.linear"]
     assert len(upward(imports)) == 1 and upward(imports)[0].startswith("lorakit.methods.lora (layer 'methods')")
+
+
+def test_the_folders_are_the_floors(graph):
+    """Above the foundation, a module's folder says its floor: nothing else sits at the top of the package."""
+    top = {m for m in graph[0] if m.count(".") == 1 and m + ".*" not in {x for _, ms in LAYERS for x in ms}}
+    top -= {m for m in top if any(m + "." in other for other in graph[0])}  # packages are folders
+    assert top <= set(LAYERS[0][1]) | {"lorakit.__main__"}, sorted(top - set(LAYERS[0][1]))

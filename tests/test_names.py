@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.attach import check_adapter_name as attach_check
+from lorakit.model.attach import check_adapter_name as attach_check
 from lorakit.errors import AdapterConfigError
 from lorakit.names import ADAPTER_NAME_RULE, check_adapter_name, is_valid_adapter_name
 

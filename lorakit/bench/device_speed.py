@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
-from lorakit.bench.llama_config import build_llama, is_config_spec, read_config
+from lorakit.model.bank import add_packed_lora_xs, ensure_lora_xs_bases
+from lorakit.base_models.llama_config import build_llama, is_config_spec, read_config
 from lorakit.bench.timing import interleaved
 from lorakit.io import load_adapter, save_adapter
 from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
@@ -128,7 +128,7 @@ class Bench:
     def _fresh(self, dtype: torch.dtype) -> torch.nn.Module:
         if self.config is not None:
             return build_llama(self.config, self.device, dtype)
-        from lorakit.models import load_base
+        from lorakit.base_models.load import load_base
 
         model, _ = load_base(self.spec, dtype=dtype)
         return model.to(self.device)

@@ -68,8 +68,8 @@ def _own_memory(model) -> None:
 def _build(config: str, model_name: str, rank: int):
     """(model, trainable params, bits per weight or None) for one configuration, in train mode."""
     import lorakit
-    from lorakit import quant_model as quant
-    from lorakit.models import ensure_cache, load_base
+    from lorakit.model import quantize as quant
+    from lorakit.base_models.load import ensure_cache, load_base
 
     if config.startswith("lorakit"):
         model, _ = load_base(model_name)
@@ -136,8 +136,8 @@ def accuracy_worker(args: argparse.Namespace) -> dict:
     import torch
 
     import lorakit
-    from lorakit import quant_model as quant
-    from lorakit.models import load_base
+    from lorakit.model import quantize as quant
+    from lorakit.base_models.load import load_base
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -279,9 +279,9 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"{acc['logit_mean_abs']:.3f} (mean |logit| {acc['logit_ref_mean_abs']:.3f}), max |Δ| "
         f"{acc['logit_max_abs']:.2f}; top-1 agreement {acc['top1_agreement']:.3f}; KL(fp32 ‖ 4-bit) "
         f"{acc['kl_nats']:.3f} nats/token. lorakit.quantize is bit-identical to transformers' BitsAndBytesConfig "
-        "(tests/test_quant.py); SmolLM2 ships as a Q4_1 GGUF, so NF4 re-rounds weights that were already rounded.",
+        "(tests/model/test_quantize.py); SmolLM2 ships as a Q4_1 GGUF, so NF4 re-rounds weights that were already rounded.",
         f"- Merging a LoRA (r={s['rank']}, 5 training steps at lr 1e-3 on the texts) into the 4-bit base "
-        f"(dequantize, add, requantize), measured by `lorakit.quant_model.merge_quantized`: layer outputs on a fixed "
+        f"(dequantize, add, requantize), measured by `lorakit.model.quantize.merge_quantized`: layer outputs on a fixed "
         f"probe batch moved by max {acc['merge_layer_max_abs']:.3g}, mean {acc['merge_layer_mean_abs']:.3g} "
         f"(the adapter's own mean contribution there: {acc['merge_layer_delta_mean_abs']:.3g}; {acc['merge_layers']} "
         f"layers); model logits moved by max {acc['merge_output_max_abs']:.3g}, mean "

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 import lorakit
 from lorakit.versions import check_version
-from lorakit.bank import add_packed_lora_xs, ensure_lora_xs_bases
+from lorakit.model.bank import add_packed_lora_xs, ensure_lora_xs_bases
 from lorakit.bench import device_speed
-from lorakit.bench.llama_config import is_config_spec
-from lorakit.prefix_hook import cache_argument
+from lorakit.base_models.llama_config import is_config_spec
+from lorakit.model.prefix_hook import cache_argument
 from lorakit.bench.timing import interleaved, per_call
 from lorakit.io.atomic import atomic_write_bytes, atomic_write_json
 from lorakit.perf import keep_freed_memory
@@ -63,7 +63,7 @@ class Setup:
     """Two copies of the base: one carries lorakit adapters, the other PEFT's, with equal weights."""
 
     def __init__(self, model_name: str, n_lora: int, n_xs: int) -> None:
-        from lorakit.models import load_base
+        from lorakit.base_models.load import load_base
 
         self.ours, self.tokenizer = load_base(model_name)
         peft_base, _ = load_base(model_name)
@@ -393,7 +393,7 @@ def bench_training(model_name: str, repeats: int, malloc: str = "default") -> li
 
 def bench_resident(model_name: str, n_packed: int) -> list[Result]:
     """Memory per resident adapter, on a fresh base model."""
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
 
     model, _ = load_base(model_name)
     targets = lorakit.find_targets(model, lorakit.LoraXSConfig(r=8))

@@ -44,7 +44,7 @@ class PeakSampler:
 
 
 def build(impl: str, method: str, rank: int, model_name: str):
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
 
     model, _ = load_base(model_name)
     model.train()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_names, adapter_state_dict, delete_adapter
+from lorakit.model.manage import adapter_names, adapter_state_dict, delete_adapter
 from lorakit.errors import AdapterMismatchError, AdapterNotFoundError
 from lorakit.io import load_adapter
 from lorakit.io.files import CONFIG_NAME

@@ -19,12 +19,12 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters import adapter_names
+from lorakit.model.manage import adapter_names
 from lorakit.errors import LorakitError
 from lorakit.io import save_adapter
 from lorakit.io.atomic import fsync_dir
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME
-from lorakit.model_adapters import ATTR as ADAPTERS_ATTR
+from lorakit.model.record import ATTR as ADAPTERS_ATTR
 
 HOOK_ATTR = "save_pretrained"  # the instance attribute that shadows the class's method
 

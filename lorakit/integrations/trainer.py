@@ -23,12 +23,12 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters import adapter_names, set_trainable
+from lorakit.model.manage import adapter_names, set_trainable
 from lorakit.errors import LorakitError
 from lorakit.integrations.resume import restore_adapters, saved_adapter_dirs
 from lorakit.integrations.saving import enable_adapter_saving
 from lorakit.io.files import CONFIG_NAME
-from lorakit.model_adapters import adapters_of
+from lorakit.model.record import adapters_of
 
 LOADER_ATTR = "_load_from_checkpoint"  # transformers' Trainer method that loads a checkpoint's weights
 BEST_ATTR = "_load_best_model"  # and the one load_best_model_at_end calls

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.adapters import adapter_config
+from lorakit.model.manage import adapter_config
 from lorakit.config import LoraConfig, PrefixConfig
 from lorakit.errors import UnsupportedAdapterError
 from lorakit.io.bases import load_bases, save_bases
@@ -52,7 +52,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     Everything is checked before the model changes: files, keys, shapes, finiteness, module names and
     (LoRA-XS / VeRA) basis fingerprints. strict=False skips file modules the model lacks and downgrades
     a fingerprint mismatch (e.g. a quantized base) to a warning. The default name is the directory's.
-    packed=True loads a LoRA-XS adapter into the packed bank (lorakit.bank) for many-adapter serving.
+    packed=True loads a LoRA-XS adapter into the packed bank (lorakit.model.bank) for many-adapter serving.
     """
     files = read_adapter_dir(path)
     name = default_name(path) if name is None else name

@@ -6,7 +6,7 @@
 `load_bases` checks each basis against the model's own W before installing it: W·downᵀ must equal
 up·Σ² and upᵀ·W must equal down (two matmuls, much cheaper than an SVD), so bases for another model
 are refused. Afterwards attach() and load_adapter() reuse them for any LoRA-XS rank up to r_max.
-(Within one machine the per-weight bases cache, lorakit.bases_cache, does this automatically; a bases
+(Within one machine the per-weight bases cache, lorakit.model.bases_cache, does this automatically; a bases
 file is for shipping them elsewhere.)
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.basis_setup import weight_as_out_in
+from lorakit.model.bases import weight_as_out_in
 from lorakit.errors import AdapterMismatchError, AdapterNotFoundError, CorruptAdapterError, LorakitError
 from lorakit.io.atomic import atomic_write_safetensors
 from lorakit.io.files import check_finite, expect_keys, parse_safetensors
 from lorakit.io.guard import install_bases, restore_on_error, target_shapes
 from lorakit.io.peft_lora import base_model_name
 from lorakit.io.safe_open import read_safetensors_bytes
-from lorakit.layer import adapted_layers
+from lorakit.layer.linear import adapted_layers
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import basis_residuals
 

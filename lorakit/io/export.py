@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_config, adapter_state_dict
+from lorakit.model.manage import adapter_config, adapter_state_dict
 from lorakit.config import LoraConfig, LoraXSConfig, VeraConfig
-from lorakit.embedding_layer import is_embedding
+from lorakit.layer.embedding import is_embedding
 from lorakit.errors import AdapterConfigError, UnsupportedAdapterError
 from lorakit.io.peft_extras import extras_of
 from lorakit.io.peft_lora import peft_config_dict, save_lora, write_peft_lora
-from lorakit.layer import adapted_layers
+from lorakit.layer.linear import adapted_layers
 from lorakit.methods.vera import vera_basis_key
-from lorakit.surgery import matches, output_head_names
+from lorakit.layer.surgery import matches, output_head_names
 
 
 DORA_EXPORT_TOLERANCE = 1e-5  # max |g − 1| for a DoRA adapter to be written as the plain LoRA it then equals

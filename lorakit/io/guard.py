@@ -14,16 +14,16 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.attach import find_targets
-from lorakit.basis_setup import layer_shape
+from lorakit.model.attach import find_targets
+from lorakit.model.bases import layer_shape
 from lorakit.config import AdapterConfig
 from lorakit.errors import (AdapterExistsError, AdapterMismatchError, LorakitError, UnsupportedLayerError)
-from lorakit.embedding_layer import adapted_layer, is_embedding
-from lorakit.layer import AdaptedLinear, is_adaptable
+from lorakit.layer.embedding import adapted_layer, is_embedding
+from lorakit.layer.linear import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
-from lorakit.model_adapters import ATTR as ADAPTERS_ATTR, adapters_of
+from lorakit.model.record import ATTR as ADAPTERS_ATTR, adapters_of
 from lorakit.names import check_adapter_name
-from lorakit.surgery import replace_module
+from lorakit.layer.surgery import replace_module
 
 
 def check_free_name(model: nn.Module, name: str) -> None:

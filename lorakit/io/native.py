@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_config, adapter_state_dict
-from lorakit.attach import attach
-from lorakit.bank import add_packed_lora_xs
-from lorakit.basis_setup import layer_shape, lora_xs_bases_for
+from lorakit.model.manage import adapter_config, adapter_state_dict
+from lorakit.model.attach import attach
+from lorakit.model.bank import add_packed_lora_xs
+from lorakit.model.bases import layer_shape, lora_xs_bases_for
 from lorakit.config import LoraXSConfig, VeraConfig, config_from_dict, config_to_dict
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
@@ -35,7 +35,7 @@ from lorakit.io.guard import (check_free_name, config_for_modules, install_bases
                               target_shapes)
 from lorakit.io.packed import try_load_packed
 from lorakit.io.peft_lora import base_model_name
-from lorakit.layer import is_adaptable
+from lorakit.layer.linear import is_adaptable
 from lorakit.methods.basis import Basis, fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
@@ -177,7 +177,7 @@ def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: boo
                 packed: bool = False) -> str:
     """Attach a LoRA-XS / VeRA adapter from `files` as `name` after checking it against this base.
 
-    packed=True puts a LoRA-XS adapter in the model's packed bank (lorakit.bank: inference only, no
+    packed=True puts a LoRA-XS adapter in the model's packed bank (lorakit.model.bank: inference only, no
     modules) instead of attaching module adapters.
     """
     check_free_name(model, name)

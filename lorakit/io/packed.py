@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.bank import store_packed
+from lorakit.model.bank import store_packed
 from lorakit.config import LoraXSConfig
 from lorakit.errors import AdapterMismatchError, NonFiniteAdapterError
 from lorakit.io.files import NOT_STRICT_HINT
 from lorakit.methods.lora_xs import basis_fingerprint
-from lorakit.model_adapters import ATTR as ADAPTERS_ATTR
+from lorakit.model.record import ATTR as ADAPTERS_ATTR
 
 FINGERPRINT = "basis_fingerprint"
 RTOL = 1e-3  # as lorakit.methods.basis.fingerprints_match

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.embedding_layer import is_embedding
+from lorakit.layer.embedding import is_embedding
 from lorakit.errors import AdapterMismatchError
 
 LINEAR_KEYS = (".lora_A.weight", ".lora_B.weight")

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_state_dict
+from lorakit.model.manage import adapter_state_dict
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterMismatchError, CorruptAdapterError
 from lorakit.io.files import PEFT_KEY_PREFIX, AdapterFiles, check_finite
-from lorakit.saved_modules import COPIES, SavedModule
-from lorakit.trainable_tokens import TokenLayer
+from lorakit.layer.saved_modules import COPIES, SavedModule
+from lorakit.layer.trainable_tokens import TokenLayer
 
 TOKENS_KEY = ".token_adapter.trainable_tokens_delta"  # after the embedding's path, in PEFT's files
 FIELDS = ("modules_to_save", "trainable_token_indices")

@@ -29,8 +29,8 @@ from pathlib import Path, PureWindowsPath
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_config
-from lorakit.attach import attach
+from lorakit.model.manage import adapter_config
+from lorakit.model.attach import attach
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
@@ -39,7 +39,7 @@ from lorakit.io.guard import check_free_name, config_for_modules, restore_on_err
 from lorakit.io.peft_embedding import (EMBEDDING_KEYS, check_base_copies, check_layouts, pair_keys,
                                        split_base_copies)
 from lorakit.io.peft_extras import fill_extras, peft_extras, split_extras
-from lorakit.layer import AdaptedLinear, adapted_layers
+from lorakit.layer.linear import AdaptedLinear, adapted_layers
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file layout this module writes
 KEY_PREFIX = PEFT_KEY_PREFIX

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_config
+from lorakit.model.manage import adapter_config
 from lorakit.config import PrefixConfig
 from lorakit.errors import AdapterConfigError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
@@ -26,7 +26,7 @@ from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, check_fini
 from lorakit.io.guard import check_free_name
 from lorakit.io.peft_lora import PEFT_FORMAT_VERSION, base_model_name
 from lorakit.methods.prefix import PrefixShape, check_fits, check_same_shape, prefix_shape
-from lorakit.prefix_hook import attach_prefix, prefix_adapter, remove_prefix
+from lorakit.model.prefix_hook import attach_prefix, prefix_adapter, remove_prefix
 
 PEFT_TYPE = "PREFIX_TUNING"
 KEY = "prompt_embeddings"

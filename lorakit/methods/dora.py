@@ -7,7 +7,7 @@
 
 ‖W'‖ is a constant for gradients (the paper's §4.3, as PEFT does): m gets the gradient of the scale, A and B
 only that of the direction. The norm needs the dense W' once per forward in training; in inference g is a
-function of frozen weights, which the layer keeps per slot (lorakit.batched). Dropout applies to the LoRA
+function of frozen weights, which the layer keeps per slot (lorakit.layer.deltas). Dropout applies to the LoRA
 input only: the rescaled base term sees x itself. DoRA's merge is not W + s·B·A but diag(g)·(W + s·B·A).
 """
 
@@ -57,7 +57,7 @@ class DoraAdapter(nn.Module):
 
     method = "dora"
     basis_key: str | None = None  # no shared basis
-    slot_kind = "dora"  # its own slot stacks: LoRA's fields plus the magnitude (lorakit.slots)
+    slot_kind = "dora"  # its own slot stacks: LoRA's fields plus the magnitude (lorakit.layer.slots)
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, weight: torch.Tensor,
                  dtype: torch.dtype, device: torch.device | None = None) -> None:
@@ -74,7 +74,7 @@ class DoraAdapter(nn.Module):
 
     def delta(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out): what DoRA adds to base(x), (g − 1) ⊙ W x + g ⊙ s·B(A·dropout(x)); the
-        reference the routed path (lorakit.batched) is tested against. `weight` (out, in) as in __init__."""
+        reference the routed path (lorakit.layer.deltas) is tested against. `weight` (out, in) as in __init__."""
         g = (gain_minus_one(weight, *self.factors(), self.lora_magnitude_vector) + 1).to(x.dtype)
         lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
         return (g - 1) * F.linear(x, weight.to(x.dtype)) + g * lora

@@ -41,7 +41,7 @@ class LoraAdapter(nn.Module):
 
     @staticmethod
     def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
-        """One slot of a layer's LoRA stack (lorakit.slots): A (r, in) as nn.Linear holds it (so one adapter's
+        """One slot of a layer's LoRA stack (lorakit.layer.slots): A (r, in) as nn.Linear holds it (so one adapter's
         GEMM rounds as PEFT's does) and Bᵀ (r, out), the layout CPU baddbmm reads 2.5× faster at decode."""
         return {"a": (r, in_features), "b": (r, out_features)}
 

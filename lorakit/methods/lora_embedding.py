@@ -41,7 +41,7 @@ def add_embedding_rows_(out: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b
     """out += coef_i·A_{index_i}ᵀ[ids_i]·B_{index_i}ᵀ for every group i of rows, in place.
 
     out (..., D) holds the base embeddings of `ids` (...); a (C, r, V) and b (C, r, D) are stacks of A and Bᵀ
-    (as lorakit.slots holds them) and index (n,) picks each group's; `coef` (n,) scales each group, or is one
+    (as lorakit.layer.slots holds them) and index (n,) picks each group's; `coef` (n,) scales each group, or is one
     float for all. Only the picked columns of A are read (n·T·r numbers), never a whole (r, V) table per
     group. Ids equal to `padding_idx` give A no gradient, as F.embedding's padding_idx does."""
     n, dtype = index.shape[0], out.dtype

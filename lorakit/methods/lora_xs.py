@@ -88,7 +88,7 @@ class LoraXSAdapter(nn.Module):
 
     @staticmethod
     def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
-        """One slot of a layer's LoRA-XS stack (lorakit.slots): the r×r core, whatever the layer's width."""
+        """One slot of a layer's LoRA-XS stack (lorakit.layer.slots): the r×r core, whatever the layer's width."""
         return {"core": (r, r)}
 
     def slot_views(self, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ With `prefix_projection`, training goes through a reparameterisation MLP instead
     flat = W₂·tanh(W₁·E + b₁) + b₂       E: (T, H·D) trained, W₁: (hidden, H·D), W₂: (L·2·H·D, hidden)
 
 which smooths optimisation; its output is all that inference needs, so saving folds it into `flat`.
-Injecting the prefixes into a model's attention is lorakit.prefix_hook's job; this module is the math.
+Injecting the prefixes into a model's attention is lorakit.model.prefix_hook's job; this module is the math.
 """
 
 from __future__ import annotations

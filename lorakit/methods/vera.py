@@ -80,7 +80,7 @@ class VeraAdapter(nn.Module):
 
     @staticmethod
     def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
-        """One slot of a layer's VeRA stack (lorakit.slots): the two scaling vectors."""
+        """One slot of a layer's VeRA stack (lorakit.layer.slots): the two scaling vectors."""
         return {"d": (r,), "b": (out_features,)}
 
     def slot_views(self, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.adapters import adapter_parameters
-from lorakit.bank import get_bank
+from lorakit.model.manage import adapter_parameters
+from lorakit.model.bank import get_bank
 from lorakit.io.native import FINGERPRINT
-from lorakit.layer import adapted_layers
+from lorakit.layer.linear import adapted_layers
 
 HOST_ONLY_SUFFIX = f".{FINGERPRINT}"  # compared with host tensors when loading; never needed on the device
 

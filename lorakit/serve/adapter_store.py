@@ -41,7 +41,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import delete_adapter
+from lorakit.model.manage import delete_adapter
 from lorakit.config import adapter_dtype
 from lorakit.errors import AdapterNotFoundError, LorakitError
 from lorakit.io.atomic import is_temp_name

@@ -44,7 +44,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import AdapterNotFoundError
-from lorakit.route_state import Blend, RowName
+from lorakit.routing.context import Blend, RowName
 from lorakit.serve.engine import Delta, Engine, EngineBusyError, EngineClosedError, EngineError, Finished, SamplingParams
 from lorakit.serve.adapter_paths import AllowedRoots, PathAdapters
 from lorakit.serve.adapter_store import (VERSION_MARK, AdapterLoadError, AdapterSource, AdapterStore,

@@ -1,6 +1,6 @@
 """What `lorakit serve --base` names, on the device and in the dtype asked for.
 
-    an embedded name or a Hugging Face directory      lorakit.models.load_base, then moved to the device
+    an embedded name or a Hugging Face directory      lorakit.base_models.load.load_base, then moved to the device
     a Llama config (a .json file or a preset name)    random weights built on the device (no download), with a
                                                       CodepointTokenizer (lorakit.serve.codepoint_tokenizer)
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.bench.llama_config import build_llama, is_config_spec, read_config
+from lorakit.base_models.llama_config import build_llama, is_config_spec, read_config
 from lorakit.errors import LorakitError
 from lorakit.serve.codepoint_tokenizer import CodepointTokenizer
 
@@ -54,7 +54,7 @@ def load_serving_base(spec: str, device: torch.device | str = "cpu",
     if is_config_spec(spec):
         model = build_llama(read_config(spec), device, dtype)
         return model, CodepointTokenizer(model.config.vocab_size)
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
 
     model, tokenizer = load_base(spec, dtype=dtype)
     return model.to(device), tokenizer

@@ -1,5 +1,5 @@
 """Blended requests: `"adapter_blend": {"pirate": 0.7, "poet": 0.3}` runs 0.7·Δpirate + 0.3·Δpoet for one
-request without creating an adapter (lorakit.route_state.Blend), in the same batch as single-adapter and
+request without creating an adapter (lorakit.routing.context.Blend), in the same batch as single-adapter and
 base rows (the engine routes per row).
 
 A blend is checked from the parts' adapter_config.json before anything is loaded, so a refused blend loads
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from lorakit.errors import AdapterNotFoundError, LorakitError
 from lorakit.io.prefix import PEFT_TYPE as PREFIX_PEFT_TYPE
-from lorakit.route_state import Blend
+from lorakit.routing.context import Blend
 from lorakit.serve.adapter_store import AdapterStore, InvalidAdapterNameError
 
 MAX_BLEND_WEIGHT = 10.0  # beyond it a blend is far outside what its adapters were trained for

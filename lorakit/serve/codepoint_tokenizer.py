@@ -1,6 +1,6 @@
 """A tokenizer that needs no files: one token per Unicode character, for bases with random weights.
 
-A base built from a Llama config (lorakit.bench.llama_config) has no tokenizer, and the server must turn
+A base built from a Llama config (lorakit.base_models.llama_config) has no tokenizer, and the server must turn
 prompts into ids and ids back into streamed text without downloading one. The text such a model writes
 means nothing; what matters for serving and benchmarking is that every token is one visible character
 (so streaming sends one chunk per token) and that prompts of N characters cost N tokens.

@@ -1,6 +1,6 @@
 """Continuous batching over one model: requests join and leave the running batch between decode steps.
 
-Every row carries its own adapter, a blend of adapters (lorakit.route_state.Blend) or none (routed per
+Every row carries its own adapter, a blend of adapters (lorakit.routing.context.Blend) or none (routed per
 row by `lorakit.use_adapter(model, names)`), so one decode step serves any mix of them. The batch keeps
 one left-padded KV cache, in buffers that decode steps write in place (lorakit.serve.kv_cache):
 
@@ -44,15 +44,15 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from lorakit.compiled import CompiledForward
+from lorakit.model.compiled import CompiledForward
 from lorakit.config import PrefixConfig
 from lorakit.errors import LorakitError
-from lorakit.prefix_hook import cache_argument
-from lorakit.route_state import RowName, row_parts
-from lorakit.routing import Route, use_adapter, use_route
+from lorakit.model.prefix_hook import cache_argument
+from lorakit.routing.context import RowName, row_parts
+from lorakit.model.use import Route, use_adapter, use_route
 from lorakit.serve.kv_cache import BatchCache
 from lorakit.serve.packed_prefill import (packed_inputs, packing_pays, packing_supported, pairs_per_token,
-                                         request_logits, take_packed)
+                                          request_logits, take_packed)
 from lorakit.serve.prefill import PrefillRow, plan_chunks, prefill_inputs, take_rows
 
 log = logging.getLogger("lorakit.serve")
@@ -299,7 +299,7 @@ class Engine:
                               "run eagerly through Engine.decode_forward (serve without --compile)")
         self.compile_decode = compile_decode  # decode steps through a compiled decode_forward
         # the KV cache and the context grow step by step: dynamic shapes, and graph breaks allowed in the cache's
-        # code (the adapted layers themselves trace without one, tests/test_compiled.py)
+        # code (the adapted layers themselves trace without one, tests/model/test_compiled.py)
         self._compiled = (CompiledForward(model, backend=compile_backend, mode=compile_mode, dynamic=True,
                                           fullgraph=False) if compile_decode else None)
         param = next(model.parameters(), None)
@@ -691,7 +691,7 @@ class Engine:
 
     def _check_adapter(self, name: RowName) -> None:
         """Refuse a request whose adapter is unknown, or a prefix adapter: its cache carries per-call state
-        (lorakit.prefix_hook) that the engine's re-stacked caches do not keep (routing refuses a blend
+        (lorakit.model.prefix_hook) that the engine's re-stacked caches do not keep (routing refuses a blend
         with a prefix adapter in it)."""
         with self._route_context(name):
             pass

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.models import load_base
+from lorakit.base_models.load import load_base
 from lorakit.tasks.arithmetic import make_splits, prompt_completion_record
 from lorakit.tasks.docstrings import FAMILIES, docstring_rows
 from lorakit.tasks.splits import in_fraction

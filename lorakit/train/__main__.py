@@ -2,6 +2,6 @@
 
 import sys
 
-from lorakit.train.cli import main
+from lorakit.cli.train import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ from lorakit.train.errors import TrainConfigError
 SCHEDULES = ("constant", "linear", "cosine")
 BAD_LINE_POLICIES = ("stop", "skip")
 OPTIMIZERS = ("adamw", "adamw8bit")  # lorakit.train.optim builds them
-QUANTIZE = ("nf4", "fp4")  # 4-bit bases (QLoRA) made by lorakit.quant_model.quantize
+QUANTIZE = ("nf4", "fp4")  # 4-bit bases (QLoRA) made by lorakit.model.quantize.quantize
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("tensorboard", "wandb")  # lorakit.train.logging_backends; the CSV log and PNG plot always stay

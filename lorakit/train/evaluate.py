@@ -45,7 +45,7 @@ def evaluate(base: str, adapter_dir: str | Path | None, data_path: Any, *, max_l
 
     strict=False loads an adapter that only partly fits the base (see lorakit.io.load_adapter).
     """
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
     from lorakit.train.trainer import HEAD_FILE, load_head, read_head_labels
 
     labels = read_head_labels(Path(adapter_dir) / HEAD_FILE) if adapter_dir else None

@@ -54,7 +54,7 @@ def shard(model: nn.Module, **kwargs: Any) -> nn.Module:
         for param in model.parameters():
             if param.requires_grad:
                 # after a forward the adapter's parameters are views into their layer's slot stack
-                # (lorakit.slots), often strided ones, which FSDP2 cannot shard; own storage again, and the
+                # (lorakit.layer.slots), often strided ones, which FSDP2 cannot shard; own storage again, and the
                 # stack is rebuilt from the unsharded parameters at the next forward (it notices they moved)
                 param.data = param.data.clone(memory_format=torch.contiguous_format)
     for layer in decoder_layers(model):

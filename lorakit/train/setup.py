@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lorakit.quant_model import quantize
+from lorakit.model.quantize import quantize
 from lorakit.train.config import TrainConfig
 from lorakit.train.errors import TrainConfigError
 from lorakit.train.fsdp import shard

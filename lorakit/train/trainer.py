@@ -27,7 +27,7 @@ from torch import nn
 
 import lorakit
 from lorakit.io import save_adapter
-from lorakit.saved_modules import COPIES, SavedModule
+from lorakit.layer.saved_modules import COPIES, SavedModule
 from lorakit.io.files import parse_safetensors
 from lorakit.io.safe_open import read_safetensors_bytes, read_safetensors_header
 from lorakit.io.atomic import (atomic_write_json, fsync_dir, is_temp_name, replace_directory, reporting_write_errors,
@@ -126,7 +126,7 @@ def _check_output_dir(out: Path, config: TrainConfig, resume: bool) -> Path | No
 
 
 def load_model(config: TrainConfig, labels: tuple[str, ...] | None):
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
 
     if labels is not None:
         return load_base(config.base, dtype=config.dtype, task="classification", num_labels=len(labels),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit.bench import device_speed, speed
-from lorakit.bench.llama_config import PRESETS, ModelConfigError, build_llama, is_config_spec, read_config
+from lorakit.base_models.llama_config import PRESETS, ModelConfigError, build_llama, is_config_spec, read_config
 
 ONE_LAYER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 128}

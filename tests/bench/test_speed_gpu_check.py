@@ -20,8 +20,8 @@ spec.loader.exec_module(gpu_check)
 
 CUT_SHORT = """\
 collecting ... collected 6 items / 2 deselected / 4 selected
-tests/test_layer.py::test_forward[cuda-bfloat16] PASSED                  [ 25%]
-tests/test_layer.py::test_forward[cuda-float16] FAILED                   [ 50%]
+tests/layer/test_linear.py::test_forward[cuda-bfloat16] PASSED                  [ 25%]
+tests/layer/test_linear.py::test_forward[cuda-float16] FAILED                   [ 50%]
 tests/methods/test_lora_xs.py::test_mixed[cuda-bfloat16] SKIPPED (no bnb) [ 75%]
 tests/methods/test_lora_xs.py::test_pack[cuda-float32] ERROR             [ 80%]
 ERROR tests/serve/test_api.py - ModuleNotFoundError: No module named 'fastapi'
@@ -32,7 +32,7 @@ def test_parse_pytest_counts_a_run_cut_short():
     parsed = gpu_check.parse_pytest(CUT_SHORT)
     assert (parsed["passed"], parsed["failed"], parsed["skipped"], parsed["error"]) == (1, 1, 1, 1)
     assert parsed["failed_ids"] == ["tests/methods/test_lora_xs.py::test_pack[cuda-float32]",
-                                    "tests/test_layer.py::test_forward[cuda-float16]"]
+                                    "tests/layer/test_linear.py::test_forward[cuda-float16]"]
     assert parsed["collection_errors"] == ["tests/serve/test_api.py - ModuleNotFoundError: No module named 'fastapi'"]
 
 
@@ -80,7 +80,7 @@ def test_summary_lists_failures_and_goals():
                                     "peft": 0.25, "goal": "≤ 0.9× PEFT", "met": True}],
                        "failures": [{"scenario": "decode-xs", "error": "RuntimeError: boom"}]}}
     text = gpu_check.summary(check)
-    assert "**timed out**" in text and "failed: tests/test_layer.py::test_forward[cuda-float16]" in text
+    assert "**timed out**" in text and "failed: tests/layer/test_linear.py::test_forward[cuda-float16]" in text
     assert "| training | step | 0.2 s | — | 0.25 | — | 0.800× | ≤ 0.9× PEFT | yes |" in text
     assert "scenario failed: decode-xs: RuntimeError: boom" in text and "Goals met: 1 of 1" in text
 

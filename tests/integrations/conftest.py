@@ -13,7 +13,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.conftest import tiny_llama
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 
 VOCAB = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(99)}}  # tiny_llama's 101 tokens
 

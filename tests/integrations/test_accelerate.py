@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit as lk
 from lorakit.integrations import enable_adapter_saving, restore_adapters
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 
 
 def test_accelerate_loop_saves_and_restores_the_adapter(base_dir, rows, tmp_path):

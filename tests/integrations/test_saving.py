@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from lorakit.integrations import enable_adapter_saving
 from lorakit.io import load_adapter
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit as lk
 from lorakit.integrations import prepare_trainer
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_sft_trainer_on_smollm2_saves_a_peft_adapter(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
-    from lorakit.models import ensure_cache
+    from lorakit.base_models.load import ensure_cache
 
     base_dir = ensure_cache("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(base_dir, **NO_HUB_KERNELS)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import lorakit as lk
 from lorakit.integrations import prepare_trainer
 from lorakit.io import load_adapter
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters
 from tests.integrations.conftest import token_rows
 

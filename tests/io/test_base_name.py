@@ -11,7 +11,7 @@ import lorakit
 from lorakit.errors import AdapterMismatchError
 from lorakit.io import export_to_peft, load_adapter, read_adapter_info, save_adapter
 from lorakit.io.peft_lora import portable_base_name
-from lorakit.models import load_base
+from lorakit.base_models.load import load_base
 from tests.train.conftest import save_tiny_llama
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit import basis_setup, io
-from lorakit.bases_cache import ENABLE_ENV, ROOT_ENV, BasesCache, default_cache, weight_key
+from lorakit import io
+from lorakit.model import bases as basis_setup
+from lorakit.model.bases_cache import ENABLE_ENV, ROOT_ENV, BasesCache, default_cache, weight_key
 from lorakit.methods import lora_xs
 from tests.conftest import MODEL_FACTORIES, model_output
 

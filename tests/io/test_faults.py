@@ -23,7 +23,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import WriteError
 from lorakit.io import load_adapter, save_adapter
 from lorakit.io.atomic import atomic_write_json, is_temp_name, sweep_stale
-from lorakit.train.cli import main as train_main
+from lorakit.cli.train import main as train_main
 from tests.conftest import tiny_llama
 from tests.train.conftest import llama_dir, prompt_rows, write_jsonl  # noqa: F401 - llama_dir is a fixture
 

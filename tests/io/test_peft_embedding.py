@@ -17,9 +17,9 @@ import lorakit as lk
 from lorakit import io
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError
 from lorakit.io.export import ServingCompatibilityWarning
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 from tests.conftest import randomize_adapters, tiny_llama
-from tests.test_embedding_layer import tied_llama
+from tests.layer.test_embedding import tied_llama
 
 TARGETS = ["embed_tokens", "lm_head", "q_proj"]
 FACTORIES = {"untied": tiny_llama, "tied": tied_llama}
@@ -130,7 +130,7 @@ def test_export_warns_about_vocabulary_modules_and_drops_only_when_asked(ids, tm
 
 
 def test_export_command_names_what_it_warns_about_and_drops(tmp_path, capsys):
-    from lorakit.cli import main
+    from lorakit.cli.main import main
     from tests.train.conftest import save_tiny_llama
 
     from transformers import LlamaForCausalLM

@@ -14,8 +14,8 @@ from transformers import BertConfig, BertForSequenceClassification
 import lorakit as lk
 from lorakit import io
 from lorakit.errors import AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
-from tests.test_saved_modules import IDS as CLS_IDS, perturb_copies, tiny_classifier
-from tests.test_trainable_tokens import IDS as LM_IDS, tiny_lm
+from tests.layer.test_saved_modules import IDS as CLS_IDS, perturb_copies, tiny_classifier
+from tests.layer.test_trainable_tokens import IDS as LM_IDS, tiny_lm
 
 ATOL = 2e-5
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import lorakit
 from lorakit import PrefixConfig, io
 from lorakit.errors import AdapterExistsError, CorruptAdapterError, PrefixLengthError, PrefixMismatchError
-from lorakit.prefix_hook import prefix_adapter, prefix_store
+from lorakit.model.prefix_hook import prefix_adapter, prefix_store
 from tests.conftest import MODEL_FACTORIES, model_output
 
 peft = pytest.importorskip("peft")
@@ -132,7 +132,7 @@ def test_bad_prefix_files(tmp_path):
 
 
 def test_smollm2_prefix_roundtrip_with_peft(tmp_path):
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
 
     model, tokenizer = load_base("smollm2-135m")
     batch = tokenizer(["Prefix tuning on SmolLM2."], return_tensors="pt")

@@ -12,7 +12,7 @@ from lorakit import io
 from tests.conftest import model_output, randomize_adapters
 
 peft = pytest.importorskip("peft")
-models = pytest.importorskip("lorakit.models")
+models = pytest.importorskip("lorakit.base_models.load")
 
 CASES = {"smollm2-135m": ["q_proj", "v_proj"], "minilm-l6": ["query", "value"]}
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit import io
-from lorakit.model_adapters import adapters_of
+from lorakit.model.record import adapters_of
 from tests.conftest import MODEL_FACTORIES, model_output
 from tests.io.util import adapted
 

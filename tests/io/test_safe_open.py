@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorakit
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.config import LoraConfig, LoraXSConfig
 from lorakit.errors import CorruptAdapterError, LorakitError
 from lorakit.io import load_adapter, read_adapter_info, save_adapter

@@ -1,5 +1,5 @@
 """The fast top-r SVD (float64 Gram + eigh, batched) against torch.linalg.svd, and LoRA-XS set-up through
-lorakit.basis_setup: one batched computation, on the weight's device, with a progress bar when slow."""
+lorakit.model.bases: one batched computation, on the weight's device, with a progress bar when slow."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit import basis_setup
-from lorakit.basis_setup import lora_xs_bases_for
+from lorakit.model import bases as basis_setup
+from lorakit.model.bases import lora_xs_bases_for
 from lorakit.methods import lora_xs
 from lorakit.methods.basis import fingerprints_match, probe_vector
 from lorakit.methods.lora_xs import basis_fingerprint, basis_residuals, lora_xs_bases, svd_basis

@@ -10,7 +10,7 @@ from lorakit import LoraConfig, PrefixConfig
 from lorakit.errors import (AdapterNotFoundError, MergeStateError, PrefixLengthError, RoutingError,
                             UnsupportedLayerError)
 from lorakit.methods.prefix import prefix_shape
-from lorakit.prefix_hook import fold_prefix, prefix_adapter, prefix_store
+from lorakit.model.prefix_hook import fold_prefix, prefix_adapter, prefix_store
 from tests.conftest import MODEL_FACTORIES, model_output, randomize_adapters
 
 GEN = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -137,7 +137,7 @@ def test_grouped_query_attention_stores_only_kv_heads(ids):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_training_lowers_loss_and_checkpointing_gives_the_same_gradients(arch, ids):
-    from lorakit.quant_model import prepare_for_training
+    from lorakit.model.quantize import prepare_for_training
 
     grads = []
     for checkpointing in (False, True):

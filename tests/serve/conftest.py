@@ -19,7 +19,7 @@ from tests.conftest import randomize_adapters
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from lorakit.models import ensure_cache
+    from lorakit.base_models.load import ensure_cache
 
     return AutoTokenizer.from_pretrained(ensure_cache("smollm2-135m"))
 

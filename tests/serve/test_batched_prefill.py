@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from lorakit.routing import current_route
+from lorakit.model.use import current_route
 from lorakit.serve.engine import Engine, SamplingParams
 from lorakit.serve.prefill import PrefillRow, plan_chunks
 from tests.conftest import tiny_llama

@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from lorakit.cli_common import UsageError
+from lorakit.cli.common import UsageError
 from lorakit.io import save_adapter
 from lorakit.serve.app import BackgroundServer
-from lorakit.serve.cli import build_app, build_parser
+from lorakit.cli.serve import build_app, build_parser
 from tests.serve.conftest import tiny_chat_llama, with_adapters
 
 
@@ -56,7 +56,7 @@ def test_sigterm_exits_0_after_draining(tokenizer, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.serve.cli", "--base", str(base), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli.serve", "--base", str(base), "--port", str(port),
                              "--drain-timeout", "2", "--malloc", "default"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -87,7 +87,7 @@ def test_drain_timeout_argument(tokenizer):
 
 
 def test_serve_input_errors_exit_2_without_a_traceback(tmp_path, capsys):
-    from lorakit.cli import main
+    from lorakit.cli.main import main
 
     assert main(["serve", "--adapters", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

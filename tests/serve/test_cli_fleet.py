@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.cli_common import UsageError
-from lorakit.serve.cli import build_app, build_parser
+from lorakit.cli.common import UsageError
+from lorakit.cli.serve import build_app, build_parser
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import lorakit
-from lorakit.serve.demo import CHARACTERS, FACTS, poet, records, robot, train_character
+from lorakit.cli.demo import CHARACTERS, FACTS, poet, records, robot, train_character
 from lorakit.train.data import IGNORE, encode
 from tests.serve.conftest import tiny_chat_llama
 

@@ -8,7 +8,7 @@ import torch
 import lorakit
 from lorakit.serve.engine import Engine, SamplingParams
 from tests.serve.conftest import greedy_alone
-from tests.test_trainable_tokens import tiny_lm
+from tests.layer.test_trainable_tokens import tiny_lm
 
 
 def test_rows_with_token_and_copy_adapters_match_each_alone():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lorakit.prefix_hook import cache_argument
+from lorakit.model.prefix_hook import cache_argument
 from lorakit.serve.engine import Engine, SamplingParams
 from lorakit.serve.packed_prefill import (group_requests, packed_inputs, packing_pays, packing_supported,
-                                         pairs_per_token, request_logits, take_packed)
+                                          pairs_per_token, request_logits, take_packed)
 from lorakit.serve.prefill import PrefillRow, prefill_inputs, take_rows
 from tests.conftest import tiny_llama
 from tests.serve.conftest import greedy_alone, with_adapters
@@ -199,7 +199,7 @@ def test_equal_prompts_prefill_padded(model):
 
 
 def test_blend_routes_pack_too(model):
-    from lorakit.route_state import blend_of
+    from lorakit.routing.context import blend_of
 
     mix, other = blend_of({"a0": 0.7, "a1": 0.3}), blend_of({"a0": 0.2, "a1": 0.8})
     prompts = _prompts([2, 14, 3, 13], seed=10)

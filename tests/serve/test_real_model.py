@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_mixed_adapters_match_each_alone():
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
 
     model, tokenizer = load_base("smollm2-135m")
     names = ["x0", "x1", "x2"]

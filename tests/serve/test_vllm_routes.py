@@ -86,7 +86,7 @@ def test_load_inplace_replaces_the_weights(client, roots, tokenizer):
     assert after.keys() == before.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert [n for n in client.server.store.resident()] == ["a1"]  # no probe left behind
-    from lorakit.adapters import adapter_names
+    from lorakit.model.manage import adapter_names
     assert adapter_names(model) == ["a1"]
 
 
@@ -103,7 +103,7 @@ def test_load_inplace_failure_keeps_the_old_copy(client, roots):
 
 
 def _adapter_tensors(model, name):
-    from lorakit.adapters import adapter_state_dict
+    from lorakit.model.manage import adapter_state_dict
 
     return adapter_state_dict(model, name)
 

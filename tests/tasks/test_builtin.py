@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.train.cli import main
+from lorakit.cli.train import main
 from lorakit.train.data import read_records
 from lorakit.tasks.docstrings import FAMILIES, docstring_rows
 from lorakit.tasks.topics import topics_rows

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import lorakit
-from lorakit.models import load_base
+from lorakit.base_models.load import load_base
 from lorakit.tasks import arithmetic, evaluate, make_samples, prompt_ids
 from lorakit.train.data import IGNORE
 from lorakit.train.metrics import mean_loss

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.train.checkpoint import list_checkpoints, read_checkpoint
-from lorakit.train.cli import main
+from lorakit.cli.train import main
 from lorakit.train.errors import CheckpointError
 from tests.broken_files import answer_without_blocking, make_dev_zero, make_fifo, make_symlink_loop
 from tests.train.conftest import prompt_rows, write_jsonl

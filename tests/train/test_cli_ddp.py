@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.train.cli import main
+from lorakit.cli.train import main
 from tests.train.conftest import class_rows, prompt_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

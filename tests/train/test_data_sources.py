@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.train import train
 from lorakit.train.data import read_records
 from lorakit.train.errors import DataDependencyError, DataFormatError

@@ -7,9 +7,9 @@ import json
 import torch
 
 import lorakit as lk
-from lorakit.cli import main
+from lorakit.cli.main import main
 from lorakit.io import load_adapter
-from lorakit.models import load_base
+from lorakit.base_models.load import load_base
 from tests.train.conftest import prompt_rows, write_jsonl
 
 

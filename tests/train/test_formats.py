@@ -75,7 +75,7 @@ def test_padding_does_not_change_a_rows_loss(llama_dir):
     """A row's loss is the same alone and padded inside a batch with a longer row."""
     import torch
 
-    from lorakit.models import load_base
+    from lorakit.base_models.load import load_base
     from lorakit.train.collate import collate
     from lorakit.train.data import Sample
     from lorakit.train.metrics import loss_sum

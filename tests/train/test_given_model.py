@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.models import load_base
+from lorakit.base_models.load import load_base
 from lorakit.train import TrainConfigError, train
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.collate import collate

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.layer import adapted_layers
+from lorakit.layer.linear import adapted_layers
 from lorakit.train import TrainConfig, TrainConfigError, train
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 from tests.train.conftest import char_tokenizer, interrupt_at_call, prompt_rows, run_config, text_rows, write_jsonl
 
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -126,7 +126,7 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, llama_dir):
 
 
 def test_prefix_method_from_the_cli(tmp_path, llama_dir, capsys):
-    from lorakit.train.cli import main
+    from lorakit.cli.train import main
 
     data = write_jsonl(tmp_path / "d.jsonl", prompt_rows())
     assert main(["train", "--base", str(llama_dir), "--data", str(data), "--output-dir", str(tmp_path / "p"),
@@ -149,7 +149,7 @@ def test_bad_knob_values_name_the_field(bad, match):
 
 
 def test_help_shows_the_knobs_defaults(capsys):
-    from lorakit.train.cli import main
+    from lorakit.cli.train import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

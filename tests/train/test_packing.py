@@ -13,7 +13,7 @@ import lorakit
 from lorakit.train import TrainConfigError, train
 from lorakit.train.data import IGNORE, load_dataset
 from lorakit.train.packing import check_packing, pack, pack_rows
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.base_models.load import NO_HUB_KERNELS
 from tests.train.conftest import class_rows, prompt_rows, run_config, text_rows, write_jsonl
 
 

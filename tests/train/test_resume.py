@@ -86,7 +86,7 @@ def test_checkpoint_holds_no_pickle(tmp_path, llama_dir):
 
 
 def _cli_train(llama_dir, data, out, *extra):
-    from lorakit.train.cli import main
+    from lorakit.cli.train import main
 
     return main(["train", "--base", str(llama_dir), "--data", str(data), "--output-dir", str(out), "--steps", "3",
                  "--save-every", "2", "--rank", "4", "--no-progress", *extra])

@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM
 
 import lorakit as lk
 from lorakit import io
-from lorakit.train.cli import main
-from lorakit.models import NO_HUB_KERNELS
+from lorakit.cli.train import main
+from lorakit.base_models.load import NO_HUB_KERNELS
 from tests.train.conftest import prompt_rows, write_jsonl
 
 

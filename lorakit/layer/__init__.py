@@ -1,0 +1,1 @@
+"""The adapted layers: wrapping, slot stacks, the routed deltas, the quantized base."""
