@@ -27,10 +27,10 @@ RTOL = 1e-3  # as lorakit.methods.basis.fingerprints_match
 
 def _fingerprint_table(registry, model: nn.Module, modules: tuple[str, ...], r: int) -> torch.Tensor | None:
     """(n, 2r) fingerprints of this model's bases for `modules`, or None when one of them has no LoRA-XS
-    basis of rank ≥ r. Cached until layers or bases change (registry.version): walking 210 modules'
+    basis of rank ≥ r. Cached until layers or bases change (registry.layers_version): walking 210 modules'
     ModuleDicts on every load cost more than the rest of the load."""
     cache = registry.__dict__.setdefault("_fingerprint_tables", {})
-    key = (registry.version, modules, r)
+    key = (registry.layers_version, modules, r)
     if key not in cache:
         cache.clear()
         layers = registry.layer_map(model)

@@ -1,11 +1,11 @@
 """The routed deltas of one adapted layer: per kind, one path for one adapter or one per row.
 
-    kind      per call                                                   math (lorakit.methods)
-    LoRA      gather each group's A, Bᵀ from the slot stack             add_lora_rows_: bmm, baddbmm_
-    LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      add_core_rows_
+    kind      per call                                                   kernel (lorakit.kernels)
+    LoRA      gather each group's A, Bᵀ from the slot stack             lora_rows: bmm, baddbmm_
+    LoRA-XS   x·Aᵀ once (shared basis), gather r×r cores (attached      core_rows
               and packed), up once
-    VeRA      x·Aᵀ once, gather d and b vectors                          add_vera_rows_
-    DoRA      gather each group's g − 1 (kept per slot in inference),   add_lora_rows_, then rescale_rows
+    VeRA      x·Aᵀ once, gather d and b vectors                          vera_rows
+    DoRA      gather each group's g − 1 (kept per slot in inference),   lora_rows, then rescale_rows
               add LoRA's part, rescale it with the base output
 
 A route arrives resolved (lorakit.routing.resolve): per kind, one slot index per group of rows, where the
@@ -28,10 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorakit.methods.dora import gain_minus_one, rescale_rows
-from lorakit.methods.lora import add_lora_rows_
-from lorakit.methods.lora_xs import add_core_rows_
-from lorakit.methods.vera import add_vera_rows_
+from lorakit.kernels.backend import KERNELS
+from lorakit.methods.dora import gain_minus_one
+from lorakit.methods.table import method_of_kind
 from lorakit.routing.resolve import KindRows, RouteSlots
 from lorakit.layer.slots import SlotStack, names_of_kind, param_source, stack_for
 
@@ -46,20 +45,14 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     per_call = uses_parameters(layer, checked)
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
-    dora_first = "dora" in route.kinds or any(layer.merged_base(n) is not None for n in route.merged)
-    if dora_first:  # DoRA rescales the base output: it must see the unmerged base and nothing else added
+    methods = {kind: method_of_kind(kind) for kind in route.kinds}  # each kind's path (lorakit.methods.table)
+    rescaled = any(m.rescales_output for m in methods.values()) or \
+        any(layer.merged_base(n) is not None for n in route.merged)
+    if rescaled:  # a rescale of the base output must see the unmerged base and nothing else added: it goes first
         out = _take_out_merged(layer, x, out, route)
-        if "dora" in route.kinds:
-            out = _add_dora(layer, x, out, route.kinds["dora"], route.groups, per_call, checked)
-    for kind, columns in route.kinds.items():
-        if kind == "dora":
-            continue
-        if kind == "lora_xs":  # every column's cores summed first: a blend costs one product
-            _add_lora_xs(layer, x, out, columns, per_call, checked)
-            continue
-        for rows in columns:  # a blend of m adapters of this kind: m passes, each weighted
-            _add_column(layer, kind, x, out, rows, route.groups, per_call, checked)
-    if not dora_first:
+    for kind in sorted(methods, key=lambda k: not methods[k].rescales_output):
+        out = PATHS[methods[kind].name](layer, kind, x, out, route.kinds[kind], route.groups, per_call, checked)
+    if not rescaled:
         out = _take_out_merged(layer, x, out, route)
     return out
 
@@ -77,12 +70,12 @@ def _take_out_merged(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, route
         recorded = layer.merged_factors(name)
         if recorded is not None:
             up, down = recorded
-            add_lora_rows_(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
+            KERNELS.lora_rows(out, x, down[None].expand(groups, -1, -1), up.T[None].expand(groups, -1, -1), coef)
     return out
 
 
-def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...], groups: int,
-              per_call: bool, checked: dict | None) -> torch.Tensor:
+def _add_dora(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+              groups: int, per_call: bool, checked: dict | None) -> torch.Tensor:
     """DoRA's columns: the base output rescaled once by 1 + Σ_j w_j(g_j − 1), then each column's LoRA part
     with Bᵀ·diag(g_j), times w_j; one unweighted column (no blend) as g ⊙ (base − b + s·B(Ax)) + b, the LoRA
     part added first and rescaled with the base. Returns the new output (a new tensor when gradients flow)."""
@@ -90,11 +83,11 @@ def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tup
     for rows in columns:
         if checked is not None and groups == 1 and rows.lead not in layer.adapters:
             continue  # one adapter for the batch, and it does not touch this layer
-        source = routed_source(layer, "dora", rows, per_call, checked, x)
+        source = routed_source(layer, kind, rows, per_call, checked, x)
         if source is None:
             continue
         fields, scales, index, rates = source
-        stack = layer.slot_stack("dora")
+        stack = layer.slot_stack(kind)
         from_stack = stack is not None and fields is stack.fields  # else stacked per call from the parameters
         gains = _stack_gains(layer, stack, rows, checked) if from_stack else \
             _parameter_gains(layer, fields, scales, rows)
@@ -113,11 +106,11 @@ def _add_dora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tup
     if total is None:
         return out
     if len(columns) == 1 and columns[0].weights is None:  # one DoRA adapter per row: rescale base and LoRA at once
-        add_lora_rows_(out, *parts[0])
-        return rescale_rows(out, total, layer.bias, in_place=not per_call)
-    out = rescale_rows(out, total, layer.bias, in_place=not per_call)
+        KERNELS.lora_rows(out, *parts[0])
+        return KERNELS.rescale_rows(out, total, layer.bias, in_place=not per_call)
+    out = KERNELS.rescale_rows(out, total, layer.bias, in_place=not per_call)
     for xd, a_rows, b_rows, coef in parts:
-        add_lora_rows_(out, xd, a_rows, b_rows, coef)
+        KERNELS.lora_rows(out, xd, a_rows, b_rows, coef)
     return out
 
 
@@ -176,36 +169,58 @@ def uses_parameters(layer: nn.Module, checked: dict | None) -> bool:
     return torch.is_grad_enabled() or layer.training or (checked is not None and torch.compiler.is_compiling())
 
 
-def _add_column(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, rows: KindRows, groups: int,
-                per_call: bool, checked: dict | None) -> None:
-    """One column of a LoRA or VeRA kind: each group's adapter in it, times its blend weight."""
+def _column_source(layer: nn.Module, kind: str, x: torch.Tensor, rows: KindRows, groups: int, per_call: bool,
+                   checked: dict | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor,
+                                                  torch.Tensor] | None:
+    """(fields, scales, index, the input after each row's dropout) of one column, or None when no adapter of it
+    is on this layer."""
     if checked is not None and groups == 1 and rows.lead not in layer.adapters:
-        return  # one adapter for the batch, and it does not touch this layer
+        return None  # one adapter for the batch, and it does not touch this layer
     source = routed_source(layer, kind, rows, per_call, checked, x)
     if source is None:
-        return
+        return None
     fields, scales, index, rates = source
-    xd = row_dropout(x, rates, index) if rates is not None else x
-    if kind == "lora":
+    return fields, scales, index, (row_dropout(x, rates, index) if rates is not None else x)
+
+
+def _add_lora(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+              groups: int, per_call: bool, checked: dict | None) -> torch.Tensor:
+    """LoRA: a blend of m adapters is m passes, each group's adapter times its blend weight."""
+    for rows in columns:
+        source = _column_source(layer, kind, x, rows, groups, per_call, checked)
+        if source is None:
+            continue
+        fields, scales, index, xd = source
         a_rows, b_rows, coef = _lora_rows(fields, scales, index, x.dtype)
         if checked is not None and groups == 1:  # one adapter for the batch: a float scale, as PEFT rounds it
             coef = layer.adapters[rows.lead].scaling * rows.lead_weight
         elif rows.weights is not None:
             coef = coef * rows.weights
-        add_lora_rows_(out, xd, a_rows, b_rows, coef)
-    else:  # VeRA, one kind per shared basis
-        basis = layer.bases[kind]
+        KERNELS.lora_rows(out, xd, a_rows, b_rows, coef)
+    return out
+
+
+def _add_vera(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+              groups: int, per_call: bool, checked: dict | None) -> torch.Tensor:
+    """VeRA (one kind per shared basis): the blend weight scales each group's d."""
+    basis = layer.bases[kind]
+    for rows in columns:
+        source = _column_source(layer, kind, x, rows, groups, per_call, checked)
+        if source is None:
+            continue
+        fields, _, index, xd = source
         d = fields["d"].index_select(0, index)  # (n, r)
         if rows.weights is not None:
             d = d * rows.weights.to(d)[:, None]
-        add_vera_rows_(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
+        KERNELS.vera_rows(out, xd, basis.down, basis.up, d, fields["b"].index_select(0, index))
+    return out
 
 
 def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each group's A, Bᵀ (in `dtype`) and scale, gathered from the stack every call. (Keeping the gathered
-    rows with a decode loop's route measured slower on the CPU: 1.63× base against 1.32×, the kept copies
-    doubling the bytes a step touches.)"""
+    """Each group's A, Bᵀ (in `dtype`) and scale, gathered from the stack on every call rather than kept with
+    a decode loop's route: a kept copy would double the bytes each step reads, and a decode step is bound by
+    the bytes it reads, not by the gather."""
     return (fields["a"].index_select(0, index).to(dtype), fields["b"].index_select(0, index).to(dtype),
             scales.index_select(0, index))
 
@@ -233,14 +248,15 @@ def routed_source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, c
 
 
 def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | None) -> SlotStack | None:
+    """The layer's slot stack of `kind`, rebuilt if its parameters no longer live in it; None if it has none."""
     if checked is None:  # compiling: lorakit.model.compiled prepared every stack before tracing
         return layer.slot_stack(kind)
     stack = stack_for(layer, kind, layer.registry.slot_table)
     if stack is None or checked.get(("stack", id(layer), kind)) is stack:
         return stack
     # parameters re-pointed behind lorakit's back (`param.data = ...`, `.to()` on a submodule alone): checked
-    # on the route's first adapter here, once per route and layer (every adapter's check cost 34 ms per
-    # SmolLM2 step for a 32-adapter route); model-level moves re-point them all (slots.moved)
+    # on the route's first adapter only, once per route and layer: checking every adapter of a wide route
+    # would read all their parameters' pointers on every step; model-level moves re-point them all (slots.moved)
     first = next((n for n in rows.names if n in layer.adapters), None)
     if first is not None and not stack.holds(layer, first):
         stack = stack_for(layer, kind, layer.registry.slot_table, stale=stack)
@@ -248,8 +264,8 @@ def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | 
     return stack
 
 
-def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
-                 per_call: bool, checked: dict | None) -> None:
+def _add_lora_xs(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, columns: tuple[KindRows, ...],
+                 groups: int, per_call: bool, checked: dict | None) -> torch.Tensor:
     """Attached LoRA-XS cores (slot stack or parameters) and packed ones (the model's bank), of every column
     (a blend's parts, weighted), summed into one core per group: one product whatever the blend."""
     parts: list[torch.Tensor] = []
@@ -257,7 +273,7 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
     bank = layer.registry.bank
     for rows in columns:
         weights = rows.weights[:, None, None] if rows.weights is not None else None
-        source = routed_source(layer, "lora_xs", rows, per_call, checked, x)
+        source = routed_source(layer, kind, rows, per_call, checked, x)
         if source is not None:
             fields, scales, index, rates = source
             if dropout is None and rates is not None:
@@ -266,12 +282,12 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
             parts.append(core if weights is None else core * weights.to(core))
         if bank is not None and layer.bank_index is not None:
             if checked is not None:  # attached LoRA-XS adapters take numbers too: rows routed to them read zeros
-                bank.ensure_capacity(layer.registry.slot_table.capacity("lora_xs"))
+                bank.ensure_capacity(layer.registry.slot_table.capacity(kind))
             packed = bank.cores[layer.bank_index].index_select(0, rows.slots)  # scaled; slot 0 zero
             parts.append(packed if weights is None else packed * weights.to(packed))
     if not parts:
-        return
-    basis = layer.bases["lora_xs"]
+        return out
+    basis = layer.bases[kind]
     k = min(max(p.shape[-1] for p in parts), basis.rank)  # the bank may be wider than this layer's basis
     cores = None
     for part in parts:
@@ -280,7 +296,13 @@ def _add_lora_xs(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, columns: 
         cores = part.to(x.dtype) if cores is None else cores + part.to(x.dtype)
     xd = row_dropout(x, *dropout) if dropout is not None else x
     down, up = basis.sliced(k)
-    add_core_rows_(out, xd, down, up, cores)
+    KERNELS.core_rows(out, xd, down, up, cores)
+    return out
+
+
+# method (lorakit.methods.table) -> the path that gathers its kind's columns and runs its kernels; each returns
+# the output (the same tensor, added into in place, unless it must be a new one for autograd)
+PATHS = {"lora": _add_lora, "dora": _add_dora, "lora_xs": _add_lora_xs, "vera": _add_vera}
 
 
 def dropout_rate(adapter: nn.Module) -> float:

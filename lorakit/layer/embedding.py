@@ -22,9 +22,9 @@ from torch.nn import functional as F
 
 from lorakit.layer.deltas import routed_source, uses_parameters
 from lorakit.config import AdapterConfig, LoraConfig
+from lorakit.kernels.backend import KERNELS
 from lorakit.errors import UnsupportedLayerError
 from lorakit.layer.linear import AdaptedLinear
-from lorakit.methods.lora_embedding import add_embedding_rows_
 from lorakit.routing.resolve import RouteSlots
 
 
@@ -74,13 +74,13 @@ class AdaptedEmbedding(AdaptedLinear):
                 coef = scales.index_select(0, index)
                 if rows.weights is not None:
                     coef = coef * rows.weights.to(coef)
-            add_embedding_rows_(out, ids, fields["a"], fields["b"], index, coef, self.padding_idx)
+            KERNELS.embedding_rows(out, ids, fields["a"], fields["b"], index, coef, self.padding_idx)
         for name, coef in route.merged.items():  # rows not routed to a merged adapter must not see it
             recorded = self.merged_factors(name)
             if recorded is not None:
                 up, down = recorded  # (D, r) scaled, (r, V)
                 zero = torch.zeros(coef.shape[0], dtype=torch.long, device=ids.device)
-                add_embedding_rows_(out, ids, down[None], up.T[None], zero, coef)
+                KERNELS.embedding_rows(out, ids, down[None], up.T[None], zero, coef)
         return out
 
     def to_plain(self, full_precision: bool = False) -> nn.Module:

@@ -12,8 +12,6 @@ diag(g)·(W + s·B·A) and keeps W itself to put back: nothing else may be merge
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,7 +23,8 @@ from lorakit.methods.dora import DoraAdapter
 from lorakit.layer.quantized import quantized_base
 from lorakit.routing.resolve import RouteSlots, resolve
 from lorakit.routing.context import AS_STORED, RowNames, current_route
-from lorakit.layer.slots import SlotStack, stacks
+from lorakit.routing.record import AdapterRecord
+from lorakit.layer.slots import SlotStack, SlotStacks, stacks
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -40,9 +39,9 @@ class AdaptedLinear(nn.Module):
 
     wraps_linear: bool = True  # False for a layer over another kind of base (lorakit.layer.embedding)
 
-    def __init__(self, base: nn.Module, module_name: str, registry: Any) -> None:
-        """`registry` is the model's ModelAdapters (lorakit.model.record, a layer above: it walks these
-        layers), read for what is merged, the packed bank and the default route."""
+    def __init__(self, base: nn.Module, module_name: str, registry: AdapterRecord) -> None:
+        """`registry` is the model's adapter record (lorakit.model.record, a floor above: it walks these layers),
+        held through its contract (lorakit.routing.record): what is merged, the packed bank, the default route."""
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D) if isinstance(Conv1D, type) else False
         self.weight = base.weight  # the base's own Parameter: same key, same storage
@@ -62,7 +61,8 @@ class AdaptedLinear(nn.Module):
         # what each merged adapter added to W, as non-persistent buffers (they move with .to()): unmerging and
         # the per-row subtraction use exactly this, even if the adapter's parameters changed since the merge
         self.merged_deltas = nn.Module()
-        object.__setattr__(self, "registry", registry)  # plain reference, not a submodule
+        self.registry: AdapterRecord = registry  # a plain reference (not a Module), to the record's contract
+        self.slot_stacks = SlotStacks()  # built and kept up to date by lorakit.layer.slots
         self.training = base.training  # an eval model stays in eval mode (int8 bases compute differently)
 
     def extra_repr(self) -> str:
@@ -279,6 +279,16 @@ class AdaptedLinear(nn.Module):
     # -- bookkeeping -----------------------------------------------------------------------------
     def basis(self, key: str) -> Basis | None:
         return self.bases[key] if key in self.bases else None
+
+    def take_back(self, name: str, bases: dict[str, Basis]) -> None:
+        """Undo a failed add of adapter `name` (lorakit.model.record.unwrap_on_error): its adapter removed,
+        the bases exactly `bases` again."""
+        if name in self.adapters:
+            del self.adapters[name]
+        for key in [k for k in self.bases if k not in bases]:
+            del self.bases[key]
+        for key, basis in bases.items():
+            self.bases[key] = basis
 
     def drop_unused_bases(self) -> None:
         used = {a.basis_key for a in self.adapters.values() if a.basis_key}

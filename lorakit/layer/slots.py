@@ -33,8 +33,6 @@ from lorakit.routing.slot_table import SlotTable
 
 # `layer` below is an AdaptedLinear: lorakit.layer.linear imports this module, so annotations say nn.Module
 
-ATTR = "_lorakit_slot_stacks"  # on a layer: {kind: SlotStack}, a plain attribute (never in state_dict)
-ABSENT_ATTR = "_lorakit_no_slot_stacks"  # on a layer: {kind: slot-table version at which it had none}
 # One build at a time, in any thread: a build re-points adapters' parameters (`param.data = view`), which
 # frees their old storage while a concurrent build may still be copying from it (threads serving one model
 # built their first stacks at once and read freed memory). Reading a built stack takes no lock.
@@ -63,9 +61,18 @@ class SlotStack:
         return adapter is not None and name in self.pointers and _pointers(adapter) == self.pointers[name]
 
 
+@dataclass
+class SlotStacks:
+    """A layer's stacks (its field `slot_stacks`, never in its state_dict): one per kind, and the kinds known
+    to have none at a slot-table version (so a layer without one is not walked on every call)."""
+
+    by_kind: dict[str, SlotStack] = field(default_factory=dict)
+    absent: dict[str, int] = field(default_factory=dict)
+
+
 def kind_of(adapter: nn.Module) -> str:
-    """The slot kind of an attached adapter: its own (DoRA's "dora"), its shared basis's key, or "lora"."""
-    return getattr(adapter, "slot_kind", None) or adapter.basis_key or "lora"
+    """The slot kind of an attached adapter (lorakit.methods.contract.LinearMethod.slot_kind)."""
+    return adapter.slot_kind
 
 
 def _pointers(adapter: nn.Module) -> tuple[int, ...]:
@@ -77,11 +84,7 @@ def names_of_kind(layer: nn.Module, kind: str) -> tuple[str, ...]:
 
 
 def stacks(layer: nn.Module) -> dict[str, SlotStack]:
-    found = getattr(layer, ATTR, None)
-    if found is None:
-        found = {}
-        object.__setattr__(layer, ATTR, found)
-    return found
+    return layer.slot_stacks.by_kind
 
 
 def stack_for(layer: nn.Module, kind: str, table: SlotTable, stale: SlotStack | None = None) -> SlotStack | None:
@@ -97,7 +100,7 @@ def stack_for(layer: nn.Module, kind: str, table: SlotTable, stale: SlotStack | 
         stack = found.get(kind)  # another thread may have built it while this one waited
         if stack is not None and stack is not stale and stack.table_version == table.version:
             return stack
-        absent = layer.__dict__.setdefault(ABSENT_ATTR, {})
+        absent = layer.slot_stacks.absent
         if stack is None and absent.get(kind) == table.version:  # known to have none: no walk over its adapters
             return None
         stack = _build(layer, kind, table)
@@ -130,7 +133,7 @@ def _build(layer: nn.Module, kind: str, table: SlotTable) -> SlotStack | None:
         for name, adapter in zip(names, adapters):
             slot = table.slot(name)
             _point_into(adapter, fields, slot, copy=True)
-            scales[slot] = getattr(adapter, "scaling", 1.0)
+            scales[slot] = adapter.scaling
             held[name], pointers[name] = slot, _pointers(adapter)
     return SlotStack(kind, fields, scales, held, pointers, table.version)
 
@@ -151,7 +154,7 @@ def param_source(adapters: list[nn.Module | None], shapes: dict[str, tuple[int, 
     fields = {f: torch.zeros(len(adapters) + 1, *shape, dtype=dtype, device=device) for f, shape in shapes.items()}
     scales = [0.0]
     for k, adapter in enumerate(adapters, start=1):
-        scales.append(getattr(adapter, "scaling", 1.0) if adapter is not None else 0.0)
+        scales.append(adapter.scaling if adapter is not None else 0.0)
         if adapter is None:
             continue
         for attr, view in adapter.slot_views({f: t[k] for f, t in fields.items()}).items():
@@ -183,7 +186,7 @@ def moved(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], held: di
     """After `layer` went through `fn` (a `.to(...)`, `.half()`, `.cuda()`...): move its stacks the same way and
     point the adapters that lived in them back in, so the weights stay held once and no stale copy on the
     old device or dtype stays alive. A stack nobody lived in is dropped."""
-    layer.__dict__.pop(ABSENT_ATTR, None)  # adapters of mixed dtypes may share one now
+    layer.slot_stacks.absent.clear()  # adapters of mixed dtypes may share one now
     for kind, stack in list(stacks(layer).items()):
         names = held.get(kind, ())
         if not names:

@@ -1,4 +1,5 @@
-"""Adapter methods: each module holds one method's math (parameters, delta(x), delta_weight())."""
+"""Adapter methods: each module holds one method's math (lorakit.methods.contract), and lorakit.methods.table
+lists them: a new method is its module and one row there."""
 
 from lorakit.methods.dora import DoraAdapter
 from lorakit.methods.lora import LoraAdapter

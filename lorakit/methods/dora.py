@@ -35,23 +35,6 @@ def gain_minus_one(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
     return magnitude.float() / row_norm(weight, up, down) - 1.0
 
 
-def rescale_rows(out: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, in_place: bool) -> torch.Tensor:
-    """out + c ⊙ (out − bias), per group of rows: out (..., out) the base output, c (n, out) each group's
-    g − 1 (the batch split into n equal groups, as lorakit.methods.lora.add_lora_rows_). `in_place` only where
-    nothing needs out's old value for gradients (inference)."""
-    n, width = c.shape
-    c = c.to(out.dtype)[:, None, :]  # (n, 1, out)
-    shift = None if bias is None else (c * bias.to(out.dtype))  # (n, 1, out): c ⊙ b, r-cheap
-    if in_place and out.is_contiguous():
-        y = out.view(n, -1, width).mul_(1 + c)
-        if shift is not None:
-            y.sub_(shift)
-        return out
-    y = out.reshape(n, -1, width)
-    y = y * (1 + c) if shift is None else torch.addcmul(-shift, y, 1 + c)
-    return y.reshape(out.shape)
-
-
 class DoraAdapter(nn.Module):
     """One layer's DoRA state: `lora_A` (r, in), `lora_B` (out, r) and `lora_magnitude_vector` (out,)."""
 

@@ -34,25 +34,3 @@ class EmbeddingLoraAdapter(LoraAdapter):
         """(...) long ids -> (..., D): (α/r)·Aᵀ[ids]·Bᵀ."""
         h = F.embedding(x, self.lora_A.T)  # (..., r)
         return (h @ self.lora_B.T) * self.scaling
-
-
-def add_embedding_rows_(out: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
-                        coef: torch.Tensor | float, padding_idx: int | None = None) -> None:
-    """out += coef_i·A_{index_i}ᵀ[ids_i]·B_{index_i}ᵀ for every group i of rows, in place.
-
-    out (..., D) holds the base embeddings of `ids` (...); a (C, r, V) and b (C, r, D) are stacks of A and Bᵀ
-    (as lorakit.layer.slots holds them) and index (n,) picks each group's; `coef` (n,) scales each group, or is one
-    float for all. Only the picked columns of A are read (n·T·r numbers), never a whole (r, V) table per
-    group. Ids equal to `padding_idx` give A no gradient, as F.embedding's padding_idx does."""
-    n, dtype = index.shape[0], out.dtype
-    ids2 = ids.reshape(n, -1)  # (n, T): the batch split into n equal groups of rows
-    h = a[index[:, None], :, ids2]  # (n, T, r)
-    if padding_idx is not None and h.requires_grad:
-        h = torch.where((ids2 == padding_idx)[..., None], h.detach(), h)
-    h = h.to(dtype)
-    alpha = 1.0
-    if isinstance(coef, torch.Tensor):
-        h = h * coef.to(dtype)[:, None, None]
-    else:  # one adapter for the batch: scaled after the product, as PEFT rounds it
-        alpha = coef
-    out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, index).to(dtype), alpha=alpha)  # (n, T, D)

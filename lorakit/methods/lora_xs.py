@@ -71,6 +71,7 @@ class LoraXSAdapter(nn.Module):
     """One layer's LoRA-XS state: `lora_R` (r, r); A and B come from the layer's shared basis."""
 
     method = "lora_xs"
+    slot_kind = "lora_xs"
     basis_key = "lora_xs"
 
     def __init__(self, config: LoraXSConfig, dtype: torch.dtype, device: torch.device | None = None) -> None:
@@ -106,18 +107,3 @@ class LoraXSAdapter(nn.Module):
 
     def num_trainable(self) -> int:
         return self.lora_R.numel()
-
-
-def add_core_rows_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                   cores: torch.Tensor) -> None:
-    """out += B·(R_i·(A·x_i)) for every group i of rows, in place: the shared basis is applied once for the
-    whole batch, the per-group part is an r×r product. `down` (k, in) and `up` (out, k) are the basis's
-    first k directions; `cores` (n, k, k) are the groups' scaled cores (zero for groups without one), the
-    batch split into n equal groups (n = 1: one adapter for all rows; n = rows: one per row)."""
-    n, k, dtype = cores.shape[0], down.shape[0], x.dtype
-    h = torch.matmul(x.reshape(n, -1, x.shape[-1]), down.to(dtype).T)  # (n, T, k): one projection
-    h = torch.bmm(h, cores.to(dtype).transpose(1, 2))  # (n, T, k)
-    if out.is_contiguous():  # out += h·Bᵀ as one fused GEMM
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, k), up.to(dtype).T)
-    else:
-        out.add_(torch.matmul(h, up.to(dtype).T).reshape(out.shape))

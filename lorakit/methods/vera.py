@@ -63,6 +63,7 @@ class VeraAdapter(nn.Module):
     """One layer's VeRA state: `vera_lambda_d` (r,) and `vera_lambda_b` (out,)."""
 
     method = "vera"
+    scaling = 1.0  # the trained vectors carry the scale
 
     def __init__(self, out_features: int, config: VeraConfig, dtype: torch.dtype,
                  device: torch.device | None = None) -> None:
@@ -72,6 +73,11 @@ class VeraAdapter(nn.Module):
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), config.d_initial, dtype=dtype, device=device))
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+
+    @property
+    def slot_kind(self) -> str:
+        """One kind per shared basis: adapters of other projection seeds or ranks cannot share a stack."""
+        return self.basis_key
 
     def delta(self, x: torch.Tensor, basis: Basis) -> torch.Tensor:
         """(..., in) -> (..., out): b ⊙ B(d ⊙ A·dropout(x))."""
@@ -98,14 +104,3 @@ class VeraAdapter(nn.Module):
 
     def num_trainable(self) -> int:
         return self.vera_lambda_d.numel() + self.vera_lambda_b.numel()
-
-
-def add_vera_rows_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, d: torch.Tensor,
-                   b: torch.Tensor) -> None:
-    """out += b_i ⊙ B(d_i ⊙ A·x_i) for every group i of rows, in place: the shared projections once for the
-    batch, the per-group vectors d (n, r) and b (n, out) element-wise (zero for groups without an adapter;
-    the batch split into n equal groups as in lorakit.methods.lora.add_lora_rows_)."""
-    n, dtype = d.shape[0], x.dtype
-    h = torch.matmul(x.reshape(n, -1, x.shape[-1]), down.to(dtype).T) * d.to(dtype)[:, None, :]  # (n, T, r)
-    y = torch.matmul(h, up.to(dtype).T).mul_(b.to(dtype)[:, None, :])  # (n, T, out)
-    out.add_(y.reshape(out.shape))

@@ -6,8 +6,6 @@ module, rank too large, unsupported layer) raises and leaves the model exactly a
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -15,24 +13,20 @@ from lorakit import names
 from lorakit.model.manage import apply_trainable
 from lorakit.model.bases import layer_shape, lora_xs_bases_for
 from lorakit.model.compiled import install_route_entry
-from lorakit.config import AdapterConfig, LoraConfig, LoraXSConfig, PrefixConfig, VeraConfig, adapter_dtype
-from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
-                            UnsupportedLayerError)
-from lorakit.layer.embedding import adapted_layer, check_embedding, is_embedding
+from lorakit.config import AdapterConfig, LoraConfig, VeraConfig, adapter_dtype
+from lorakit.errors import AdapterConfigError, AdapterExistsError, UnsupportedLayerError
+from lorakit.layer.embedding import check_embedding, is_embedding
 from lorakit.layer.linear import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
-from lorakit.methods.dora import DoraAdapter
-from lorakit.methods.lora import LoraAdapter
-from lorakit.methods.lora_embedding import EmbeddingLoraAdapter
-from lorakit.methods.lora_xs import LoraXSAdapter
-from lorakit.methods.vera import VeraAdapter, vera_basis, vera_basis_key, vera_fingerprint, vera_projections
-from lorakit.model.record import ModelAdapters, adapters_of
+from lorakit.methods.table import method_for
+from lorakit.methods.vera import vera_basis, vera_fingerprint, vera_projections
+from lorakit.model.record import ModelAdapters, adapters_of, wrap_layer
 from lorakit.model.prefix_hook import attach_prefix
 from lorakit.layer.quantized import is_quantized_linear
 from lorakit.routing.context import carry_routes_through_checkpointing
 from lorakit.layer.saved_modules import install_saved, plan_saved
 from lorakit.layer.slots import kind_of
-from lorakit.layer.surgery import PREFIX_STORE_PREFIX, freeze_base, matches, output_head_names, replace_module
+from lorakit.layer.surgery import PREFIX_STORE_PREFIX, freeze_base, select_modules
 from lorakit.layer.trainable_tokens import install_tokens, plan_tokens
 from lorakit.layer.wrapped import wrapped_prefixes
 
@@ -47,29 +41,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     # lorakit's own modules (a prefix adapter's MLP under `lorakit_prefix`) are never targets
     # nor is anything inside a module lorakit wraps whole (modules_to_save copies, trainable-token layers)
     skip = (PREFIX_STORE_PREFIX,) + wrapped_prefixes(model)
-    all_names = [n for n, _ in model.named_modules() if n and not n.startswith(skip)]
-    modules = dict(model.named_modules())
-    adaptable = [n for n in all_names if is_adaptable(modules[n])]
-    targets = config.target_modules
-    heads = output_head_names(model)
-    if targets == "all-linear":
-        chosen = [n for n in adaptable if n not in heads]
-    elif isinstance(targets, str):
-        try:
-            regex = re.compile(targets)
-        except re.error as exc:
-            raise AdapterConfigError(f"target_modules regex {targets!r} is invalid: {exc}") from None
-        chosen = [n for n in all_names if regex.fullmatch(n)]
-        if not chosen:
-            raise TargetNotFoundError(f"regex {targets!r} matches no module; adaptable layers look like: "
-                                      f"{_suffix_summary(adaptable)}")
-    else:
-        chosen = [n for n in all_names if any(matches(n, t) for t in targets)]
-        missing = [t for t in targets if not any(matches(n, t) for n in all_names)]
-        if missing:
-            raise TargetNotFoundError(f"target module(s) {missing} not found in {type(model).__name__}; "
-                                      f"adaptable layers: {_suffix_summary(adaptable)}")
-    chosen = [n for n in chosen if not any(matches(n, e) for e in config.exclude_modules)]
+    chosen = select_modules(model, config.target_modules, config.exclude_modules, is_adaptable, skip)
     modules = dict(model.named_modules())
     bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen
            if not (is_adaptable(modules[n]) or is_embedding(modules[n]))]
@@ -79,29 +51,22 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     for n in chosen:
         if is_embedding(modules[n]):
             check_embedding(modules[n], n, config)
-    if not chosen:
-        raise TargetNotFoundError(f"no module left to adapt after exclusions; adaptable: {_suffix_summary(adaptable)}")
     return chosen
 
 
-def _suffix_summary(names: list[str]) -> str:
-    suffixes = sorted({n.split(".")[-1] for n in names})
-    return ", ".join(suffixes) if suffixes else "none"
-
-
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
-    if isinstance(config, (LoraConfig, LoraXSConfig)) and config.r > min(in_f, out_f):
+    if method_for(config).rank_bounded and config.r > min(in_f, out_f):
         raise AdapterConfigError(f"rank r={config.r} exceeds min(in, out)={min(in_f, out_f)} of module {name} "
                                  f"({in_f}->{out_f})")
 
 
-def _check_dora(module: nn.Module, name: str) -> None:
-    """DoRA takes row norms of the dense base weight: plain float linear layers only."""
+def _check_dense(module: nn.Module, name: str, method: str) -> None:
+    """A method that reads the dense base weight (DoRA's row norms) takes plain float linear layers only."""
     if is_embedding(module) or (isinstance(module, AdaptedLinear) and not module.wraps_linear):
-        raise UnsupportedLayerError(f"cannot put a DoRA adapter on embedding {name}: lorakit's DoRA adapts "
+        raise UnsupportedLayerError(f"cannot put a {method} adapter on embedding {name}: lorakit's {method} adapts "
                                     "linear layers only (leave it out with exclude_modules)")
     if is_quantized_linear(module) or (isinstance(module, AdaptedLinear) and module.quant is not None):
-        raise UnsupportedLayerError(f"cannot put a DoRA adapter on quantized module {name}: lorakit's DoRA "
+        raise UnsupportedLayerError(f"cannot put a {method} adapter on quantized module {name}: lorakit's {method} "
                                     "needs a float base weight")
 
 
@@ -118,12 +83,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     Base parameters are frozen; only adapter parameters require grad. Base state-dict keys are kept.
     """
     check_adapter_name(name)
-    if isinstance(config, PrefixConfig):  # not a linear-layer adapter: keys/values prepended to attention
+    method = method_for(config)
+    if method.build is None:  # not a linear-layer adapter (prefix tuning: keys/values prepended to attention)
         attach_prefix(model, config, name)
         apply_trainable(model)
         return model
-    if not isinstance(config, (LoraConfig, LoraXSConfig, VeraConfig)):
-        raise AdapterConfigError(f"unsupported config type {type(config).__name__}")
     registry = adapters_of(model, create=True)
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or pick another name")
@@ -131,8 +95,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     modules = dict(model.named_modules())
     for target in targets:
         _check_rank(config, target, *layer_shape(modules[target]))
-        if getattr(config, "use_dora", False):
-            _check_dora(modules[target], target)
+        if method.reads_weight:
+            _check_dense(modules[target], target, method.label)
     saved, tokens = [], []
     if isinstance(config, LoraConfig):  # modules_to_save, trainable tokens: planned (checked) before any change
         if config.target_modules == "all-linear" and config.modules_to_save:  # a saved module is copied whole
@@ -143,36 +107,24 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
     # Build everything first: nothing below touches the model until all of it succeeded.
     built: dict[str, tuple[nn.Module, tuple[str, Basis] | None]] = {}
-    vera = VeraPlacer(model, config, registry) if isinstance(config, VeraConfig) else None
-    xs_bases = lora_xs_bases_for(model, targets, config.r) if isinstance(config, LoraXSConfig) else {}
+    vera = VeraPlacer(model, config, registry) if method.basis == "projections" else None
+    xs_bases = lora_xs_bases_for(model, targets, config.r) if method.basis == "svd" else {}
     for target in targets:
         module = modules[target]
         in_f, out_f = layer_shape(module)
         dtype = adapter_dtype(module.weight.dtype, config.autocast_adapter_dtype)
-        device = module.weight.device
+        build = method.build_embedding if is_embedding(module) else method.build  # find_targets checked it
+        adapter: nn.Module = build(in_f, out_f, config, dtype, module.weight.device, lambda: _dense_weight(module))
         new_basis = None
-        if is_embedding(module):  # find_targets let only LoRA through
-            adapter: nn.Module = EmbeddingLoraAdapter(in_f, out_f, config, dtype, device)
-        elif isinstance(config, LoraConfig) and config.use_dora:
-            adapter = DoraAdapter(in_f, out_f, config, _dense_weight(module), dtype, device)
-        elif isinstance(config, LoraConfig):
-            adapter = LoraAdapter(in_f, out_f, config, dtype, device)
-        elif isinstance(config, LoraXSConfig):
-            adapter = LoraXSAdapter(config, dtype, device)
-            if target in xs_bases:  # computed (or read from the bases cache) for layers that lack one
-                new_basis = ("lora_xs", xs_bases[target])
-        else:
-            adapter = VeraAdapter(out_f, config, dtype, device)
-            key = vera_basis_key(config)
-            if not (isinstance(module, AdaptedLinear) and module.basis(key) is not None):
-                new_basis = (key, vera.basis(module, in_f, out_f))
+        key = adapter.basis_key
+        if method.basis == "svd" and target in xs_bases:  # computed (or read from the bases cache) where missing
+            new_basis = (key, xs_bases[target])
+        elif vera is not None and not (isinstance(module, AdaptedLinear) and module.basis(key) is not None):
+            new_basis = (key, vera.basis(module, in_f, out_f))
         built[target] = (adapter, new_basis)
 
     for target, (adapter, new_basis) in built.items():
-        layer = modules[target]
-        if not isinstance(layer, AdaptedLinear):
-            layer = adapted_layer(layer, target, registry)
-            replace_module(model, target, layer)
+        layer = wrap_layer(model, target)
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter
@@ -180,7 +132,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     install_tokens(model, tokens, name, registry, config.autocast_adapter_dtype)
     registry.slot_table.assign(kind_of(next(iter(built.values()))[0]), name)  # same number in every layer
     registry.configs[name] = config
-    registry.version += 1
+    registry.layers_changed()
     freeze_base(model)
     apply_trainable(model)  # a declared trained adapter (set_trainable) stays the only one that trains
     carry_routes_through_checkpointing(model)  # routes hold for gradient checkpointing's recomputation

@@ -22,11 +22,11 @@ from lorakit.model.manage import adapter_config
 from lorakit.model.bases import lora_xs_bases_for
 from lorakit.config import LoraXSConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
-from lorakit.layer.linear import AdaptedLinear, adapted_layers
-from lorakit.model.record import adapters_of
+from lorakit.layer.linear import adapted_layers
+from lorakit.model.record import adapters_of, install_bases
 from lorakit.names import check_adapter_name
 from lorakit.layer.slots import unshare
-from lorakit.layer.surgery import freeze_base, replace_module
+from lorakit.layer.surgery import freeze_base
 
 BANK_ATTR = "lorakit_bank"
 
@@ -41,7 +41,6 @@ class CoreBank:
         self.cores = torch.zeros(0, 1, rank, rank, dtype=dtype, device=device)  # (L, capacity, r, r)
         self.slots: dict[str, int] = {}  # name -> model-wide LoRA-XS slot (lorakit.routing.slot_table)
         self.targets: dict[str, frozenset[int]] = {}  # name -> layer indices the adapter touches
-        self.version = 0  # bumped on every change; per-route slot tensors are cached against it
 
     @property
     def capacity(self) -> int:
@@ -89,28 +88,24 @@ class CoreBank:
             self.cores[index, slot, :r, :r] = cores.to(self.cores.device, self.cores.dtype)  # cores may come from a file
         self.slots[name] = slot
         self.targets[name] = frozenset(layers)
-        self.version += 1
 
     def ensure_capacity(self, capacity: int) -> None:
         """At least `capacity` slots: attached LoRA-XS adapters take numbers too, and rows routed to them
         index the bank (at zeros)."""
         if capacity > self.capacity:
             self._grow(len(self.layer_names), capacity, self.rank)
-            self.version += 1
-
+    
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Move the cores as `model.to(...)` / `.half()` moved the model (called by ModelAdapters' hook)."""
         moved = fn(self.cores)
         if moved is not self.cores:
             self.cores = moved
-            self.version += 1  # per-route slot tensors were made on the old device
 
     def remove(self, name: str) -> None:
         slot = self.slots.pop(name)
         self.targets.pop(name)
         with torch.no_grad():
             self.cores[:, slot].zero_()
-        self.version += 1
 
     def core(self, layer_index: int, name: str) -> torch.Tensor:
         return self.cores[layer_index, self.slots[name]]  # (r, r), scaled
@@ -179,7 +174,7 @@ def store_packed(model: nn.Module, name: str, config: LoraXSConfig, modules: lis
     slot = registry.slot_table.assign("lora_xs", name)
     bank.add(name, indices, stacked * config.scaling, slot)
     registry.configs[name] = config
-    registry.packed.add(name)  # layers and bases are unchanged: registry.version stays
+    registry.packed.add(name)  # layers and bases are unchanged
 
 
 def pack_adapter(model: nn.Module, name: str) -> None:
@@ -208,12 +203,4 @@ def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int, *,
                          progress: bool | None = None) -> None:
     """Give each named layer a LoRA-XS basis of rank ≥ r (computed once per layer, or read from the
     bases cache: lorakit.model.bases); adapters then share it. Nothing changes if a module is bad."""
-    bases = lora_xs_bases_for(model, module_names, r, progress=progress)
-    registry = adapters_of(model, create=True)
-    for module_name, basis in bases.items():
-        module = model.get_submodule(module_name)
-        if not isinstance(module, AdaptedLinear):
-            module = AdaptedLinear(module, module_name, registry)
-            replace_module(model, module_name, module)
-            registry.version += 1
-        module.bases["lora_xs"] = basis
+    install_bases(model, "lora_xs", lora_xs_bases_for(model, module_names, r, progress=progress))

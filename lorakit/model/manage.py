@@ -109,7 +109,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         registry.trained = None
     registry.slot_table.release(name)
     if layers_changed:
-        registry.version += 1
+        registry.layers_changed()
     if not packed:
         freeze_base(model)
         apply_trainable(model)

@@ -315,7 +315,7 @@ def attach_prefix(model: nn.Module, config: PrefixConfig, name: str = "default")
         model.add_module(STORE_NAME, store)
     store.adapters[name] = adapter
     registry.configs[name] = config
-    registry.version += 1
+    registry.layers_changed()
     freeze_base(model)
     carry_routes_through_checkpointing(model)  # the prefix cache must reach recomputed layers too
     return model
