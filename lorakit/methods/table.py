@@ -34,7 +34,9 @@ class Method:
     trained: tuple[str, ...] = ()  # its parameters per layer, as native files name them
     rank_bounded: bool = False  # r may not exceed min(in, out) of a target
     reads_weight: bool = False  # built from the dense base weight (DoRA's magnitudes): float linear layers only
-    rescales_output: bool = False  # scales the base output itself (DoRA), so its delta runs before the others
+    rescales_output: bool = False  # scales the base output itself (DoRA): its delta runs before the others, and
+    # its update is no sum of low-rank factors (so it is not combined, and merges one adapter at a time)
+    variant_of: dict[str, object] | None = None  # a variant's settings on its config (DoRA: {"use_dora": True})
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -43,7 +45,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            kernel="lora_rows", trained=("lora_A", "lora_B"), rank_bounded=True),
     Method("dora", "DoRA", LoraConfig, lambda i, o, c, dt, dev, w: DoraAdapter(i, o, c, w(), dt, dev),
            kernel="lora_rows", trained=("lora_A", "lora_B", "lora_magnitude_vector"), rank_bounded=True,
-           reads_weight=True, rescales_output=True),
+           reads_weight=True, rescales_output=True, variant_of={"use_dora": True}),
     Method("lora_xs", "LoRA-XS", LoraXSConfig, lambda i, o, c, dt, dev, w: LoraXSAdapter(c, dt, dev),
            kernel="core_rows", basis="svd", trained=("lora_R",), rank_bounded=True),
     Method("vera", "VeRA", VeraConfig, lambda i, o, c, dt, dev, w: VeraAdapter(o, c, dt, dev),
@@ -55,8 +57,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 def method_for(config: AdapterConfig) -> Method:
     """The row of `config`'s method (DoRA for a LoraConfig with use_dora); an unknown config type is refused by
     name."""
-    name = "dora" if getattr(config, "use_dora", False) else getattr(config, "method", None)
-    method = METHODS.get(name)
+    name = getattr(config, "method", None)
+    variants = [m for m in METHODS.values() if m.variant_of and m.config is type(config)
+                and all(getattr(config, k, None) == v for k, v in m.variant_of.items())]
+    method = variants[0] if variants else METHODS.get(name)
     if method is None or not isinstance(config, method.config):
         raise AdapterConfigError(f"unsupported config type {type(config).__name__}; known: "
                                  f"{', '.join(m.config.__name__ for m in METHODS.values())}")
