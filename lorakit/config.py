@@ -172,7 +172,7 @@ class CheckedConfig:
 
 @dataclass(frozen=True)
 class LoraConfig(CheckedConfig):
-    """LoRA: ΔW = (α/r)·B·A, A random, B zero, both trained."""
+    """LoRA: ΔW = (α/r)·B·A, A random, B zero, both trained; with use_dora, DoRA (lorakit.methods.dora)."""
 
     method: ClassVar[str] = "lora"
     r: int = rank(8)  # rank of the update
@@ -184,6 +184,7 @@ class LoraConfig(CheckedConfig):
     autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
     modules_to_save: tuple[str, ...] = saved()  # modules trained as full copies (a classifier head, a norm), as PEFT's
     trainable_token_indices: TokenIndices = token_indices()  # embedding rows trained for these ids (lorakit.layer.trainable_tokens)
+    use_dora: bool = flag(False)  # DoRA: each output row rescaled to a trained magnitude m (W' = m·(W+ΔW)/‖W+ΔW‖)
 
     @property
     def scaling(self) -> float:

@@ -21,6 +21,7 @@ BAD = {
     "target_modules": ("", "target_modules is empty"),
     "exclude_modules": ([1], "exclude_modules must be a module name or a list of names"),
     "autocast_adapter_dtype": (1, "autocast_adapter_dtype must be True or False, got 1"),
+    "use_dora": ("yes", "use_dora must be True or False, got .yes."),
     "modules_to_save": ([""], "modules_to_save must be a module name or a list of names"),
     "trainable_token_indices": ([1, 1], "trainable_token_indices must be a non-empty list of distinct token ids"),
     "init_std": (-1.0, "init_std must be >= 0"),
@@ -56,7 +57,7 @@ def test_shared_fields_are_normalised_alike(cls):
 def test_positional_order_and_saved_keys_are_unchanged():
     assert [f.name for f in dataclasses.fields(LoraConfig)] == [
         "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
-        "autocast_adapter_dtype", "modules_to_save", "trainable_token_indices"]
+        "autocast_adapter_dtype", "modules_to_save", "trainable_token_indices", "use_dora"]
     assert [f.name for f in dataclasses.fields(LoraXSConfig)] == [
         "r", "lora_alpha", "init_std", "lora_dropout", "target_modules", "exclude_modules", "autocast_adapter_dtype"]
     assert [f.name for f in dataclasses.fields(VeraConfig)] == [
@@ -68,4 +69,4 @@ def test_positional_order_and_saved_keys_are_unchanged():
     assert config_to_dict(lora) == {
         "method": "lora", "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "use_rslora": False,
         "target_modules": "all-linear", "exclude_modules": [], "autocast_adapter_dtype": True,
-        "modules_to_save": ["score"], "trainable_token_indices": {"embed_tokens": [3, 1]}}
+        "modules_to_save": ["score"], "trainable_token_indices": {"embed_tokens": [3, 1]}, "use_dora": False}

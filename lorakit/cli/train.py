@@ -14,6 +14,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
+from lorakit.methods.table import METHODS
 from lorakit.cli.common import EXIT_STATUS_EPILOG, NO_STRICT_HELP, HelpFormatter, run_command
 from lorakit.tasks.files import ROWS, write_task
 from lorakit.train.checkpoint import latest_checkpoint, run_checkpoints
@@ -47,8 +48,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--data", help="training data: .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk directory")
     p.add_argument("--eval-data", help="eval data, as --data (default: none, no eval loss)")
     p.add_argument("--output-dir", help="run directory (adapter, checkpoints, logs, plot)")
-    p.add_argument("--method", choices=["lora", "lora_xs", "vera", "prefix"],
-                   help="adapter method (prefix: --set num_virtual_tokens=N)" + _d("method"))
+    p.add_argument("--method", choices=list(METHODS),
+                   help="adapter method (dora: LoRA with use_dora; prefix: --set num_virtual_tokens=N)" + _d("method"))
     p.add_argument("--rank", "--r", dest="r", type=int,
                    help="adapter rank r (--r is refused by torchrun: use --rank; default: the method's, "
                         "8 for lora, 16 for lora_xs, 256 for vera)")
@@ -146,6 +147,7 @@ def run_data(args: argparse.Namespace) -> int:
 def _adapter_settings(args: argparse.Namespace, base: dict) -> dict:
     settings = dict(base)
     method = args.method or "lora"
+    settings.update(METHODS[method].variant_of or {})  # DoRA: LoRA with use_dora, same file format and settings
     if args.r is not None:
         settings["r"] = args.r
     if args.alpha is not None:
@@ -189,6 +191,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              "report_to": [r for r in args.report_to.split(",") if r] if args.report_to is not None else None,
              "last_turn_only": True if args.last_turn_only else None}
     flags = {k: v for k, v in flags.items() if v is not None}
+    if "method" in flags:  # a variant (DoRA) trains as its config's method, its settings added (_adapter_settings)
+        flags["method"] = METHODS[flags["method"]].config.method
     if args.config:
         file_config = TrainConfig.from_file(args.config)
         data = file_config.to_dict()

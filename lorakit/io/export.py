@@ -4,6 +4,9 @@ Each method's update is rewritten as B'·A' with the scaling folded in (the file
 PEFT's scaling α/r is 1):
 
     LoRA     A' = A,                 B' = B           (written as is, with its own r and lora_alpha)
+    DoRA     A' = A,                 B' = B           only where every g = m/‖W + s·B·A‖ is 1 (an adapter
+                                                      whose magnitudes never moved); otherwise refused, since
+                                                      diag(g)·(W + s·B·A) − W is not low-rank
     LoRA-XS  A' = (α/r)·R·Σ_r·V_rᵀ,  B' = U_r         (r, in), (out, r)
     VeRA     A' = diag(d)·A_shared,  B' = diag(b)·B_shared
 
@@ -41,6 +44,9 @@ from lorakit.methods.vera import vera_basis_key
 from lorakit.layer.surgery import matches, output_head_names
 
 
+DORA_EXPORT_TOLERANCE = 1e-5  # max |g − 1| for a DoRA adapter to be written as the plain LoRA it then equals
+
+
 class ServingCompatibilityWarning(UserWarning):
     """An exported adapter holds modules some LoRA runtimes (vLLM) refuse for some models."""
 
@@ -58,6 +64,19 @@ def lora_factors(layer: nn.Module, config: LoraXSConfig | VeraConfig,
         b = trained["vera_lambda_b"].float()[:, None] * basis.up.float()  # (out, r)
     dtype = next(iter(trained.values())).dtype
     return a.to(dtype), b.to(dtype)
+
+
+def check_dora_is_plain(model: nn.Module, name: str, modules: Collection[str]) -> None:
+    """Refuse, naming the module, unless DoRA adapter `name` rescales no row (|g − 1| within tolerance) in
+    `modules`: then it computes exactly what its LoRA part alone does."""
+    for module in modules:
+        layer = model.get_submodule(module)
+        gap = (layer.adapters[name].gain(layer.unmerged_weight()) - 1).abs().max().item()
+        if not gap <= DORA_EXPORT_TOLERANCE:
+            raise UnsupportedAdapterError(
+                f"adapter {name!r} is DoRA and rescales the rows of module {module} (max |g - 1| = {gap:.3g} > "
+                f"{DORA_EXPORT_TOLERANCE:g}): no plain LoRA adapter computes that, and vLLM-style runtimes do not "
+                "serve DoRA; save it with save_adapter (a PEFT DoRA adapter) or merge it into the base instead")
 
 
 def vocabulary_modules(model: nn.Module, modules: Collection[str]) -> list[str]:
@@ -103,8 +122,10 @@ def export_to_peft(model: nn.Module, name: str, path: str | os.PathLike, *,
             "or export with drop_extras=True (lorakit export --drop-extras) to write the LoRA part alone")
     if isinstance(config, LoraConfig):
         modules = [m for m, layer in adapted_layers(model).items() if name in layer.adapters]
-        return save_lora(model, name, path, modules=set(kept_modules(model, name, modules, drop_modules)),
-                         extras=False)
+        kept = set(kept_modules(model, name, modules, drop_modules))
+        if config.use_dora:
+            check_dora_is_plain(model, name, [m for m in modules if m in kept])
+        return save_lora(model, name, path, modules=kept, extras=False, magnitudes=False)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter_state_dict(model, name).items():  # module adapters and packed ones alike
         module, param = key.rsplit(".", 1)

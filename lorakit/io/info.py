@@ -31,7 +31,8 @@ def read_adapter_info(path: str | os.PathLike) -> dict:
         a_keys = (LINEAR_KEYS[0], EMBEDDING_KEYS[0])
         modules = sorted(k.removeprefix("base_model.model.").removesuffix(next(a for a in a_keys if k.endswith(a)))
                          for k in shapes if k.endswith(a_keys))
-        info = {"format": "peft", "method": "lora" if peft_type == "LORA" else peft_type.lower(),
+        method = ("dora" if config.get("use_dora") else "lora") if peft_type == "LORA" else peft_type.lower()
+        info = {"format": "peft", "method": method,
                 "rank": config.get("r"), "alpha": config.get("lora_alpha"), "modules": modules}
     dtypes = sorted({dtype for _, dtype in trained.values()})
     info.update({"path": str(path), "num_modules": len(info["modules"]),

@@ -4,14 +4,16 @@
                                 use_rslora, fan_in_fan_out, rank_pattern, alpha_pattern, task_type ...
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  (r, in)
                                 base_model.model.<module path>.lora_B.weight  (out, r)
+                                base_model.model.<module path>.lora_magnitude_vector  (out,)  DoRA only
+                                (use_dora in the config; lorakit.methods.dora)
                                 (an nn.Embedding target: .lora_embedding_A (r, V), .lora_embedding_B (D, r),
                                 lorakit.io.peft_embedding)
 
 PEFT wraps the user's model, hence the `base_model.model.` prefix; the module path is the path in the
 model the adapter was attached to, and the adapter's name is not part of any key. Per-module ranks and
-alphas (`rank_pattern` / `alpha_pattern`) are read and written; features that change the forward pass
-in ways lorakit does not implement (DoRA, biases, conv targets...) are refused by name before the model is
-touched. modules_to_save and trainable tokens are read and written by lorakit.io.peft_extras; embedding
+alphas (`rank_pattern` / `alpha_pattern`) are read and written, and DoRA on linear layers; features that
+change the forward pass in ways lorakit does not implement (biases, conv targets...) are refused by name before
+the model is touched. modules_to_save and trainable tokens are read and written by lorakit.io.peft_extras; embedding
 targets by lorakit.io.peft_embedding.
 """
 
@@ -42,10 +44,10 @@ from lorakit.layer.linear import AdaptedLinear, adapted_layers
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file layout this module writes
 KEY_PREFIX = PEFT_KEY_PREFIX
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+_M = ".lora_magnitude_vector"  # DoRA's (out,) magnitudes: PEFT drops the ".weight" of its DoraLinearLayer
 
 # Config fields whose non-default value changes the forward pass in a way lorakit does not implement.
 _UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias terms (lora_bias)",
     "target_parameters": "parameter targets (target_parameters)",
     "layer_replication": "layer_replication",
@@ -101,8 +103,8 @@ def _task_type(model: nn.Module) -> str | None:
 
 def peft_config_dict(model: nn.Module, modules: list[str], r: int, lora_alpha: float, *, use_rslora: bool = False,
                      lora_dropout: float = 0.0, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-                     task_type: str | None | bool = True) -> dict:
-    """The adapter_config.json PEFT writes for a plain LoRA adapter on `modules` of `model`."""
+                     task_type: str | None | bool = True, use_dora: bool = False) -> dict:
+    """The adapter_config.json PEFT writes for a LoRA (or, use_dora, DoRA) adapter on `modules` of `model`."""
     task = _task_type(model) if task_type is True else (task_type or None)
     cls = type(model)
     fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) or
@@ -120,28 +122,31 @@ def peft_config_dict(model: nn.Module, modules: list[str], r: int, lora_alpha: f
         "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "r": int(r),
         "rank_pattern": dict(rank_pattern or {}), "revision": None, "target_modules": _target_list(model, modules),
         "target_parameters": None, "task_type": task, "trainable_token_indices": None, "use_bdlora": None,
-        "use_dora": False, "use_qalora": False, "use_rslora": bool(use_rslora), "velora_config": None,
+        "use_dora": bool(use_dora), "use_qalora": False, "use_rslora": bool(use_rslora), "velora_config": None,
     }
 
 
-def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+def write_peft_lora(model: nn.Module, path: str | os.PathLike, weights: dict[str, tuple[torch.Tensor, ...]],
                     config: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `weights` (module -> (lora_A (r, in), lora_B (out, r))), `extra` tensors (full PEFT keys) and
-    `config` as a PEFT adapter dir."""
+    """Write `weights` (module -> (lora_A (r, in), lora_B (out, r)[, DoRA's magnitude (out,)])), `extra` tensors
+    (full PEFT keys) and `config` as a PEFT adapter dir."""
     tensors = dict(extra or {})
-    for module, (a, b) in weights.items():
+    for module, (a, b, *magnitude) in weights.items():
         a_key, b_key = pair_keys(model, module)
         tensors[f"{KEY_PREFIX}{module}{a_key}"] = a
         tensors[f"{KEY_PREFIX}{module}{b_key}"] = b
+        if magnitude:
+            tensors[f"{KEY_PREFIX}{module}{_M}"] = magnitude[0]
     return write_directory(path, {CONFIG_NAME: json_bytes(config),
                                   WEIGHTS_NAME: tensors_bytes(tensors, {"format": "pt"})})
 
 
 def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type: str | None | bool = True,
-              modules: Collection[str] | None = None, extras: bool = True) -> Path:
-    """Save LoRA adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it); `modules`
-    (full names) keeps only those (lorakit.io.export drops modules a runtime cannot serve, when asked);
-    extras=False leaves out its modules_to_save copies and trainable tokens (lorakit.io.export's plain LoRA)."""
+              modules: Collection[str] | None = None, extras: bool = True, magnitudes: bool = True) -> Path:
+    """Save LoRA (or DoRA) adapter `name` exactly as PEFT's save_pretrained would (task_type=True infers it);
+    `modules` (full names) keeps only those (lorakit.io.export drops modules a runtime cannot serve, when
+    asked); extras=False leaves out its modules_to_save copies and trainable tokens, magnitudes=False a DoRA
+    adapter's magnitudes (lorakit.io.export's plain LoRA, written where they are a no-op)."""
     config = adapter_config(model, name)
     if not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"adapter {name!r} is {config.method}, not LoRA; use lorakit.io.save_adapter, or "
@@ -151,7 +156,8 @@ def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type
         if name not in layer.adapters or (modules is not None and module not in modules):
             continue
         adapter = layer.adapters[name]
-        weights[module] = (adapter.lora_A, adapter.lora_B)
+        dora = config.use_dora and magnitudes
+        weights[module] = (adapter.lora_A, adapter.lora_B) + ((adapter.lora_magnitude_vector,) if dora else ())
         root = adapter.r**0.5 if config.use_rslora else adapter.r
         if adapter.r != config.r:
             rank_pattern[module] = adapter.r
@@ -159,7 +165,8 @@ def save_lora(model: nn.Module, name: str, path: str | os.PathLike, *, task_type
             alpha_pattern[module] = _number(adapter.scaling * root)
     peft_config = peft_config_dict(model, list(weights), config.r, config.lora_alpha, use_rslora=config.use_rslora,
                                    lora_dropout=config.lora_dropout, rank_pattern=rank_pattern,
-                                   alpha_pattern=alpha_pattern, task_type=task_type)
+                                   alpha_pattern=alpha_pattern, task_type=task_type,
+                                   use_dora=config.use_dora and magnitudes)
     fields, extra = peft_extras(model, name, config) if extras else ({}, {})  # copies, trainable token rows
     return write_peft_lora(model, path, weights, peft_config | fields, extra)
 
@@ -192,11 +199,11 @@ def check_supported(config: dict, where: Path) -> None:
 
 def _split_keys(tensors: dict[str, torch.Tensor], where: Path,
                 layouts: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {"A": lora_A, "B": lora_B} (`layouts` gets each module's key layout); foreign keys are named
-    (by feature where recognised)."""
+    """module -> {"A": lora_A, "B": lora_B[, "M": DoRA's magnitude]} (`layouts` gets each module's key layout);
+    foreign keys are named (by feature where recognised)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     features, unexpected = set(), []
-    suffixes = {_A: ("A", "linear"), _B: ("B", "linear"),
+    suffixes = {_A: ("A", "linear"), _B: ("B", "linear"), _M: ("M", "linear"),
                 EMBEDDING_KEYS[0]: ("A", "embedding"), EMBEDDING_KEYS[1]: ("B", "embedding")}
     for key, tensor in tensors.items():
         rest = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else None
@@ -204,9 +211,10 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: Path,
         if suffix is not None:
             part, layout = suffixes[suffix]
             pairs.setdefault(rest[: -len(suffix)], {})[part] = tensor
-            layouts[rest[: -len(suffix)]] = layout
+            if part != "M":  # a magnitude says nothing of the layer's kind
+                layouts[rest[: -len(suffix)]] = layout
         elif "lora_magnitude_vector" in key:
-            features.add("DoRA (lora_magnitude_vector)")
+            features.add("DoRA beyond linear layers (lora_magnitude_vector)")
         elif ".lora_B.bias" in key:
             features.add("LoRA bias terms (lora_B.bias)")
         else:
@@ -218,8 +226,8 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: Path,
         raise CorruptAdapterError(f"{where}: unexpected keys {sorted(unexpected)[:5]}: expected only "
                                   f"'{KEY_PREFIX}<module>{_A}' and '...{_B}' (modules_to_save or a non-PEFT file?)")
     keys = {"linear": (_A, _B), "embedding": EMBEDDING_KEYS}
-    missing = sorted(f"{KEY_PREFIX}{m}{keys[layouts[m]][0 if 'A' not in p else 1]}" for m, p in pairs.items()
-                     if len(p) != 2)
+    missing = sorted(f"{KEY_PREFIX}{m}{keys[layouts.get(m, 'linear')][0 if 'A' not in p else 1]}"
+                     for m, p in pairs.items() if not {"A", "B"} <= set(p))
     if missing:
         raise CorruptAdapterError(f"{where}: missing keys {missing[:5]} (every module needs both A and B)")
     if not pairs:
@@ -234,7 +242,7 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
     try:
         r, alpha = cfg["r"], cfg["lora_alpha"]
         config = LoraConfig(r=r, lora_alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)),
-                            lora_dropout=float(cfg.get("lora_dropout") or 0.0))
+                            lora_dropout=float(cfg.get("lora_dropout") or 0.0), use_dora=bool(cfg.get("use_dora")))
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptAdapterError(f"{files.path / CONFIG_NAME}: bad or missing LoRA field: {exc}") from None
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -256,6 +264,7 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
     plan = {}
     for module, pair in pairs.items():
         a, b = pair["A"], pair["B"]
+        magnitude = _magnitude(pair, module, config.use_dora, layouts[module], where)
         if a.dim() != 2 or b.dim() != 2:
             raise UnsupportedAdapterError(f"{where}: module {module} has {a.dim()}-D LoRA weights (a conv layer "
                                           "target?); lorakit supports linear layers only")
@@ -265,6 +274,9 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
             raise AdapterMismatchError(f"{where}: module {module} expects lora_A ({r_mod}, {in_f}) and lora_B "
                                        f"({out_f}, {r_mod}) for a {in_f}->{out_f} layer, the file has "
                                        f"{tuple(a.shape)} and {tuple(b.shape)}")
+        if magnitude is not None and tuple(magnitude.shape) != (out_f,):
+            raise AdapterMismatchError(f"{where}: module {module} expects lora_magnitude_vector ({out_f},) for a "
+                                       f"{in_f}->{out_f} layer, the file has {tuple(magnitude.shape)}")
         want_r = _pattern_value(rank_pattern, module, config.r)
         if r_mod != want_r:
             raise CorruptAdapterError(f"{where}: module {module} has rank {r_mod} but the config says r={want_r}")
@@ -275,10 +287,25 @@ def _plan(model: nn.Module, files: AdapterFiles, strict: bool) -> tuple[LoraConf
             raise CorruptAdapterError(f"{files.path / CONFIG_NAME}: alpha_pattern for module {module}: {exc}") from None
         alpha_mod = float(alpha_mod)
         scaling = alpha_mod / (r_mod**0.5 if config.use_rslora else r_mod)
-        plan[module] = (a, b, r_mod, scaling)
+        plan[module] = (a, b, r_mod, scaling, magnitude)
     check_finite({f"{KEY_PREFIX}{m}{_A}": p[0] for m, p in plan.items()} |
-                 {f"{KEY_PREFIX}{m}{_B}": p[1] for m, p in plan.items()}, where)
+                 {f"{KEY_PREFIX}{m}{_B}": p[1] for m, p in plan.items()} |
+                 {f"{KEY_PREFIX}{m}{_M}": p[4] for m, p in plan.items() if p[4] is not None}, where)
     return config, plan
+
+
+def _magnitude(pair: dict[str, torch.Tensor], module: str, use_dora: bool, layout: str,
+               where: Path) -> torch.Tensor | None:
+    """DoRA's magnitude of `module`: present exactly when the config says use_dora, on linear layers only."""
+    if use_dora and layout != "linear":
+        raise UnsupportedAdapterError(f"{where}: DoRA on embedding {module}: lorakit's DoRA adapts linear layers only")
+    if use_dora and "M" not in pair:
+        raise CorruptAdapterError(f"{where}: missing key {KEY_PREFIX}{module}{_M}: the config says use_dora, so "
+                                  "every module needs its DoRA magnitude")
+    if not use_dora and "M" in pair:
+        raise CorruptAdapterError(f"{where}: key {KEY_PREFIX}{module}{_M} is a DoRA magnitude, but the config "
+                                  "does not say use_dora")
+    return pair.get("M")
 
 
 def load_lora(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool = True) -> str:
@@ -294,7 +321,7 @@ def load_lora(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool 
     with restore_on_error(model, name, list(plan) + extras.modules()), torch.no_grad():
         attach(model, config, name)
         fill_extras(model, name, extras)
-        for module, (a, b, r_mod, scaling) in plan.items():
+        for module, (a, b, r_mod, scaling, magnitude) in plan.items():
             layer: AdaptedLinear = model.get_submodule(module)
             adapter = layer.adapters[name]
             if adapter.r != r_mod:  # rank_pattern: this module's rank differs from the config's r
@@ -305,4 +332,6 @@ def load_lora(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool 
             adapter.scaling = scaling
             adapter.lora_A.copy_(a)
             adapter.lora_B.copy_(b)
+            if magnitude is not None:
+                adapter.lora_magnitude_vector.copy_(magnitude)
     return name

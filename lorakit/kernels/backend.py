@@ -10,6 +10,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from lorakit.errors import LorakitError
 from lorakit.kernels import reference
 
@@ -25,11 +27,12 @@ class RowKernels:
     core_rows: Callable[..., None]
     vera_rows: Callable[..., None]
     embedding_rows: Callable[..., None]
+    rescale_rows: Callable[..., torch.Tensor]  # returns the output: in place only where asked
 
 
 def _torch_reference() -> RowKernels:
     return RowKernels("torch", reference.add_lora_rows_, reference.add_core_rows_, reference.add_vera_rows_,
-                      reference.add_embedding_rows_)
+                      reference.add_embedding_rows_, reference.rescale_rows)
 
 
 # name -> a builder (a fused backend imports its compiler only when chosen)

@@ -8,6 +8,7 @@ is one adapter for the whole batch (plain GEMMs); n = rows is one adapter per ro
     add_core_rows_       LoRA-XS over the shared SVD basis              out += B·(R_i·(A·x_i))
     add_vera_rows_       VeRA over the shared random projections        out += b_i ⊙ B(d_i ⊙ A·x_i)
     add_embedding_rows_  LoRA on an embedding table                     out += coef_i·A_iᵀ[ids_i]·B_iᵀ
+    rescale_rows         DoRA's magnitude, on the base output           out + c_i ⊙ (out − bias)
 """
 
 from __future__ import annotations
@@ -92,3 +93,20 @@ def add_embedding_rows_(out: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b
     else:  # one adapter for the batch: scaled after the product, as PEFT rounds it
         alpha = coef
     out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, index).to(dtype), alpha=alpha)  # (n, T, D)
+
+
+def rescale_rows(out: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, in_place: bool) -> torch.Tensor:
+    """out + c ⊙ (out − bias), per group of rows: out (..., out) the base output, c (n, out) each group's
+    g − 1 (the batch split into n equal groups, as add_lora_rows_). `in_place` only where
+    nothing needs out's old value for gradients (inference)."""
+    n, width = c.shape
+    c = c.to(out.dtype)[:, None, :]  # (n, 1, out)
+    shift = None if bias is None else (c * bias.to(out.dtype))  # (n, 1, out): c ⊙ b, r-cheap
+    if in_place and out.is_contiguous():
+        y = out.view(n, -1, width).mul_(1 + c)
+        if shift is not None:
+            y.sub_(shift)
+        return out
+    y = out.reshape(n, -1, width)
+    y = y * (1 + c) if shift is None else torch.addcmul(-shift, y, 1 + c)
+    return y.reshape(out.shape)

@@ -5,6 +5,9 @@ keys), so base checkpoints load as they are and a merged model saves as a plain 
 `adapters` (a ModuleDict), shared frozen projections in `bases` (non-persistent buffers).
 
     forward(x) = base(x) + Σ_{a routed, not merged} Δ_a(x) − Σ_{m merged, not routed} Δ_m(x)
+
+A DoRA adapter's Δ rescales the base output row-wise (lorakit.methods.dora), so its merge replaces W by
+diag(g)·(W + s·B·A) and keeps W itself to put back: nothing else may be merged into the layer beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch.nn import functional as F
 from lorakit.layer.deltas import add_routed_deltas
 from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
+from lorakit.methods.dora import DoraAdapter
 from lorakit.layer.quantized import quantized_base
 from lorakit.routing.resolve import RouteSlots, resolve
 from lorakit.routing.context import AS_STORED, RowNames, current_route
@@ -77,6 +81,24 @@ class AdaptedLinear(nn.Module):
         weight = self.weight.T if self.fan_in_fan_out else self.weight
         return F.linear(x, weight, self.bias)
 
+    def dense_weight(self) -> torch.Tensor:
+        """W as it stands, (out, in), in its own dtype (a view: transposed for Conv1D)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base W (out, in) without what is merged into it: what DoRA's norms are taken of."""
+        merged = self.merged_names()
+        if not merged:
+            return self.dense_weight()
+        kept = self.merged_base(merged[0])  # a merged DoRA adapter is merged alone
+        if kept is not None:
+            return kept.T if self.fan_in_fan_out else kept
+        weight = self.dense_weight().float()
+        for name in merged:
+            up, down = self.merged_factors(name) or self.factors(name)
+            weight = weight - up.float() @ down.float()
+        return weight
+
     def has(self, name: str) -> bool:
         """Whether adapter `name` touches this layer (as a module or as packed cores)."""
         if name in self.adapters:
@@ -87,6 +109,9 @@ class AdaptedLinear(nn.Module):
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Δ_name(x) alone (the adapter's contribution, whether attached or packed)."""
         out = x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.has(name) and self.is_dora(name):  # DoRA rescales the base output: its delta needs it
+            base = self.base_forward(x)
+            return add_routed_deltas(self, x, base.clone(), self.resolved(name, {}, x.device, merged=()), {}) - base
         if self.has(name):
             out = add_routed_deltas(self, x, out, self.resolved(name, {}, x.device, merged=()), {})
         return out
@@ -154,15 +179,30 @@ class AdaptedLinear(nn.Module):
         return adapter.factors(basis)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """(out, in) in float32: the dense update of adapter `name`."""
+        """(out, in) in float32: the dense update of adapter `name` (DoRA's: diag(g)·(W + s·B·A) − W)."""
+        if self.is_dora(name):
+            weight = self.unmerged_weight()
+            return self.adapters[name].merged_weight(weight) - weight.float()
         up, down = self.factors(name)
         return up.float() @ down.float()
 
+    def is_dora(self, name: str) -> bool:
+        return isinstance(self.adapters[name] if name in self.adapters else None, DoraAdapter)
+
     def check_mergeable(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         up, down = self.factors(name)
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        finite = torch.isfinite(up).all() and torch.isfinite(down).all()
+        if self.is_dora(name):
+            finite = finite and torch.isfinite(self.adapters[name].lora_magnitude_vector).all()
+        if not finite:
             raise NonFiniteAdapterError(f"adapter {name!r} holds NaN/inf values in module {self.module_name}; "
                                         "refusing to merge it")
+        dora = [n for n in self.merged_names() + [name] if self.is_dora(n)]
+        if dora and self.merged_names():  # DoRA's merge rescales W: another merge beside it would not come out exactly
+            raise MergeStateError(f"cannot merge adapter {name!r} into {self.module_name}: {self.merged_names()} "
+                                  f"already merged there and DoRA adapter {dora[0]!r} merges only alone; unmerge first")
+        if self.is_dora(name) and self.quant is not None:
+            raise MergeStateError(f"cannot merge DoRA adapter {name!r} into quantized module {self.module_name}")
         return up, down
 
     @torch.no_grad()
@@ -193,12 +233,24 @@ class AdaptedLinear(nn.Module):
         self.unmerge_factors_(name)
 
     def merged_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(up, down) that merging adapter `name` added to W, or None when it is not merged here."""
+        """(up, down) that merging adapter `name` added to W, or None when it is not merged here (or is DoRA,
+        whose merge is not low-rank: merged_base)."""
         up = getattr(self.merged_deltas, f"{name}_up", None)
         return (up, getattr(self.merged_deltas, f"{name}_down")) if up is not None else None
 
+    def merged_base(self, name: str) -> torch.Tensor | None:
+        """W as it was before DoRA adapter `name` was merged (W's own layout and dtype), or None."""
+        return getattr(self.merged_deltas, f"{name}_base", None)
+
     def merge_factors_(self, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
-        """W += up·down, and remember exactly what was added."""
+        """W += up·down, and remember exactly what was added. DoRA: W := diag(g)·(W + up·down), W kept."""
+        if self.is_dora(name):
+            with torch.no_grad():
+                kept = self.weight.detach().clone()
+                merged = self.adapters[name].merged_weight(self.dense_weight())  # (out, in) float32
+                self.weight.copy_((merged.T if self.fan_in_fan_out else merged).to(self.weight.dtype))
+            self.merged_deltas.register_buffer(f"{name}_base", kept, persistent=False)
+            return
         up, down = up.detach().clone(), down.detach().clone()
         self.add_factors_(up, down, +1.0)
         self.record_merge(name, up, down)
@@ -208,13 +260,20 @@ class AdaptedLinear(nn.Module):
         self.merged_deltas.register_buffer(f"{name}_down", down, persistent=False)
 
     def unmerge_factors_(self, name: str) -> None:
-        """W −= what merging `name` added (its record; the live factors for a merge made before records)."""
+        """W −= what merging `name` added (its record; the live factors for a merge made before records);
+        a merged DoRA adapter puts back the W it kept, bit for bit."""
+        kept = self.merged_base(name)
+        if kept is not None:
+            with torch.no_grad():
+                self.weight.copy_(kept)
+            self.forget_merge(name)
+            return
         recorded = self.merged_factors(name)
         self.add_factors_(*(recorded if recorded is not None else self.factors(name)), -1.0)
         self.forget_merge(name)
 
     def forget_merge(self, name: str) -> None:
-        for part in ("up", "down"):
+        for part in ("up", "down", "base"):
             self.merged_deltas._buffers.pop(f"{name}_{part}", None)
 
     # -- bookkeeping -----------------------------------------------------------------------------

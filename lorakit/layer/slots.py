@@ -2,6 +2,7 @@
 
     LoRA      a (C, in, r_max), b (C, r_max, out)     adapter k's lora_A is the view a[k, :, :r_k]ᵀ
     LoRA-XS   core (C, r_max, r_max)                  lora_R is core[k, :r_k, :r_k]
+    DoRA      LoRA's a and b, m (C, out)              and the magnitudes; `derived` keeps each slot's g − 1
     VeRA      d (C, r), b (C, out)                    the two scaling vectors
     scales    (C,)                                    each slot's α/r (0 for an empty slot)
 
@@ -46,6 +47,9 @@ class SlotStack:
     held: dict[str, int]  # adapter name -> slot
     pointers: dict[str, tuple[int, ...]]  # where each held adapter's parameters must start
     table_version: int  # the SlotTable version it was built against
+    # values computed from the fields and the layer's weight, kept until either changes (DoRA's gains,
+    # lorakit.layer.deltas); empty in a fresh or moved stack
+    derived: dict = field(default_factory=dict)
 
     @property
     def capacity(self) -> int:
@@ -204,4 +208,4 @@ def moved(layer: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], held: di
         # an adapter left behind (another dtype or device) would read stale values here: rebuild on next use
         version = stack.table_version if len(kept) == len(names_of_kind(layer, kind)) else -1
         stacks(layer)[kind] = replace(stack, fields=fields, scales=scales, held=kept, pointers=pointers,
-                                      table_version=version)
+                                      table_version=version, derived={})

@@ -22,6 +22,7 @@ from lorakit.methods.table import method_for
 from lorakit.methods.vera import vera_basis, vera_fingerprint, vera_projections
 from lorakit.model.record import ModelAdapters, adapters_of, wrap_layer
 from lorakit.model.prefix_hook import attach_prefix
+from lorakit.layer.quantized import is_quantized_linear
 from lorakit.routing.context import carry_routes_through_checkpointing
 from lorakit.layer.saved_modules import install_saved, plan_saved
 from lorakit.layer.slots import kind_of
@@ -59,6 +60,23 @@ def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None
                                  f"({in_f}->{out_f})")
 
 
+def _check_dense(module: nn.Module, name: str, method: str) -> None:
+    """A method that reads the dense base weight (DoRA's row norms) takes plain float linear layers only."""
+    if is_embedding(module) or (isinstance(module, AdaptedLinear) and not module.wraps_linear):
+        raise UnsupportedLayerError(f"cannot put a {method} adapter on embedding {name}: lorakit's {method} adapts "
+                                    "linear layers only (leave it out with exclude_modules)")
+    if is_quantized_linear(module) or (isinstance(module, AdaptedLinear) and module.quant is not None):
+        raise UnsupportedLayerError(f"cannot put a {method} adapter on quantized module {name}: lorakit's {method} "
+                                    "needs a float base weight")
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight (out, in) of a linear, Conv1D or adapted layer, without anything merged into it."""
+    if isinstance(module, AdaptedLinear):
+        return module.unmerged_weight()
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D holds (in, out)
+
+
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Attach adapter `name` with `config` to `model` in place and return the model.
 
@@ -77,6 +95,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     modules = dict(model.named_modules())
     for target in targets:
         _check_rank(config, target, *layer_shape(modules[target]))
+        if method.reads_weight:
+            _check_dense(modules[target], target, method.label)
     saved, tokens = [], []
     if isinstance(config, LoraConfig):  # modules_to_save, trainable tokens: planned (checked) before any change
         if config.target_modules == "all-linear" and config.modules_to_save:  # a saved module is copied whole
@@ -94,7 +114,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         in_f, out_f = layer_shape(module)
         dtype = adapter_dtype(module.weight.dtype, config.autocast_adapter_dtype)
         build = method.build_embedding if is_embedding(module) else method.build  # find_targets checked it
-        adapter: nn.Module = build(in_f, out_f, config, dtype, module.weight.device)
+        adapter: nn.Module = build(in_f, out_f, config, dtype, module.weight.device, lambda: _dense_weight(module))
         new_basis = None
         key = adapter.basis_key
         if method.basis == "svd" and target in xs_bases:  # computed (or read from the bases cache) where missing

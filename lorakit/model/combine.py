@@ -27,6 +27,7 @@ from lorakit.model.attach import attach
 from lorakit.config import LoraConfig, LoraXSConfig, PrefixConfig
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterNotFoundError, NonFiniteAdapterError
 from lorakit.layer.linear import AdaptedLinear
+from lorakit.methods.table import method_for
 from lorakit.methods.task_merging import MERGERS, NEEDS_DENSITY, SIGN_METHODS, low_rank
 from lorakit.model.record import adapters_of
 
@@ -69,6 +70,10 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, combinat
         raise AdapterConfigError(f"svd_clamp must be a quantile in (0, 1] or None, got {svd_clamp!r}")
     if majority_sign_method not in SIGN_METHODS:
         raise AdapterConfigError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
+    rescaling = sorted(n for n, config in configs.items() if method_for(config).rescales_output)
+    if rescaling:  # a DoRA update rescales W's rows: no sum of low-rank factors stands for it
+        raise AdapterConfigError(f"adapters {rescaling} are {method_for(configs[rescaling[0]]).label}: combining "
+                                 "rescaled rows is not a weighted sum of LoRA factors, so lorakit does not combine them")
     methods = {config.method for config in configs.values()}
     ranks = [config.r for config in configs.values()]
     on_cores = methods == {"lora_xs"} and combination_type in FACTOR_TYPES | {"cat"}

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.layer.deltas import refresh_gains
 from lorakit.config import PrefixConfig
 from lorakit.errors import RoutingError
 from lorakit.layer.linear import adapted_layers
@@ -110,6 +111,7 @@ class CompiledForward:
         if self._prepared != (id(registry), registry.slot_table.version):
             prepare_stacks(self.model, registry)
             self._prepared = (id(registry), registry.slot_table.version)
+        refresh_dora(self.model, registry)
 
 
 def prepare_stacks(model: nn.Module, registry: ModelAdapters) -> None:
@@ -120,6 +122,13 @@ def prepare_stacks(model: nn.Module, registry: ModelAdapters) -> None:
             stack_for(layer, kind, table)
     if registry.bank is not None:
         registry.bank.ensure_capacity(table.capacity("lora_xs"))
+
+
+def refresh_dora(model: nn.Module, registry: ModelAdapters) -> None:
+    """DoRA's kept gains brought up to date outside the graph, every call: the graph reads them as they stand."""
+    if "dora" in registry.slot_table.kinds():
+        for layer in registry.layer_map(model).values():
+            refresh_gains(layer)
 
 
 @torch.compiler.disable
@@ -148,6 +157,8 @@ def _enter(entry: "RouteEntry", model: nn.Module) -> None:
         if not torch.is_grad_enabled() and entry.prepared != (id(registry), table.version):
             prepare_stacks(model, registry)  # inference reads the slot stacks: built here, never in the graph
             entry.prepared = (id(registry), table.version)
+        if not torch.is_grad_enabled():
+            refresh_dora(model, registry)
         registry.entry_slots = slots
     except BaseException:
         _leave(entry, model)

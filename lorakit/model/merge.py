@@ -13,6 +13,7 @@ from lorakit.model.bank import BANK_ATTR
 from lorakit.config import PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
 from lorakit.layer.linear import adapted_layers
+from lorakit.methods.table import method_for
 from lorakit.model.record import adapters_of, release
 from lorakit.model.prefix_hook import unload_prefixes
 from lorakit.layer.quantized import dequantize_model
@@ -71,7 +72,8 @@ def swap_merged(model: nn.Module, old: str, new: str) -> None:
     if isinstance(registry.configs[new], PrefixConfig):
         raise MergeStateError(f"adapter {new!r} is a prefix adapter: there is nothing to merge")
     check_untied(model, new, [n for n, layer in adapted_layers(model).items() if layer.has(new)])
-    if saved_modules(model) or token_layers(model):  # whole-module copies and token rows: one after the other
+    rescaling = any(method_for(registry.configs[n]).rescales_output for n in (old, new))  # DoRA: not additive
+    if rescaling or saved_modules(model) or token_layers(model):  # whole-module copies, token rows: one after the other
         unmerge(model, old)
         try:
             merge(model, new)

@@ -170,7 +170,7 @@ def test_vera_for_other_model_sizes_is_refused(host, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, feature", [
-    ("use_dora", True, "DoRA"), ("bias", "all", "bias='all'"), ("use_qalora", True, "QA-LoRA"),
+    ("bias", "all", "bias='all'"), ("use_qalora", True, "QA-LoRA"),
     ("lora_bias", True, "lora_bias"), ("peft_type", "ADALORA", "ADALORA"), ("layer_replication", [[0, 1]],
                                                                              "layer_replication")])
 def test_unsupported_peft_features_are_named(host, saved, tmp_path, field, value, feature):
@@ -179,7 +179,7 @@ def test_unsupported_peft_features_are_named(host, saved, tmp_path, field, value
     expect_refused(host, path, UnsupportedAdapterError, feature)
 
 
-@pytest.mark.parametrize("suffix, feature", [("lora_magnitude_vector", "DoRA")])
+@pytest.mark.parametrize("suffix, feature", [("lora_B.bias", "LoRA bias terms")])
 def test_unsupported_peft_tensors_are_named(host, saved, tmp_path, suffix, feature):
     path = broken(saved, tmp_path, "lora")
     edit_tensors(path, lambda t: t.__setitem__(f"base_model.model.model.embed_tokens.{suffix}", torch.zeros(4, 8)))

@@ -9,9 +9,11 @@ from lorakit import LoraConfig, LoraXSConfig, VeraConfig
 from lorakit.errors import LorakitError
 from lorakit.kernels import reference
 from lorakit.kernels.backend import BACKENDS, ENV, KERNELS, choose
+from lorakit.methods.dora import DoraAdapter, gain_minus_one
 from lorakit.methods.lora import LoraAdapter
 from lorakit.methods.lora_embedding import EmbeddingLoraAdapter
 from lorakit.methods.lora_xs import LoraXSAdapter, svd_basis
+from lorakit.methods.table import METHODS as TABLE
 from lorakit.methods.vera import VeraAdapter, vera_basis, vera_projections
 from tests.conftest import TOLERANCES
 
@@ -35,6 +37,22 @@ def _lora(kernels, device, dtype, gen):
     kernels.lora_rows(out, x, torch.stack([a.lora_A for a in adapters]),
                       torch.stack([a.lora_B.T for a in adapters]), coef)
     return out, torch.stack([a.delta(x[i]) for i, a in enumerate(adapters)])
+
+
+def _dora(kernels, device, dtype, gen):
+    """LoRA's rows into the base output, then DoRA's per-group rescale: g ⊙ (base − b + s·BAx) + b."""
+    weight, bias = torch.randn(OUT, IN, generator=gen).to(device), torch.randn(OUT, generator=gen).to(device)
+    adapters = [_randomised(DoraAdapter(IN, OUT, LoraConfig(r=R, lora_alpha=2 + i, use_dora=True), weight,
+                                        torch.float32, device), gen) for i in range(GROUPS)]
+    x = torch.randn(GROUPS, TOKENS, IN, generator=gen).to(device, dtype)
+    base = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))
+    out = base.clone()
+    coef = torch.tensor([a.scaling for a in adapters], device=device)
+    kernels.lora_rows(out, x, torch.stack([a.lora_A for a in adapters]), torch.stack([a.lora_B.T for a in adapters]),
+                      coef)
+    gains = torch.stack([gain_minus_one(weight, *a.factors(), a.lora_magnitude_vector) for a in adapters])
+    out = kernels.rescale_rows(out, gains, bias, in_place=True)
+    return out - base, torch.stack([a.delta(x[i], weight) for i, a in enumerate(adapters)])
 
 
 def _lora_xs(kernels, device, dtype, gen):
@@ -73,7 +91,12 @@ def _embedding(kernels, device, dtype, gen):
     return out, torch.stack([a.delta(ids[i]).to(dtype) for i, a in enumerate(adapters)])
 
 
-METHODS = {"lora": _lora, "lora_xs": _lora_xs, "vera": _vera, "embedding": _embedding}
+METHODS = {"lora": _lora, "dora": _dora, "lora_xs": _lora_xs, "vera": _vera, "embedding": _embedding}
+
+
+def test_every_method_of_the_table_is_held_here():
+    """A new method's row in lorakit.methods.table names a kernel; this file must then check it."""
+    assert {m.name for m in TABLE.values() if m.kernel is not None} <= set(METHODS)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

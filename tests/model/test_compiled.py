@@ -112,3 +112,31 @@ def test_cuda_graph_decode_equals_eager_decode_on_cuda(no_recompile_after_first)
     for route in (["l0", "x0", None, "l2"], ["l1", "l1", "x0", None]):
         assert torch.equal(lk.generate(model, ids, route, max_new_tokens=6, step=step),
                            lk.generate(model, ids, route, max_new_tokens=6)), route
+
+
+def test_dora_rows_one_graph_no_break_and_fresh_gains(model, no_recompile_after_first):
+    """DoRA beside LoRA, LoRA-XS (attached and packed) and VeRA: one graph for every route; the kept gains are
+    refreshed outside the graph, so a magnitude changed between calls is seen without a recompile."""
+    from tests.methods.test_dora import randomize_dora
+
+    lk.attach(model, lk.LoraConfig(r=2, lora_alpha=4, use_dora=True), "d0")
+    lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"]), "d1")
+    randomize_dora(model, "d0")
+    randomize_dora(model, "d1", seed=4)
+    step = lk.CompiledForward(model, backend="aot_eager")
+    ids = torch.randint(0, 101, (4, 6), generator=torch.Generator().manual_seed(2))
+    routes = [["d0", "l0", None, "d1"], ["x1", "d1", "d0", "v"], ["d0"] * 4, [None, "x0", "l2", "d0"]]
+    torch._dynamo.utils.counters.clear()
+    for k, route in enumerate(routes):
+        torch._dynamo.config.error_on_recompile = k > 0
+        assert (step(route, input_ids=ids).logits - _eager(model, route, input_ids=ids)).abs().max() < 1e-5, route
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    before = step(routes[0], input_ids=ids).logits
+    with torch.no_grad():
+        for layer in lk.adapted_layers(model).values():
+            if "d0" in layer.adapters:
+                layer.adapters["d0"].lora_magnitude_vector.mul_(1.5)
+    after = step(routes[0], input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3
+    assert (after - _eager(model, routes[0], input_ids=ids)).abs().max() < 1e-5

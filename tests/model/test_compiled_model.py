@@ -157,3 +157,27 @@ def test_an_error_inside_the_graph_leaves_the_model_usable(ids):
         _logits(compiled, ["l", "x"], ids)  # two row names for three rows
     assert (_logits(compiled, "l", ids) - _logits(model, "l", ids)).abs().max() < 1e-5
     assert model.lorakit_registry.entry_slots is None  # a call that ends normally takes the route back
+
+
+def test_dora_compiles_whole_in_training_and_inference(ids):
+    from tests.methods.test_dora import randomize_dora
+
+    route = ["d", "l", None]  # DoRA, LoRA and the base in one batch
+
+    model = _model()
+    lk.attach(model, lk.LoraConfig(r=4, lora_alpha=8, use_dora=True), "d")
+    randomize_dora(model, "d")
+    with torch.no_grad(), lk.use_adapter(model, route):
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager")
+    assert (_logits(compiled, route, ids) - _logits(model, route, ids)).abs().max() < 1e-5
+    model.train()
+    grads = []
+    for run in (model, compiled):
+        model.zero_grad()
+        with lk.use_adapter(model, route):
+            run(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert any(k.endswith("lora_magnitude_vector") for k in grads[0]) and grads[0].keys() == grads[1].keys()
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5
