@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import ClassVar, Union
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Union
 
 import torch
 
@@ -14,34 +14,33 @@ from lorakit.errors import AdapterConfigError
 Targets = Union[str, tuple[str, ...]]
 
 
-def _normalise_targets(value: object) -> Targets:
+def _normalise_targets(name: str, value: object) -> Targets:
     if isinstance(value, str):
         if not value:
-            raise AdapterConfigError("target_modules is empty")
+            raise AdapterConfigError(f"{name} is empty")
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t for t in value):
         return tuple(value)
-    raise AdapterConfigError(f"target_modules must be 'all-linear', a regex or a list of names, got {value!r}")
+    raise AdapterConfigError(f"{name} must be 'all-linear', a regex or a list of names, got {value!r}")
+
+
+def _names(name: str, value: object) -> tuple[str, ...]:
+    """A tuple of module names: one name given as a string is one name, not its characters."""
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value):
+        return tuple(value)
+    raise AdapterConfigError(f"{name} must be a module name or a list of names, got {value!r}")
 
 
 def normalise_excludes(value: object) -> tuple[str, ...]:
     """exclude_modules as a tuple of names: one name given as a string is one name, not its characters."""
-    if isinstance(value, str):
-        value = (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value):
-        return tuple(value)
-    raise AdapterConfigError(f"exclude_modules must be a module name or a list of names, got {value!r}")
+    return _names("exclude_modules", value)
 
 
 def normalise_saved(value: object) -> tuple[str, ...]:
     """modules_to_save as a tuple of module names (a lone string is one name)."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value):
-        return tuple(value)
-    raise AdapterConfigError(f"modules_to_save must be a module name or a list of names, got {value!r}")
+    return () if value is None else _names("modules_to_save", value)
 
 
 # trainable_token_indices as PEFT takes it: ids for the input embedding, or {module name: ids}; held as a
@@ -70,9 +69,10 @@ def normalise_token_indices(value: object) -> TokenIndices:
     return _token_ids(value, "")
 
 
-def _check_flag(name: str, value: object) -> None:
+def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise AdapterConfigError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -91,73 +91,123 @@ def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) 
 MAX_ALPHA = 1e6  # |lora_alpha| beyond this overflows a half-precision scaled update; no real adapter comes near
 
 
-def _check_alpha(alpha: object) -> None:
+def _alpha(name: str, alpha: object) -> float:
     """A finite real number of sane size: NaN or -1e39 would make every output non-finite."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or \
             abs(alpha) > MAX_ALPHA:
-        raise AdapterConfigError(f"lora_alpha must be a finite number of magnitude at most {MAX_ALPHA:g}, "
-                                 f"got {alpha!r}")
+        raise AdapterConfigError(f"{name} must be a finite number of magnitude at most {MAX_ALPHA:g}, got {alpha!r}")
+    return alpha
 
 
-def _check_rank(r: int) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterConfigError(f"rank r must be a positive integer, got {r!r}")
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise AdapterConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _rank(name: str, r: object) -> int:
+    return _positive_int(f"rank {name}", r)
+
+
+def _rate(name: str, p: object) -> float:
+    if not 0.0 <= p < 1.0:
+        raise AdapterConfigError(f"{name} must be in [0, 1), got {p!r}")
+    return p
+
+
+# -- the fields several methods share: each declared once, with its default and its check ---------------------
+# A config class lists them in its own order (the constructor's positional order and config_to_dict's keys stay
+# as they were); `CheckedConfig.__post_init__` runs every field's check, so a shared field is validated one way.
+
+def checked(default: object, check: Callable[[str, object], object]) -> Any:
+    """A dataclass field whose value is checked (and normalised) by `check(field_name, value)` on construction."""
+    return field(default=default, metadata={"check": check})
+
+
+def rank(default: int) -> Any:
+    return checked(default, _rank)
+
+
+def alpha(default: float = 16.0) -> Any:
+    return checked(default, _alpha)
+
+
+def dropout() -> Any:
+    return checked(0.0, _rate)
+
+
+def flag(default: bool) -> Any:
+    return checked(default, _flag)
+
+
+def targets() -> Any:
+    return checked("all-linear", _normalise_targets)
+
+
+def excludes() -> Any:
+    return checked((), _names)
+
+
+def autocast() -> Any:
+    return flag(True)
+
+
+def saved() -> Any:
+    return checked((), lambda _, value: normalise_saved(value))
+
+
+def token_indices() -> Any:
+    return checked(None, lambda _, value: normalise_token_indices(value))
+
+
+class CheckedConfig:
+    """Base of the frozen configs: construction runs each field's own check (see `checked`) in field order."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]  (subclasses are dataclasses)
+            check = f.metadata.get("check")
+            if check is not None:
+                object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(CheckedConfig):
     """LoRA: ΔW = (α/r)·B·A, A random, B zero, both trained."""
 
     method: ClassVar[str] = "lora"
-    r: int = 8  # rank of the update
-    lora_alpha: float = 16.0  # scaling numerator: scaling = α/r (α/√r with rsLoRA)
-    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
+    r: int = rank(8)  # rank of the update
+    lora_alpha: float = alpha()  # scaling numerator: scaling = α/r (α/√r with rsLoRA)
+    lora_dropout: float = dropout()  # dropout on the adapter's input, training only
     use_rslora: bool = False  # rank-stabilised scaling α/√r
-    target_modules: Targets = "all-linear"  # which layers get an adapter
-    exclude_modules: tuple[str, ...] = ()  # names/suffixes never adapted (the output head always is)
-    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
-    modules_to_save: tuple[str, ...] = ()  # modules trained as full copies (a classifier head, a norm), as PEFT's
-    trainable_token_indices: TokenIndices = None  # embedding rows trained for these ids (lorakit.layer.trainable_tokens)
-
-    def __post_init__(self) -> None:
-        _check_rank(self.r)
-        _check_alpha(self.lora_alpha)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
-        object.__setattr__(self, "modules_to_save", normalise_saved(self.modules_to_save))
-        object.__setattr__(self, "trainable_token_indices", normalise_token_indices(self.trainable_token_indices))
+    target_modules: Targets = targets()  # which layers get an adapter
+    exclude_modules: tuple[str, ...] = excludes()  # names/suffixes never adapted (the output head always is)
+    autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
+    modules_to_save: tuple[str, ...] = saved()  # modules trained as full copies (a classifier head, a norm), as PEFT's
+    trainable_token_indices: TokenIndices = token_indices()  # embedding rows trained for these ids (lorakit.layer.trainable_tokens)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
+def _non_negative(name: str, value: object) -> float:
+    if not value >= 0.0:
+        raise AdapterConfigError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
-class LoraXSConfig:
+class LoraXSConfig(CheckedConfig):
     """LoRA-XS: ΔW = (α/r)·U_r·R·Σ_r·V_rᵀ; only the r×r matrix R is trained."""
 
     method: ClassVar[str] = "lora_xs"
-    r: int = 16  # rank of the frozen SVD basis; R is r×r
-    lora_alpha: float = 16.0  # scaling = α/r
-    init_std: float = 1e-5  # R starts as N(0, init_std²): near zero, so training starts at the base
-    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
-    target_modules: Targets = "all-linear"
-    exclude_modules: tuple[str, ...] = ()
-    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
-
-    def __post_init__(self) -> None:
-        _check_rank(self.r)
-        _check_alpha(self.lora_alpha)
-        if not self.init_std >= 0.0:
-            raise AdapterConfigError(f"init_std must be >= 0, got {self.init_std!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
+    r: int = rank(16)  # rank of the frozen SVD basis; R is r×r
+    lora_alpha: float = alpha()  # scaling = α/r
+    init_std: float = checked(1e-5, _non_negative)  # R starts as N(0, init_std²): near zero, so training starts at the base
+    lora_dropout: float = dropout()  # dropout on the adapter's input, training only
+    target_modules: Targets = targets()
+    exclude_modules: tuple[str, ...] = excludes()
+    autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
     @property
     def scaling(self) -> float:
@@ -165,52 +215,35 @@ class LoraXSConfig:
 
 
 @dataclass(frozen=True)
-class VeraConfig:
+class VeraConfig(CheckedConfig):
     """VeRA: ΔW = Λ_b·B·Λ_d·A with A, B random and shared by all layers; only d and b are trained."""
 
     method: ClassVar[str] = "vera"
-    r: int = 256  # rank of the shared random projections
+    scaling: ClassVar[float] = 1.0  # d and b carry the whole scale: no α
+    r: int = rank(256)  # rank of the shared random projections
     d_initial: float = 0.1  # initial value of every entry of d
     projection_seed: int = 0  # seed of the shared A and B
-    vera_dropout: float = 0.0  # dropout on the adapter's input, training only
-    target_modules: Targets = "all-linear"
-    exclude_modules: tuple[str, ...] = ()
-    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
+    vera_dropout: float = dropout()  # dropout on the adapter's input, training only
+    target_modules: Targets = targets()
+    exclude_modules: tuple[str, ...] = excludes()
+    autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
-    def __post_init__(self) -> None:
-        _check_rank(self.r)
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise AdapterConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
-        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", normalise_excludes(self.exclude_modules))
 
-    @property
-    def scaling(self) -> float:
-        return 1.0
+def _positive_int_or_none(name: str, value: object) -> int | None:
+    if value is not None and (not isinstance(value, int) or value <= 0):
+        raise AdapterConfigError(f"{name} must be a positive integer or None, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
-class PrefixConfig:
+class PrefixConfig(CheckedConfig):
     """Prefix tuning: trained keys and values put in front of every attention layer's own (no linear changes)."""
 
     method: ClassVar[str] = "prefix"
-    num_virtual_tokens: int = 20  # prefix length: key/value slots added to every layer
-    prefix_projection: bool = False  # train through a reparameterisation MLP (folded into the prefix when saved)
-    encoder_hidden_size: int | None = None  # the MLP's hidden width; None = the model's key/value width
-    autocast_adapter_dtype: bool = True  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or \
-                self.num_virtual_tokens <= 0:
-            raise AdapterConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        if self.encoder_hidden_size is not None and (not isinstance(self.encoder_hidden_size, int)
-                                                     or self.encoder_hidden_size <= 0):
-            raise AdapterConfigError(f"encoder_hidden_size must be a positive integer or None, got "
-                                     f"{self.encoder_hidden_size!r}")
-        _check_flag("autocast_adapter_dtype", self.autocast_adapter_dtype)
-        if not isinstance(self.prefix_projection, bool):
-            raise AdapterConfigError(f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+    num_virtual_tokens: int = checked(20, _positive_int)  # prefix length: key/value slots added to every layer
+    prefix_projection: bool = flag(False)  # train through a reparameterisation MLP (folded into the prefix when saved)
+    encoder_hidden_size: int | None = checked(None, _positive_int_or_none)  # MLP hidden width; None: the key/value width
+    autocast_adapter_dtype: bool = autocast()  # on a bf16/fp16 base: weights in float32, computed in the activation dtype
 
 
 AdapterConfig = Union[LoraConfig, LoraXSConfig, VeraConfig]

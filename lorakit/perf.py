@@ -2,12 +2,11 @@
 
 Each forward pass allocates and frees activation tensors of megabytes (logits alone are B·T·vocab
 floats). glibc returns such blocks to the kernel when they are freed (mmap'd blocks, and a trimmed heap
-top), so the next pass page-faults through them again: on the 2-core benchmark machine that cost
-SmolLM2 about a fifth of its forward time in a profile, and more when adapters add their own temporaries. Raising the
-trim threshold and the mmap threshold (to glibc's 32 MiB limit) keeps the memory in the process for
-reuse: a loop allocating and freeing 4-32 MB tensors went from 8,400 page faults per iteration to 200,
-and ran 1.6× faster. Blocks over 32 MiB (a long batch's logits) are still mapped afresh each time. The
-price is that the process's resident size stays near its peak rather than shrinking after a burst.
+top), so the next pass page-faults through them again: a cost paid on every forward, and more when
+adapters add their own temporaries. Raising the trim threshold and the mmap threshold (to glibc's 32 MiB
+limit) keeps that memory in the process for reuse. Blocks over 32 MiB (a long batch's logits) are still
+mapped afresh each time. The price is that the process's resident size stays near its peak rather than
+shrinking after a burst.
 """
 
 from __future__ import annotations
@@ -52,9 +51,8 @@ def in_fresh_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     For torch work done off a server's engine thread (loading the model, reading adapters). With GNU
     OpenMP every thread that runs a parallel torch op keeps its own team of worker threads for as long as
     it lives. Once the threads of all teams outnumber the cores, libgomp stops spinning between parallel
-    regions and wakes its workers through the kernel, and every small op pays for it: on this 2-core
-    machine a (1, 32, 16) bmm took 3.4 µs on the only team's thread and 34 µs on a second team's thread,
-    which made a LoRA-XS decode step in `lorakit serve` 1.6× the base step instead of 1.2×. A thread
+    regions and wakes its workers through the kernel, so every small op pays a wake-up: a decode step is
+    hundreds of small ops (LoRA-XS's r×r products among them), so that cost would dominate it. A thread
     that has ended takes its team with it, so the engine's thread stays the only one with workers."""
     box: dict[str, Any] = {}
 

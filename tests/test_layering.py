@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / "lorakit"
 # Low to high: a module may import from its own layer (without cycles) or any layer below, never above.
 # Every lorakit module must be listed, so a new one is placed on purpose. A name ending in ".*" covers a package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("lorakit.errors", "lorakit.versions", "lorakit.names", "lorakit.config", "lorakit.perf")),
+    ("foundation", ("lorakit.errors", "lorakit.versions", "lorakit.names", "lorakit.config", "lorakit.perf",
+                    "lorakit.atomic_write")),
     ("methods", ("lorakit.methods.*",)),
     ("kernels", ("lorakit.kernels.*",)),
     ("routing", ("lorakit.routing.*",)),

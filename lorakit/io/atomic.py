@@ -1,7 +1,7 @@
 """Atomic writes: a reader sees the old file (or directory) or the new one, never half of either, nor nothing.
 
 Files: write a temp file in the same directory, fsync it, `os.replace` it over the target, fsync the
-directory. Directories (adapters, checkpoints): write every file into a temp directory beside the target,
+directory (lorakit.atomic_write, the one primitive, shared with the LoRA-XS bases cache below io). Directories (adapters, checkpoints): write every file into a temp directory beside the target,
 fsync, then swap it into place, with Linux's `renameat2(RENAME_EXCHANGE)` where available (one atomic
 step). Elsewhere two renames: the old copy moves aside as `.NAME.old-XXXXXXXX` before the new one takes
 its name, so a crash between the two leaves the old copy complete under that name; readers use it
@@ -15,10 +15,8 @@ when the same directory is next written.
 import ctypes
 import json
 import os
-import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,23 +24,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from lorakit import atomic_write
+from lorakit.atomic_write import TEMP_NAME, fsync_dir, is_temp_name, replace_file, temp_path  # noqa: F401 - io's
+# callers (checkpoints, the trainer, the server's directory listing) take the temp names from here
 from lorakit.errors import WriteError
 
 # Files lorakit writes into an adapter directory; a directory holding anything else is never replaced.
 REPLACEABLE = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
-# `.<target>.tmp-<8 hex>` (being written) and `.<target>.old-<8 hex>` (moved aside): lorakit's temporaries.
-TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
 STALE_AFTER_S = 900.0  # a temporary untouched this long belongs to a process that died (saves take seconds)
-
-
-def temp_path(path: Path, kind: str = "tmp") -> Path:
-    """A fresh temporary name beside `path` that `TEMP_NAME` recognises."""
-    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether `name` is one of lorakit's temporaries (never an adapter, a checkpoint or a user's file)."""
-    return TEMP_NAME.match(name) is not None
 
 
 def orphan_of(path: Path) -> Path | None:
@@ -106,40 +95,12 @@ def reporting_write_errors(path: Path) -> Iterator[None]:
                          "its temporary files are removed") from None
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically: readers never see a partial file."""
+    """Write `data` to `path` atomically (lorakit.atomic_write): readers never see a partial file."""
     path = Path(path)
     sweep_stale(path.parent)
-    tmp = temp_path(path)
     with reporting_write_errors(path):
-        try:
-            _write_durable(tmp, data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)
-    return path
+        return replace_file(path, data)
 
 
 def json_bytes(obj: object) -> bytes:
@@ -169,7 +130,7 @@ def write_directory(path: str | os.PathLike, files: Mapping[str, bytes]) -> Path
     """
     with atomic_directory(path) as tmp:
         for name, data in files.items():
-            _write_durable(tmp / name, data)
+            atomic_write.write_durable(tmp / name, data)  # through the module: crash tests' one seam
     return Path(path)
 
 

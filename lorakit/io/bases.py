@@ -22,12 +22,13 @@ from lorakit.model.bases import weight_as_out_in
 from lorakit.errors import AdapterMismatchError, AdapterNotFoundError, CorruptAdapterError, LorakitError
 from lorakit.io.atomic import atomic_write_safetensors
 from lorakit.io.files import check_finite, expect_keys, parse_safetensors
-from lorakit.io.guard import install_bases, restore_on_error, target_shapes
+from lorakit.io.guard import restore_on_error, target_shapes
 from lorakit.io.peft_lora import base_model_name
 from lorakit.io.safe_open import read_safetensors_bytes
 from lorakit.layer.linear import adapted_layers
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import basis_residuals
+from lorakit.model.record import install_bases
 
 KIND = "lora_xs"
 _PARTS = ("down", "up", "fingerprint")

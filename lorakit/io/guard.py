@@ -2,8 +2,7 @@
 
 `restore_on_error` records what a load may change (the named modules, their bases, ModelAdapters,
 every parameter's requires_grad) and puts it back if anything raises, so a failed load leaves the same
-adapter set, the same module objects and the same weights. `install_bases` puts precomputed frozen
-bases on layers, so `attach` reuses them instead of recomputing an SVD.
+adapter set, the same module objects and the same weights.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ from lorakit.model.attach import find_targets
 from lorakit.model.bases import layer_shape
 from lorakit.config import AdapterConfig
 from lorakit.errors import (AdapterExistsError, AdapterMismatchError, LorakitError, UnsupportedLayerError)
-from lorakit.layer.embedding import adapted_layer, is_embedding
-from lorakit.layer.linear import AdaptedLinear, is_adaptable
-from lorakit.methods.basis import Basis
-from lorakit.model.record import ATTR as ADAPTERS_ATTR, adapters_of
+from lorakit.layer.embedding import is_embedding
+from lorakit.layer.linear import is_adaptable
+from lorakit.model.record import ATTR as ADAPTERS_ATTR, unwrap_on_error
 from lorakit.names import check_adapter_name
-from lorakit.layer.surgery import replace_module
 
 
 def check_free_name(model: nn.Module, name: str) -> None:
@@ -67,51 +64,14 @@ def config_for_modules(model: nn.Module, config: AdapterConfig, modules: list[st
 
 @contextmanager
 def restore_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Iterator[None]:
-    """On any exception inside the block, undo what attaching adapter `name` to `modules` changed."""
-    modules = set(modules)
-    before = {n: m for n, m in model.named_modules() if n in modules}
-    bases_before = {n: dict(m.bases) for n, m in before.items() if isinstance(m, AdaptedLinear)}
-    had_registry = ADAPTERS_ATTR in model.__dict__
-    registry = getattr(model, ADAPTERS_ATTR, None)
-    projections_before = dict(registry.vera_projections) if registry is not None else {}
+    """On any exception inside the block, undo what attaching adapter `name` to `modules` changed: the
+    layers and the record (lorakit.model.record.unwrap_on_error), and every parameter's requires_grad."""
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        yield
+        with unwrap_on_error(model, name, modules):
+            yield
     except BaseException:
-        registry = getattr(model, ADAPTERS_ATTR, None)
-        if registry is not None:
-            registry.configs.pop(name, None)
-            registry.slot_table.release(name)
-            registry.vera_projections = projections_before
-            registry.layers_changed()
-        for module_name, original in before.items():
-            current = model.get_submodule(module_name)
-            if current is not original:
-                replace_module(model, module_name, original)
-            if isinstance(original, AdaptedLinear):
-                if name in original.adapters:
-                    del original.adapters[name]
-                for key in [k for k in original.bases if k not in bases_before[module_name]]:
-                    del original.bases[key]
-                for key, basis in bases_before[module_name].items():
-                    original.bases[key] = basis
-        if not had_registry and ADAPTERS_ATTR in model.__dict__:
-            object.__delattr__(model, ADAPTERS_ATTR)
         for param_name, param in model.named_parameters():
             if param_name in grads:
                 param.requires_grad_(grads[param_name])
         raise
-
-
-def install_bases(model: nn.Module, key: str, bases: dict[str, Basis]) -> None:
-    """Put `bases[module]` under `key` on each module (wrapping plain layers); call inside restore_on_error."""
-    registry = adapters_of(model, create=True)
-    for module_name, basis in bases.items():
-        layer = model.get_submodule(module_name)
-        if not isinstance(layer, AdaptedLinear):
-            layer = adapted_layer(layer, module_name, registry)
-            replace_module(model, module_name, layer)
-            registry.layers_changed()
-        have = layer.basis(key)
-        if have is None or have.rank < basis.rank:
-            layer.bases[key] = basis.to(layer.weight.device)

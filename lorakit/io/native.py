@@ -31,8 +31,7 @@ from lorakit.config import LoraXSConfig, VeraConfig, config_from_dict, config_to
 from lorakit.errors import AdapterConfigError, AdapterMismatchError, CorruptAdapterError, UnsupportedAdapterError
 from lorakit.io.atomic import json_bytes, tensors_bytes, write_directory
 from lorakit.io.files import CONFIG_NAME, NOT_STRICT_HINT, WEIGHTS_NAME, AdapterFiles, check_finite, expect_keys
-from lorakit.io.guard import (check_free_name, config_for_modules, install_bases, restore_on_error,
-                              target_shapes)
+from lorakit.io.guard import check_free_name, config_for_modules, restore_on_error, target_shapes
 from lorakit.io.packed import try_load_packed
 from lorakit.io.peft_lora import base_model_name
 from lorakit.layer.linear import is_adaptable
@@ -40,6 +39,7 @@ from lorakit.methods.basis import Basis, fingerprints_match
 from lorakit.methods.lora_xs import basis_fingerprint
 from lorakit.methods.table import METHODS
 from lorakit.methods.vera import vera_basis, vera_basis_key, vera_projections
+from lorakit.model.record import install_bases
 from lorakit.versions import LORAKIT_VERSION
 
 NATIVE_FORMAT = 1
@@ -173,6 +173,14 @@ def missing_lora_xs_bases(model: nn.Module, config: LoraXSConfig, modules: list[
     """The LoRA-XS SVD bases `modules` lack at `config.r` (call check_native_files first: this is the
     expensive part; one batched computation per weight shape, or a bases-cache read)."""
     return lora_xs_bases_for(model, modules, config.r, progress=False)
+
+
+def native_bases_to_precompute(model: nn.Module, files: AdapterFiles) -> dict[str, Basis]:
+    """The LoRA-XS SVD bases loading `files` will need and the model lacks, computed without touching the model
+    (a server does this off its engine's thread). The files are checked first (method, modules of this base,
+    rank <= min(in, out)), so a bad file costs no SVD at all; VeRA needs none."""
+    config, modules = check_native_files(model, files)
+    return missing_lora_xs_bases(model, config, modules) if isinstance(config, LoraXSConfig) else {}
 
 
 def load_native(model: nn.Module, files: AdapterFiles, name: str, *, strict: bool = True,

@@ -103,9 +103,9 @@ def _add_vera(layer: nn.Module, kind: str, x: torch.Tensor, out: torch.Tensor, c
 
 def _lora_rows(fields: dict[str, torch.Tensor], scales: torch.Tensor, index: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each group's A, Bᵀ (in `dtype`) and scale, gathered from the stack every call. (Keeping the gathered
-    rows with a decode loop's route measured slower on the CPU: 1.63× base against 1.32×, the kept copies
-    doubling the bytes a step touches.)"""
+    """Each group's A, Bᵀ (in `dtype`) and scale, gathered from the stack on every call rather than kept with
+    a decode loop's route: a kept copy would double the bytes each step reads, and a decode step is bound by
+    the bytes it reads, not by the gather."""
     return (fields["a"].index_select(0, index).to(dtype), fields["b"].index_select(0, index).to(dtype),
             scales.index_select(0, index))
 
@@ -133,14 +133,15 @@ def routed_source(layer: nn.Module, kind: str, rows: KindRows, per_call: bool, c
 
 
 def _checked_stack(layer: nn.Module, kind: str, rows: KindRows, checked: dict | None) -> SlotStack | None:
+    """The layer's slot stack of `kind`, rebuilt if its parameters no longer live in it; None if it has none."""
     if checked is None:  # compiling: lorakit.model.compiled prepared every stack before tracing
         return layer.slot_stack(kind)
     stack = stack_for(layer, kind, layer.registry.slot_table)
     if stack is None or checked.get(("stack", id(layer), kind)) is stack:
         return stack
     # parameters re-pointed behind lorakit's back (`param.data = ...`, `.to()` on a submodule alone): checked
-    # on the route's first adapter here, once per route and layer (every adapter's check cost 34 ms per
-    # SmolLM2 step for a 32-adapter route); model-level moves re-point them all (slots.moved)
+    # on the route's first adapter only, once per route and layer: checking every adapter of a wide route
+    # would read all their parameters' pointers on every step; model-level moves re-point them all (slots.moved)
     first = next((n for n in rows.names if n in layer.adapters), None)
     if first is not None and not stack.holds(layer, first):
         stack = stack_for(layer, kind, layer.registry.slot_table, stale=stack)

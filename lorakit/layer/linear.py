@@ -221,6 +221,16 @@ class AdaptedLinear(nn.Module):
     def basis(self, key: str) -> Basis | None:
         return self.bases[key] if key in self.bases else None
 
+    def take_back(self, name: str, bases: dict[str, Basis]) -> None:
+        """Undo a failed add of adapter `name` (lorakit.model.record.unwrap_on_error): its adapter removed,
+        the bases exactly `bases` again."""
+        if name in self.adapters:
+            del self.adapters[name]
+        for key in [k for k in self.bases if k not in bases]:
+            del self.bases[key]
+        for key, basis in bases.items():
+            self.bases[key] = basis
+
     def drop_unused_bases(self) -> None:
         used = {a.basis_key for a in self.adapters.values() if a.basis_key}
         if self.bank_index is not None:

@@ -3,9 +3,11 @@
     x ──► W ──────────────► (+) ──► y        y = W x + (α/r)·B(A x)
     └──► A (r×in) ─► B (out×r) ─┘           A random, B zero: training starts at the base model
 
-B·A is never formed in the forward pass; `delta_weight` forms it once, for merging. A and B may be kept in a
-wider dtype than the activations (float32 on a bf16 base): each call casts them (r-wide, cheap) to x's dtype,
-and autograd casts their gradients back.
+B·A is never formed in the forward pass, nor by merging: a merge adds up·down from `factors` ((α/r)·B and A)
+into W with one fused addmm (lorakit.layer.linear), so no dense ΔW is ever allocated; `delta_weight` forms the dense
+update only for callers that want to look at it. A and B may be kept in a wider dtype than the activations
+(float32 on a bf16 base): each call casts them (r-wide, cheap) to x's dtype, and autograd casts their
+gradients back.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class LoraAdapter(nn.Module):
     @staticmethod
     def slot_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
         """One slot of a layer's LoRA stack (lorakit.layer.slots): A (r, in) as nn.Linear holds it (so one adapter's
-        GEMM rounds as PEFT's does) and Bᵀ (r, out), the layout CPU baddbmm reads 2.5× faster at decode."""
+        GEMM rounds as PEFT's does) and Bᵀ (r, out), so that CPU baddbmm reads each row of it contiguously."""
         return {"a": (r, in_features), "b": (r, out_features)}
 
     def slot_views(self, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,8 +6,6 @@ module, rank too large, unsupported layer) raises and leaves the model exactly a
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -16,19 +14,18 @@ from lorakit.model.manage import apply_trainable
 from lorakit.model.bases import layer_shape, lora_xs_bases_for
 from lorakit.model.compiled import install_route_entry
 from lorakit.config import AdapterConfig, LoraConfig, VeraConfig, adapter_dtype
-from lorakit.errors import (AdapterConfigError, AdapterExistsError, TargetNotFoundError,
-                            UnsupportedLayerError)
-from lorakit.layer.embedding import adapted_layer, check_embedding, is_embedding
+from lorakit.errors import AdapterConfigError, AdapterExistsError, UnsupportedLayerError
+from lorakit.layer.embedding import check_embedding, is_embedding
 from lorakit.layer.linear import AdaptedLinear, is_adaptable
 from lorakit.methods.basis import Basis
 from lorakit.methods.table import method_for
 from lorakit.methods.vera import vera_basis, vera_fingerprint, vera_projections
-from lorakit.model.record import ModelAdapters, adapters_of
+from lorakit.model.record import ModelAdapters, adapters_of, wrap_layer
 from lorakit.model.prefix_hook import attach_prefix
 from lorakit.routing.context import carry_routes_through_checkpointing
 from lorakit.layer.saved_modules import install_saved, plan_saved
 from lorakit.layer.slots import kind_of
-from lorakit.layer.surgery import PREFIX_STORE_PREFIX, freeze_base, matches, output_head_names, replace_module
+from lorakit.layer.surgery import PREFIX_STORE_PREFIX, freeze_base, select_modules
 from lorakit.layer.trainable_tokens import install_tokens, plan_tokens
 from lorakit.layer.wrapped import wrapped_prefixes
 
@@ -43,29 +40,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     # lorakit's own modules (a prefix adapter's MLP under `lorakit_prefix`) are never targets
     # nor is anything inside a module lorakit wraps whole (modules_to_save copies, trainable-token layers)
     skip = (PREFIX_STORE_PREFIX,) + wrapped_prefixes(model)
-    all_names = [n for n, _ in model.named_modules() if n and not n.startswith(skip)]
-    modules = dict(model.named_modules())
-    adaptable = [n for n in all_names if is_adaptable(modules[n])]
-    targets = config.target_modules
-    heads = output_head_names(model)
-    if targets == "all-linear":
-        chosen = [n for n in adaptable if n not in heads]
-    elif isinstance(targets, str):
-        try:
-            regex = re.compile(targets)
-        except re.error as exc:
-            raise AdapterConfigError(f"target_modules regex {targets!r} is invalid: {exc}") from None
-        chosen = [n for n in all_names if regex.fullmatch(n)]
-        if not chosen:
-            raise TargetNotFoundError(f"regex {targets!r} matches no module; adaptable layers look like: "
-                                      f"{_suffix_summary(adaptable)}")
-    else:
-        chosen = [n for n in all_names if any(matches(n, t) for t in targets)]
-        missing = [t for t in targets if not any(matches(n, t) for n in all_names)]
-        if missing:
-            raise TargetNotFoundError(f"target module(s) {missing} not found in {type(model).__name__}; "
-                                      f"adaptable layers: {_suffix_summary(adaptable)}")
-    chosen = [n for n in chosen if not any(matches(n, e) for e in config.exclude_modules)]
+    chosen = select_modules(model, config.target_modules, config.exclude_modules, is_adaptable, skip)
     modules = dict(model.named_modules())
     bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen
            if not (is_adaptable(modules[n]) or is_embedding(modules[n]))]
@@ -75,14 +50,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     for n in chosen:
         if is_embedding(modules[n]):
             check_embedding(modules[n], n, config)
-    if not chosen:
-        raise TargetNotFoundError(f"no module left to adapt after exclusions; adaptable: {_suffix_summary(adaptable)}")
     return chosen
-
-
-def _suffix_summary(names: list[str]) -> str:
-    suffixes = sorted({n.split(".")[-1] for n in names})
-    return ", ".join(suffixes) if suffixes else "none"
 
 
 def _check_rank(config: AdapterConfig, name: str, in_f: int, out_f: int) -> None:
@@ -136,10 +104,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
         built[target] = (adapter, new_basis)
 
     for target, (adapter, new_basis) in built.items():
-        layer = modules[target]
-        if not isinstance(layer, AdaptedLinear):
-            layer = adapted_layer(layer, target, registry)
-            replace_module(model, target, layer)
+        layer = wrap_layer(model, target)
         if new_basis is not None:
             layer.bases[new_basis[0]] = new_basis[1]
         layer.adapters[name] = adapter

@@ -22,11 +22,11 @@ from lorakit.model.manage import adapter_config
 from lorakit.model.bases import lora_xs_bases_for
 from lorakit.config import LoraXSConfig, adapter_dtype
 from lorakit.errors import AdapterConfigError, AdapterExistsError, AdapterMismatchError, NonFiniteAdapterError
-from lorakit.layer.linear import AdaptedLinear, adapted_layers
-from lorakit.model.record import adapters_of
+from lorakit.layer.linear import adapted_layers
+from lorakit.model.record import adapters_of, install_bases
 from lorakit.names import check_adapter_name
 from lorakit.layer.slots import unshare
-from lorakit.layer.surgery import freeze_base, replace_module
+from lorakit.layer.surgery import freeze_base
 
 BANK_ATTR = "lorakit_bank"
 
@@ -203,12 +203,4 @@ def ensure_lora_xs_bases(model: nn.Module, module_names: list[str], r: int, *,
                          progress: bool | None = None) -> None:
     """Give each named layer a LoRA-XS basis of rank ≥ r (computed once per layer, or read from the
     bases cache: lorakit.model.bases); adapters then share it. Nothing changes if a module is bad."""
-    bases = lora_xs_bases_for(model, module_names, r, progress=progress)
-    registry = adapters_of(model, create=True)
-    for module_name, basis in bases.items():
-        module = model.get_submodule(module_name)
-        if not isinstance(module, AdaptedLinear):
-            module = AdaptedLinear(module, module_name, registry)
-            replace_module(model, module_name, module)
-            registry.layers_changed()
-        module.bases["lora_xs"] = basis
+    install_bases(model, "lora_xs", lora_xs_bases_for(model, module_names, r, progress=progress))

@@ -7,21 +7,20 @@
 (cheap: no pass over the whole weight). A sample can miss a change elsewhere, so every hit is
 verified against the weight itself (lorakit.methods.lora_xs.basis_residuals: two thin matmuls);
 a file that fails to parse or to verify is ignored with a warning and recomputed, never trusted.
-Files are written to a temp name, fsynced and renamed, so a reader never sees half of one.
+Files are written to a temp name, fsynced and renamed (lorakit.atomic_write), so a reader never sees half of one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as safetensors_load, save as safetensors_save
 
+from lorakit.atomic_write import replace_file
 from lorakit.methods.basis import Basis
 from lorakit.methods.lora_xs import basis_residuals
 
@@ -83,24 +82,16 @@ class BasesCache:
         return basis
 
     def put(self, weight: torch.Tensor, basis: Basis, key: str | None = None) -> None:
-        """Store `basis` for `weight` (temp file + rename); a cache that cannot be written is skipped."""
+        """Store `basis` for `weight` atomically; a cache that cannot be written is skipped."""
         path = self.path(key or weight_key(weight))
         tensors = {"down": basis.down.detach().cpu().contiguous(), "up": basis.up.detach().cpu().contiguous(),
                    "fingerprint": basis.fingerprint.detach().float().cpu().contiguous()}
         metadata = {"lorakit_bases": VERSION, "shape": str(tuple(weight.shape)), "dtype": str(weight.dtype)}
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:  # durable before it is visible under its name
-                handle.write(safetensors_save(tensors, metadata))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            replace_file(path, safetensors_save(tensors, metadata))
         except OSError as exc:  # read-only home, full disk: the bases are still correct, just not kept
             warnings.warn(f"could not write LoRA-XS bases cache {path}: {exc}", stacklevel=3)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
 
 def default_cache() -> BasesCache | None:

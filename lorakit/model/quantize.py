@@ -11,7 +11,6 @@ away; `merge_quantized` measures that (`MergeReport.effect_lost`), and
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -19,13 +18,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lorakit.errors import QuantizationError
+from lorakit.errors import AdapterConfigError, QuantizationError, TargetNotFoundError
 from lorakit.layer.linear import ADAPTABLE_TYPES, AdaptedLinear, adapted_layers
 from lorakit.model.merge import merge
 from lorakit.layer.quantized import (QUANT_TYPES, LayerMergeError, QuantizedBase, bnb, dequantize_model,
                                      is_quantized_linear, no_cpu_repacking, quiet_int8_cast_notice, storage_bytes_4bit)
 from lorakit.model.use import disable_adapters, use_adapter
-from lorakit.layer.surgery import PREFIX_STORE_PREFIX, matches, output_head_names, replace_module
+from lorakit.layer.surgery import replace_module, select_modules
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
@@ -38,26 +37,16 @@ def _quantizable(module: nn.Module) -> bool:
 
 
 def _select(model: nn.Module, targets: str | Iterable[str], exclude: Iterable[str]) -> list[str]:
-    modules = {n: m for n, m in model.named_modules() if not n.startswith(PREFIX_STORE_PREFIX)}  # lorakit's own
-    heads = output_head_names(model)
-    if targets == "all-linear":
-        chosen = [n for n, m in modules.items() if n and _quantizable(m) and n not in heads]
-    elif isinstance(targets, str):
-        chosen = [n for n in modules if n and re.fullmatch(targets, n)]
-    else:
-        targets = list(targets)
-        missing = [t for t in targets if not any(matches(n, t) for n in modules if n)]
-        if missing:
-            raise QuantizationError(f"module(s) {missing} not found in {type(model).__name__}")
-        chosen = [n for n in modules if n and any(matches(n, t) for t in targets)]
-    exclude = list(exclude)
-    chosen = [n for n in chosen if not any(matches(n, e) for e in exclude)]
+    """The layers to quantize, by attach's own target rule (lorakit.layer.surgery.select_modules)."""
+    try:
+        chosen = select_modules(model, targets, exclude, _quantizable)
+    except (AdapterConfigError, TargetNotFoundError) as exc:
+        raise QuantizationError(str(exc)) from None
+    modules = dict(model.named_modules())
     bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _quantizable(modules[n])]
     if bad:
         raise QuantizationError(f"bitsandbytes cannot quantize {bad[:5]}: only nn.Linear and transformers' Conv1D "
                                 "layers (not yet quantized, not yet adapted) can be")
-    if not chosen:
-        raise QuantizationError(f"no linear layer of {type(model).__name__} matches {targets!r}")
     return chosen
 
 

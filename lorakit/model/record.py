@@ -9,10 +9,15 @@ every adapted layer points to it. It sits above lorakit.layer.linear: it walks t
 What lorakit holds outside the model's parameters and buffers (the packed bank, the layers' slot stacks,
 VeRA's shared projections) follows the model through `model.to(...)`, `.half()`, `.cuda()`...: all of them
 go through `nn.Module._apply`, which the record wraps on the model it was created for (`moved_with`).
+
+Because the record caches which layers are adapted, a layer becomes adapted in one place only, `wrap_layer`
+(attach, the bank's bases, io's loads), and a failed add is undone in one place, `unwrap_on_error`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -20,11 +25,14 @@ from torch import nn
 
 from lorakit.layer import slots
 from lorakit.config import AdapterConfig
+from lorakit.layer.embedding import adapted_layer
 from lorakit.errors import LorakitError, RoutingError
-from lorakit.layer.linear import adapted_layers
+from lorakit.layer.linear import AdaptedLinear, adapted_layers
+from lorakit.methods.basis import Basis
 from lorakit.methods.vera import vera_key
 from lorakit.routing.context import AS_STORED
 from lorakit.routing.slot_table import SlotTable
+from lorakit.layer.surgery import replace_module
 
 ATTR = "lorakit_registry"  # the model attribute holding its ModelAdapters
 
@@ -96,6 +104,13 @@ class ModelAdapters:
                     basis._buffers["down"] = down[:, :layer.in_features]  # (r, in): a view, not a copy
                     basis._buffers["up"] = up[:layer.out_features]  # (out, r)
 
+    def forget_failed(self, name: str, vera_projections: dict) -> None:
+        """Take back a failed add of `name`: its config and slot go, VeRA's projections are those of before."""
+        self.configs.pop(name, None)
+        self.slot_table.release(name)
+        self.vera_projections = vera_projections
+        self.layers_changed()
+
     def default_names(self) -> str | None | object:
         """What a call without a route runs: the weights as they stand if anything is merged, else the
         only adapter or the one declared trained (set_trainable), else (several attached) an error asking the
@@ -142,6 +157,63 @@ class ApplyHook:
             return type(model)._apply(model, fn, recurse)
         record.moved_with(model, fn, recurse)
         return model
+
+
+def wrap_layer(model: nn.Module, module_name: str) -> AdaptedLinear:
+    """The adapted layer at `module_name`: the one already there, or the plain layer wrapped now (its base keys
+    kept; AdaptedEmbedding for an embedding table). The record is created if need be and told of the change."""
+    layer = model.get_submodule(module_name)
+    if isinstance(layer, AdaptedLinear):
+        return layer
+    record = adapters_of(model, create=True)
+    layer = adapted_layer(layer, module_name, record)
+    replace_module(model, module_name, layer)
+    record.layers_changed()
+    return layer
+
+
+def unwrap_layer(model: nn.Module, module_name: str, original: nn.Module) -> None:
+    """Undo `wrap_layer`: put `original` back at `module_name` if something else took its place."""
+    if model.get_submodule(module_name) is not original:
+        replace_module(model, module_name, original)
+        record = model.__dict__.get(ATTR)
+        if record is not None:
+            record.layers_changed()
+
+
+def install_bases(model: nn.Module, key: str, bases: dict[str, Basis]) -> None:
+    """Put `bases[module]` under `key` on each named layer (wrapping plain ones) that lacks one of that rank."""
+    adapters_of(model, create=True)
+    for module_name, basis in bases.items():
+        layer = wrap_layer(model, module_name)
+        have = layer.basis(key)
+        if have is None or have.rank < basis.rank:
+            layer.bases[key] = basis.to(layer.weight.device)
+
+
+@contextmanager
+def unwrap_on_error(model: nn.Module, name: str, modules: Iterable[str]) -> Iterator[None]:
+    """On any exception inside the block, undo what adding adapter `name` at `modules` did: layers wrapped in
+    the block are unwrapped (the original module objects back), layers adapted before lose `name`'s adapter
+    and any basis they gained, and the record forgets `name`, or goes if the block created it."""
+    modules = set(modules)
+    before = {n: m for n, m in model.named_modules() if n in modules}
+    bases_before = {n: dict(m.bases) for n, m in before.items() if isinstance(m, AdaptedLinear)}
+    record = model.__dict__.get(ATTR)
+    projections_before = dict(record.vera_projections) if record is not None else {}
+    try:
+        yield
+    except BaseException:
+        after = model.__dict__.get(ATTR)
+        if after is not None:
+            after.forget_failed(name, projections_before)
+        for module_name, original in before.items():
+            unwrap_layer(model, module_name, original)
+            if isinstance(original, AdaptedLinear):
+                original.take_back(name, bases_before[module_name])
+        if record is None:
+            release(model)
+        raise
 
 
 def release(model: nn.Module) -> None:

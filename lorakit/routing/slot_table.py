@@ -1,7 +1,7 @@
 """Model-wide slot numbers: every adapter that lives in layers gets one number within its kind.
 
 A kind is what shares one forward path and one stacked layout: "lora", "lora_xs" (attached and packed
-alike) and one per VeRA basis ("vera_<seed>_<r>"). Slot 0 of every kind is empty, so a row that uses no
+alike) and one per VeRA basis ("vera_s<seed>_r<r>", lorakit.methods.vera.vera_key). Slot 0 of every kind is empty, so a row that uses no
 adapter of a kind gathers zeros. The numbers are the same in every layer, so a route is resolved into
 one index tensor per kind for the whole model (lorakit.routing.resolve), not one per layer; a layer the
 adapter does not touch holds zeros at its slot.

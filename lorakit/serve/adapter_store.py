@@ -43,12 +43,11 @@ from torch import nn
 
 from lorakit.model.manage import delete_adapter
 from lorakit.config import adapter_dtype
-from lorakit.errors import AdapterNotFoundError, LorakitError
+from lorakit.errors import AdapterNotFoundError, LorakitError, UnsupportedAdapterError
 from lorakit.io.atomic import is_temp_name
-from lorakit.io.files import read_adapter_dir, read_config_only
-from lorakit.io.guard import install_bases
-from lorakit.io.native import check_native_files, load_native, missing_lora_xs_bases
-from lorakit.io.peft_lora import load_lora
+from lorakit.io.files import CONFIG_NAME, read_adapter_dir, read_config_only
+from lorakit.io.formats import format_of
+from lorakit.model.record import install_bases
 from lorakit.names import adapter_name_problem
 from lorakit.perf import in_fresh_thread
 from lorakit.serve.adapter_memory import HOST_ONLY_SUFFIX, adapter_device_bytes, stage
@@ -441,24 +440,22 @@ class AdapterStore:
             return None
 
     def _precompute_bases(self, files) -> dict:
-        """The LoRA-XS SVD bases the adapter needs and the model lacks, computed on the calling thread
+        """The bases the adapter needs and the model lacks (LoRA-XS: SVDs), computed on the calling thread
         (reading weights only): the first LoRA-XS load on a base costs one SVD per layer, seconds on
-        CPU, which must not stall the running batch. The config is checked first (method, modules of
-        this base, rank <= min(in, out)), so a bad file costs no SVD at all."""
-        if "lorakit_method" not in files.config:
-            return {}
-        config, modules = check_native_files(self.model, files)
-        return missing_lora_xs_bases(self.model, config, modules) if config.method == "lora_xs" else {}
+        CPU, which must not stall the running batch. Its format checks the files first, so a bad file costs
+        no SVD at all; a format the engine does not serve is refused here, before any eviction."""
+        fmt = format_of(files.config, files.path / CONFIG_NAME)
+        if not fmt.served:
+            raise UnsupportedAdapterError(f"{files.path}: a {fmt.name} adapter, which the serving engine does not "
+                                          "serve (serve a LoRA, LoRA-XS or VeRA adapter)")
+        return fmt.precompute(self.model, files)
 
     def _attach(self, files, name: str, bases: dict) -> int:
         """Attach on the engine thread; returns the bytes the adapter holds on the device."""
         if bases:
-            install_bases(self.model, "lora_xs", bases)  # load_native then finds them and skips its SVDs
-        if "lorakit_method" in files.config:
-            packed = self.packed and files.config["lorakit_method"] == "lora_xs"
-            load_native(self.model, files, name, packed=packed)
-        else:
-            load_lora(self.model, files, name)
+            install_bases(self.model, "lora_xs", bases)  # the load then finds them and skips its SVDs
+        fmt = format_of(files.config, files.path / CONFIG_NAME)
+        fmt.load(self.model, files, name, packed=self.packed and fmt.packs(files.config))
         return adapter_device_bytes(self.model, name)
 
     def _evict_locked(self, incoming: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import lorakit
+import lorakit.atomic_write as atomic_write
 import lorakit.io.atomic as atomic
 import lorakit.train.checkpoint as ckpt
 import lorakit.train.trainer as trainer
@@ -65,7 +66,7 @@ def install(points: Points, exchange: bool) -> None:
             handle.write(data[len(data) // 2:])
             handle.flush()
             os.fsync(handle.fileno())
-    atomic._write_durable = write_in_two_halves  # noqa: SLF001 - the fault injection's seam
+    atomic_write.write_durable = write_in_two_halves  # the fault injection's seam: every atomic write uses it
     ckpt._write = write_in_two_halves  # noqa: SLF001
 
 

@@ -254,6 +254,26 @@ def test_quantize_errors():
     assert not any(quant.is_quantized_linear(m) for m in model.modules())  # nothing was changed
 
 
+@pytest.mark.parametrize("targets, exclude", [("all-linear", ()), ("all-linear", ("layers.0.mlp.up_proj", "o_proj")),
+                                              (["q_proj", "layers.1.mlp.down_proj"], ()), (r".*\.(k|v)_proj", ("layers.0.self_attn.k_proj",))])
+def test_quantize_selects_the_layers_attach_would(targets, exclude):
+    """One target rule (lorakit.layer.surgery.select_modules) for both: the same spec names the same layers."""
+    expected = lorakit.find_targets(MODEL_FACTORIES["llama"](), LoraConfig(target_modules=targets, exclude_modules=exclude))
+    model = lorakit.quantize(MODEL_FACTORIES["llama"](), target_modules=targets, exclude_modules=exclude)
+    assert [n for n, m in model.named_modules() if quant.is_quantized_linear(m)] == expected
+
+
+def test_quantize_target_errors_are_quantization_errors():
+    model = MODEL_FACTORIES["llama"]()
+    with pytest.raises(QuantizationError, match="invalid"):  # a bad regex, named (not a bare re.error)
+        lorakit.quantize(model, target_modules="(")
+    with pytest.raises(QuantizationError, match="matches no module"):
+        lorakit.quantize(model, target_modules=r"nothing\.here")
+    with pytest.raises(QuantizationError, match="after exclusions"):
+        lorakit.quantize(model, target_modules=["q_proj"], exclude_modules=["q_proj"])
+    assert not any(quant.is_quantized_linear(m) for m in model.modules())
+
+
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(BitsAndBytesUnavailableError, match="pip install bitsandbytes"):
