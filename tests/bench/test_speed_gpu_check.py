@@ -31,8 +31,8 @@ tests/methods/test_lora_xs.py::test_pack[cuda-float16] """
 def test_parse_pytest_counts_a_run_cut_short():
     parsed = gpu_check.parse_pytest(CUT_SHORT)
     assert (parsed["passed"], parsed["failed"], parsed["skipped"], parsed["error"]) == (1, 1, 1, 1)
-    assert parsed["failed_ids"] == ["tests/methods/test_lora_xs.py::test_pack[cuda-float32]",
-                                    "tests/layer/test_linear.py::test_forward[cuda-float16]"]
+    assert parsed["failed_ids"] == ["tests/layer/test_linear.py::test_forward[cuda-float16]",
+                                    "tests/methods/test_lora_xs.py::test_pack[cuda-float32]"]
     assert parsed["collection_errors"] == ["tests/serve/test_api.py - ModuleNotFoundError: No module named 'fastapi'"]
 
 
