@@ -135,6 +135,26 @@ def private(imports: list[Import]) -> list[str]:
             if i.name and i.name.startswith("_") and not (i.name.startswith("__") and i.name.endswith("__"))]
 
 
+def argparse_users(root: Path) -> list[str]:
+    """`module:line` of every argparse import outside lorakit.cli and the `__main__` modules: libraries take parsed
+    options (or plain arguments), the command lines that parse them all live in cli."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        if (module + ".").startswith("lorakit.cli.") or module.endswith(".__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(name.split(".")[0] == "argparse" for name in names):
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
 @pytest.fixture(scope="module")
 def graph() -> tuple[set[str], list[Import]]:
     return lorakit_imports(ROOT)
@@ -173,6 +193,24 @@ def test_core_rules_spelled_out(graph):
     assert not io_users, "io is never imported by the core"
     assert not {(s, t) for s, t in edges if t == "lorakit.model.attach" and s in
                 {"lorakit.model.record", "lorakit.layer.linear", "lorakit.model.bank", "lorakit.model.merge", "lorakit.layer.quantized"}}
+
+
+def test_only_the_command_line_imports_argparse():
+    found = argparse_users(ROOT)
+    assert found == [], f"argparse outside lorakit.cli (move the parser into lorakit/cli/): {found}"
+
+
+def test_the_argparse_checker_sees_a_parser_in_a_library(tmp_path):
+    pkg = tmp_path / "lorakit"
+    for folder in ("bench", "cli", "train"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bench" / "speed.py").write_text("def main():\n    from argparse import ArgumentParser\n")
+    (pkg / "bench" / "memory.py").write_text("import os, argparse\n")
+    (pkg / "cli" / "bench.py").write_text("import argparse\n")
+    (pkg / "train" / "__main__.py").write_text("import argparse\n")
+    assert argparse_users(pkg) == ["lorakit.bench.memory:1", "lorakit.bench.speed:2"]
 
 
 def test_the_checker_sees_what_it_must(tmp_path):

@@ -20,7 +20,6 @@ Writes RESULTS.md (table, claims checked against our numbers, charts, the comman
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -32,10 +31,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import lorakit
+from lorakit.errors import LorakitError
 from lorakit.bench.accuracy_methods import ADAPTER, BY_KEY, METHODS, Method, file_bytes, prepare
 from lorakit.tasks.accuracy import TASKS, Task, TaskData
 from lorakit.bench.peak import peak_kib, release_and_reset_peak
@@ -415,54 +416,48 @@ def write_report(result: dict, out_dir: Path, command: str) -> Path:
     return path
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit bench accuracy", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="docstrings task only, one learning rate per method, one seed, a third of the steps (minutes)")
-    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="tasks (default: all; --quick: docstrings)")
-    p.add_argument("--methods", nargs="+", choices=[m.key for m in METHODS],
-                   help="methods (default: all on docstrings; LoRA, LoRA-XS r=4/16, VeRA, QLoRA on arithmetic)")
-    p.add_argument("--seeds", type=int, help="seeds per chosen learning rate (default: 3 for docstrings, 1 for "
-                                             "arithmetic; --quick 1)")
-    p.add_argument("--out", default="docs", help="directory for RESULTS.md, results.json and the charts")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the runs already in OUT's results.json that match (task, method, learning rate, seed "
-                        "and the task's steps and batch size); train only the rest. The rewritten report holds this "
-                        "plan's runs only: resume with the same --tasks/--methods to keep the others")
-    return p
+class ResumeError(LorakitError, ValueError):
+    """--resume met a results.json it cannot read, or one lorakit bench accuracy did not write; names the file."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else None)
-    if seeds is not None and seeds < 1:
-        print("lorakit bench accuracy: --seeds must be >= 1", file=sys.stderr)
-        return 2
-    plan = Plan(tasks=tuple(args.tasks or (("docstrings",) if args.quick else TASKS)),
-                methods=tuple(args.methods) if args.methods else None, seeds=seeds,
-                lr_grid="middle" if args.quick else "full", steps_scale=1 / 3 if args.quick else 1.0)
+def plan_for(quick: bool, tasks: Sequence[str] | None, methods: Sequence[str] | None, seeds: int | None) -> Plan:
+    """The runs the options ask for: --quick is the docstrings task, one learning rate, one seed, a third of the
+    steps; otherwise every task with its own default methods and seeds, unless given."""
+    seeds = seeds if seeds is not None else (1 if quick else None)
+    return Plan(tasks=tuple(tasks or (("docstrings",) if quick else TASKS)),
+                methods=tuple(methods) if methods else None, seeds=seeds,
+                lr_grid="middle" if quick else "full", steps_scale=1 / 3 if quick else 1.0)
+
+
+def read_previous(out: Path, quick: bool) -> dict | None:
+    """The results.json of an earlier run in `out` (None when there is none), for --resume."""
+    earlier = out / ("results_quick.json" if quick else "results.json")
+    if not earlier.is_file():
+        return None
+    import json
+
+    try:
+        previous = json.loads(earlier.read_text(encoding="utf-8"))
+        if not isinstance(previous, dict) or not isinstance(previous.get("runs", []), list) \
+                or not isinstance(previous.get("tasks", {}), dict):
+            raise ValueError("not a results.json written by lorakit bench accuracy")
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"cannot resume from {earlier}: {exc}") from exc
+    return previous
+
+
+def run(args: Any, command: str) -> Path:
+    """Run the plan the options of `lorakit bench accuracy` (lorakit.cli.bench_accuracy: quick, tasks, methods,
+    seeds, out, resume) ask for, rewriting the report after each method; prints it and returns its path."""
+    plan = plan_for(args.quick, args.tasks, args.methods, args.seeds)
     start = time.perf_counter()
-    command = ("lorakit bench accuracy " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
     def report(result: dict, done: bool = False) -> Path:
         result.update(environment=environment((time.perf_counter() - start) / 60), quick=args.quick,
                       plan=asdict(plan), complete=done)
         return write_report(result, Path(args.out), command)
 
-    previous = None
-    if args.resume:
-        earlier = Path(args.out) / ("results_quick.json" if args.quick else "results.json")
-        if earlier.is_file():
-            import json
-
-            try:
-                previous = json.loads(earlier.read_text(encoding="utf-8"))
-                if not isinstance(previous, dict) or not isinstance(previous.get("runs", []), list) \
-                        or not isinstance(previous.get("tasks", {}), dict):
-                    raise ValueError("not a results.json written by lorakit bench accuracy")
-            except (OSError, ValueError) as exc:
-                print(f"lorakit bench accuracy: cannot resume from {earlier}: {exc}", file=sys.stderr)
-                return 2
+    previous = read_previous(Path(args.out), args.quick) if args.resume else None
     reuse = reusable_runs(previous)
     if args.resume:
         print(f"lorakit bench accuracy: {len(reuse)} earlier runs available for reuse", file=sys.stderr)
@@ -471,8 +466,4 @@ def main(argv: list[str] | None = None) -> int:
     path = report(result, done=True)
     print(path.read_text(encoding="utf-8"))
     print(f"wrote {path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return path

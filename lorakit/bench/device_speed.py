@@ -9,7 +9,6 @@ timed call, and reports medians; ratios to the base come from the same run. A sc
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import platform
@@ -20,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -461,8 +461,11 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{text} {unit}".strip()
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Every chosen scenario in turn; the report (JSON + markdown) is rewritten after each one."""
+def run(args: Any) -> dict:
+    """Every chosen scenario in turn; the report (JSON + markdown) is rewritten after each one.
+
+    `args` holds the options of `lorakit bench speed` (lorakit.cli.bench_speed): device, dtype, model, quick,
+    repeats, out, only, and argv (the command line, written into the report)."""
     device = torch.device(args.device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no CUDA device")
@@ -497,27 +500,3 @@ def run(args: argparse.Namespace) -> dict:
         atomic_write_bytes(out_dir / "bench_speed_device.md", render(report).encode("utf-8"))
     print(render(report))
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that select this benchmark (the rest are shared with the CPU one)."""
-    parser.add_argument("--device", help="run the device benchmark on this torch device (cpu, cuda, cuda:1 ...)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="dtype of the base model in the device benchmark (default float32)")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m lorakit.bench.device_speed", description=__doc__)
-    parser.add_argument("--model", default="tiny-llama-random")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=0)
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--only", nargs="+", choices=DEVICE_SCENARIOS)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    return run(args)
-
-
-if __name__ == "__main__":
-    main()

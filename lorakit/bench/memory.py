@@ -13,12 +13,11 @@ loading a float model only to quantize it does not count. Where the reset is not
 
 Also measured: bits per weight of the quantized base, its output error against fp32 on a text batch,
 and the error that merging a (briefly trained) adapter into the 4-bit base adds.
-Run: python -m lorakit.bench.memory [--repeats 3] [--batch 2] [--seq 64] [--out docs/MEMORY.md]
+Run: lorakit bench memory [--repeats 3] [--batch 2] [--seq 64] [--out docs/MEMORY.md]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,11 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lorakit.versions import check_version
 from lorakit.bench.peak import peak_kib, release_and_reset_peak, status_kib
 
 CONFIGS = ("lorakit-qlora", "lorakit-fp32", "peft-qlora")
+# How the parent runs one worker: `sys.executable` followed by this, then the options (lorakit.cli.bench_memory).
+WORKER_COMMAND = ("-m", "lorakit.cli.bench", "memory", "--worker")
 TEXTS = ["The capital of France is Paris, and the capital of Germany is Berlin.",
          "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
          "Low-rank adapters train a small update beside a frozen base model.",
@@ -96,7 +98,7 @@ def _build(config: str, model_name: str, rank: int):
     return model, [p for p in model.parameters() if p.requires_grad], bits
 
 
-def worker(args: argparse.Namespace) -> dict:
+def worker(args: Any) -> dict:
     """Build one configuration, then time training steps and record the peak resident memory."""
     import torch
 
@@ -131,7 +133,7 @@ def worker(args: argparse.Namespace) -> dict:
             "setup_s": setup_s, "trainable": sum(p.numel() for p in params)}
 
 
-def accuracy_worker(args: argparse.Namespace) -> dict:
+def accuracy_worker(args: Any) -> dict:
     """4-bit vs fp32 outputs on a text batch; the error merging a briefly trained LoRA into 4 bits adds."""
     import torch
 
@@ -183,10 +185,18 @@ def accuracy_worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_worker(args: Any) -> dict:
+    """Inside a worker process: the configuration `args.worker` names (or "accuracy"), printed as one JSON line
+    on stdout, what the parent reads."""
+    result = accuracy_worker(args) if args.worker == "accuracy" else worker(args)
+    print(json.dumps(result), flush=True)
+    return result
+
+
 # ------------------------------------------------------------------------------- the parent
 
-def _spawn(args: argparse.Namespace, what: str) -> dict:
-    cmd = [sys.executable, "-m", "lorakit.bench.memory", "--worker", what, "--model", args.model,
+def _spawn(args: Any, what: str) -> dict:
+    cmd = [sys.executable, *WORKER_COMMAND, what, "--model", args.model,
            "--rank", str(args.rank), "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
            "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -201,8 +211,11 @@ def _median(rows: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run every configuration `repeats` times, interleaved, plus the accuracy worker; write the report."""
+def run(args: Any) -> dict:
+    """Run every configuration `repeats` times, interleaved, plus the accuracy worker; write the report.
+
+    `args` holds the options of `lorakit bench memory` (lorakit.cli.bench_memory): model, rank, batch, seq, steps,
+    repeats, threads, configs, out, json."""
     samples: dict[str, list[dict]] = {c: [] for c in args.configs}
     for round_ in range(args.repeats):
         for config in args.configs:
@@ -233,7 +246,7 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def markdown(report: dict, args: argparse.Namespace) -> str:
+def markdown(report: dict, args: Any) -> str:
     """docs/MEMORY.md: the figures, how they were measured, and the exact command."""
     s, acc, configs = report["settings"], report["accuracy"], report["configs"]
     fp32 = configs.get("lorakit-fp32", {})
@@ -310,39 +323,10 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         "## Command",
         "",
         "```",
-        "python -m lorakit.bench.memory " + " ".join(f"--{k} {v}" for k, v in (
+        "lorakit bench memory " + " ".join(f"--{k} {v}" for k, v in (
             ("model", s["model"]), ("rank", s["rank"]), ("batch", s["batch"]), ("seq", s["seq"]),
             ("steps", s["steps"]), ("repeats", s["repeats"]), ("threads", s["threads"]))) + f" --out {args.out}",
         "```",
         "",
     ]
     return "\n".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit bench memory", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; every configuration runs once per round")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadier on a shared CPU)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    p.add_argument("--out", default="docs/MEMORY.md", help="markdown report ('' for none)")
-    p.add_argument("--json", default="", help="also write every figure as JSON here")
-    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    if args.worker:
-        result = accuracy_worker(args) if args.worker == "accuracy" else worker(args)
-        print(json.dumps(result), flush=True)
-        return result
-    return run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,6 @@ report (lorakit.bench.serve_report) gives every figure, the ratios and issue 14'
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -25,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from lorakit.bench.serve_report import BASE, Scenario, add_ratios, evaluate_goals, machine, write_report
 from lorakit.bench.serve_traffic import BASE_ID, idle_probes, run_load
@@ -32,6 +32,11 @@ from lorakit.bench.serve_traffic import BASE_ID, idle_probes, run_load
 METHODS = ("lora_xs", "lora")
 QUICK = {"base": "tiny-llama-random", "adapters": [0, 1, 3], "max_batch": 4, "requests": 8, "max_tokens": 4,
          "rounds": 1, "probes": 2, "prompt_chars": 40, "threads": 1}
+
+
+def default_adapter_counts(device: str) -> list[int]:
+    """0 (the base alone), 1, 16 and 128 distinct adapters; on cuda also 32, the scenario of the 32-LoRA goal."""
+    return [0, 1, 16, 128] + ([32] if device.startswith("cuda") else [])
 
 
 def prompts(count: int = 64, chars: int = 160) -> list[str]:
@@ -56,7 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, adapters: Path, port: int) -> subprocess.Popen:
+def start_server(args: Any, adapters: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -83,7 +88,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 900) -> Non
     raise TimeoutError(f"lorakit serve did not answer {url}/health within {timeout:.0f} s")
 
 
-def scenario_keys(args: argparse.Namespace) -> list[tuple[str, int]]:
+def scenario_keys(args: Any) -> list[tuple[str, int]]:
     """(BASE, 0) when 0 is among the counts, then (method, n) for every method and positive count."""
     counts = sorted(set(args.adapters))
     keys = [(BASE, 0)] if 0 in counts else []
@@ -98,7 +103,8 @@ def model_of(key: tuple[str, int]):
     return (lambda i: BASE_ID) if method == BASE else (lambda i: adapter_name(method, i % n))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: Any) -> dict:
+    """The load test the options of `lorakit bench serve` (lorakit.cli.bench_serve) describe; writes the report."""
     from tqdm import tqdm
 
     from lorakit.bench.decode_bound import decode_step_bound
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"scenarios": summaries, "goals": goals, "decode_bound": bound, "meta": meta}
 
 
-def _match_server_threads(args: argparse.Namespace) -> None:
+def _match_server_threads(args: Any) -> None:
     """This process decodes as the server did: its thread count and (CPU) its malloc setting."""
     import torch
 
@@ -170,56 +176,3 @@ def _match_server_threads(args: argparse.Namespace) -> None:
         from lorakit.perf import keep_freed_memory
 
         keep_freed_memory()  # `lorakit serve` does this by default (--malloc keep)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit bench serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a seconds-long run: a tiny random Llama and a small load (QUICK); options given "
-                             "explicitly still win")
-    parser.add_argument("--base", default="smollm2-135m",
-                        help="embedded model, HF directory, or a Llama config (.json or preset: random weights)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--adapters", type=int, nargs="+", default=None,
-                        help="distinct-adapter counts (0 = the base alone); default 0 1 16 128, and 32 on cuda")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the server's and the bound's)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (rows of the bound)")
-    parser.add_argument("--prefill-tokens", type=int, default=512, help="the server's --prefill-tokens")
-    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (default: --max-batch)")
-    parser.add_argument("--requests", type=int, default=64, help="load requests per scenario and round")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--probes", type=int, default=4, help="idle TTFT probes per scenario and round")
-    parser.add_argument("--prompt-chars", type=int, default=160, help="prompt length in characters, at most")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server (and the bound)")
-    parser.add_argument("--no-bound", action="store_true", help="skip the decode-step bound")
-    parser.add_argument("--out", default="docs", help="where bench_serve.md/.json/.png go")
-    return parser
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
-    if "--quick" in argv:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
-    if args.adapters is None:
-        args.adapters = [0, 1, 16, 128] + ([32] if args.device.startswith("cuda") else [])
-    args.clients = args.clients or args.max_batch
-    if min(args.adapters) < 0 or min(args.clients, args.requests, args.rounds, args.max_tokens, args.prompt_chars,
-                                     args.max_batch, args.prefill_tokens) < 1 \
-            or args.probes < 0 or (args.threads is not None and args.threads < 1):
-        parser.error("--adapters and --probes must be >= 0; --clients, --requests, --rounds, --max-tokens, "
-                     "--prompt-chars, --max-batch, --prefill-tokens and --threads >= 1")
-    args.methods = list(dict.fromkeys(args.methods))
-    args.argv = list(argv)
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    run(parse_args(list(argv if argv is not None else sys.argv[1:])))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -7,7 +7,6 @@ scenario interleaves its cases round by round and reports medians; ratios come f
 
 from __future__ import annotations
 
-import argparse
 import gc
 import inspect
 import json
@@ -19,6 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -27,7 +27,7 @@ from tqdm import tqdm
 import lorakit
 from lorakit.versions import check_version
 from lorakit.model.bank import add_packed_lora_xs, ensure_lora_xs_bases
-from lorakit.bench import device_speed
+from lorakit.bench import train_step
 from lorakit.base_models.llama_config import is_config_spec
 from lorakit.model.prefix_hook import cache_argument
 from lorakit.bench.timing import interleaved, per_call
@@ -374,8 +374,8 @@ def bench_training(model_name: str, repeats: int, malloc: str = "default") -> li
                 "ours_xs": ["--impl", "ours", "--method", "lora_xs"]}
     for _ in tqdm(range(repeats), desc="training steps (subprocesses)", leave=False):
         for key, extra in commands.items():
-            out = subprocess.run([sys.executable, "-m", "lorakit.bench.train_step", "--model", model_name,
-                                  "--malloc", malloc, *extra],
+            out = subprocess.run([sys.executable, *train_step.COMMAND, "--model", model_name, "--malloc", malloc,
+                                  *extra],
                                  capture_output=True, text=True, check=True)
             runs[key].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -492,9 +492,12 @@ def render(results: list[Result], command: str, machine: str, agreement: float, 
         *lines, "", *(f"- scenario failed: {f}" for f in failures), ""])
 
 
-def run(args: argparse.Namespace) -> list[Result]:
+def run(args: Any) -> list[Result]:
     """Every scenario in turn; the report is rewritten after each one, and a failing scenario is reported
-    (with its error) instead of losing the figures of the others."""
+    (with its error) instead of losing the figures of the others.
+
+    `args` holds the options of `lorakit bench speed` (lorakit.cli.bench_speed): model, quick, repeats, counts,
+    seq, out, only, malloc, and argv (the command line, written into the report)."""
     torch.manual_seed(0)
     malloc = "keep" if getattr(args, "malloc", "keep") == "keep" and keep_freed_memory() else "default"
     start = time.perf_counter()
@@ -548,55 +551,6 @@ def run(args: argparse.Namespace) -> list[Result]:
 SCENARIOS = ("prefill", "mixed", "blend", "decode", "switch", "merged-swap", "load", "training", "resident")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="base model (default: the embedded SmolLM2-135M); a Llama config .json or a preset "
-                             "(tinyllama-1.1b-random, tiny-llama-random) builds random weights, no download")
-    parser.add_argument("--quick", action="store_true", help="fewer adapters and repeats (a few minutes)")
-    parser.add_argument("--repeats", type=_non_negative, default=0,
-                        help="timed rounds per scenario (default, or 0: 5, quick 3)")
-    parser.add_argument("--counts", type=_positive, nargs="+",
-                        help="distinct adapters per mixed batch (default 1 8 32 64 128; quick 1 8 32)")
-    parser.add_argument("--seq", type=_positive, default=32, help="tokens per row in the mixed-batch scenarios")
-    parser.add_argument("--out", default="docs", help="where bench_speed.md/.json/.png are written")
-    parser.add_argument("--only", nargs="+", choices=SCENARIOS + device_speed.DEVICE_SCENARIOS,
-                        help=f"run only these scenarios (CPU benchmark: {', '.join(SCENARIOS)}; device benchmark: "
-                             f"{', '.join(device_speed.DEVICE_SCENARIOS)})")
-    device_speed.add_arguments(parser)
-    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                        help="keep (as `lorakit serve` does): glibc keeps freed memory for reuse, for base, PEFT "
-                             "and lorakit alike; default: the C library's own behaviour")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lorakit bench speed", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    device_bench = args.device is not None or args.dtype is not None or is_config_spec(args.model)
-    wrong = [o for o in args.only or () if o not in (device_speed.DEVICE_SCENARIOS if device_bench else SCENARIOS)]
-    if wrong:
-        parser.error(f"--only {' '.join(wrong)}: not a scenario of the "
-                     + ("device benchmark (--device/--dtype/config model)" if device_bench else "CPU benchmark"))
-    if device_bench:
-        device_speed.run(args)
-    else:
-        run(args)
-
-
-if __name__ == "__main__":
-    main()
+def wants_device_benchmark(device: str | None, dtype: str | None, model: str) -> bool:
+    """--device, --dtype or a Llama config as the model select the device benchmark; otherwise the CPU one."""
+    return device is not None or dtype is not None or is_config_spec(model)

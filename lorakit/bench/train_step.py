@@ -2,21 +2,25 @@
 
 Peak memory is the highest resident set size seen by a 2 ms sampler during the steps, minus the
 resident size just before them (model and adapter loaded): activations, gradients, optimiser state.
-Run: python -m lorakit.bench.train_step --impl ours|peft [--method lora] [--rank 16] ...
+Run: python -m lorakit.cli.bench train-step --impl ours|peft [--method lora] [--rank 16] ... (the command line
+in lorakit.cli.bench_speed; `lorakit bench speed --only training` spawns it); the result is one JSON line on stdout.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import threading
 import time
+from typing import Any
 
 import psutil
 import torch
 
 from lorakit.versions import check_version
+
+# How a parent runs one configuration: `sys.executable` followed by this, then the options (lorakit.cli.bench_speed).
+COMMAND = ("-m", "lorakit.cli.bench", "train-step")
 
 
 class PeakSampler:
@@ -64,18 +68,9 @@ def build(impl: str, method: str, rank: int, model_name: str):
     return model, params
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "peft"], required=True)
-    parser.add_argument("--method", choices=["lora", "lora_xs"], default="lora")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--malloc", choices=("keep", "default"), default="default",
-                        help="keep: lorakit.perf.keep_freed_memory, as the parent benchmark was run")
-    args = parser.parse_args(argv)
+def run(args: Any) -> dict:
+    """Time `args.steps` training steps of one configuration (impl, method, rank, model, batch, seq, malloc) and
+    print the result as one JSON line, what the parent reads."""
     if args.malloc == "keep":
         from lorakit.perf import keep_freed_memory
 
@@ -101,9 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
             times.append(time.perf_counter() - start)
     result = {"impl": args.impl, "method": args.method, "step_s": statistics.median(times),
               "peak_mib": (sampler.peak - baseline) / 2**20, "trainable": sum(p.numel() for p in params)}
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
     return result
 
-
-if __name__ == "__main__":
-    main()

@@ -54,6 +54,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, lengths), refused with the value it got."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (0 often meaning "the default")."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def run_command(command: Callable[[], int], prog: str) -> int:
     """Run one command and turn the ways it can end into an exit status (see the module docstring).
 

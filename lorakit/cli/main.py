@@ -337,28 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands that own their flags: `lorakit NAME ...` runs NAME's own main(argv) with the rest of the line.
-DELEGATED: dict[str, tuple[str | None, str]] = {
+DELEGATED: dict[str, tuple[str, str]] = {
     "serve": ("lorakit.cli.serve", "serve adapters over HTTP (OpenAI-compatible)"),
     "demo": ("lorakit.cli.demo", "train character adapters, then serve the chat page"),
-    "bench": (None, "benchmarks: `bench speed`, `bench memory`, `bench accuracy` or `bench serve`"),
+    "bench": ("lorakit.cli.bench", "benchmarks: `bench speed`, `bench memory`, `bench accuracy` or `bench serve`"),
 }
-BENCHMARKS = {"speed": "lorakit.bench.speed", "memory": "lorakit.bench.memory",
-              "accuracy": "lorakit.bench.accuracy", "serve": "lorakit.bench.serve_load"}
 
 
-def _delegate(target: str | None, rest: list[str]) -> int:
-    """Hand the remaining arguments to a subsystem's own `main(argv)` (it owns its flags)."""
+def _delegate(target: str, rest: list[str]) -> int:
+    """Hand the remaining arguments to a subcommand's own `main(argv)` (it owns its flags)."""
     import importlib
 
-    if target is None:  # bench: the first word picks the benchmark
-        if not rest or rest[0] not in BENCHMARKS:
-            usage = f"usage: lorakit bench {{{','.join(BENCHMARKS)}}} [options]"
-            if rest and rest[0] in ("-h", "--help"):
-                print(usage)
-                return 0
-            print(usage, file=sys.stderr)
-            return 2
-        target, rest = BENCHMARKS[rest[0]], rest[1:]
     result = importlib.import_module(target).main(rest)
     return result if isinstance(result, int) else 0
 

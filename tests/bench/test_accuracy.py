@@ -165,9 +165,11 @@ def test_claims_check_lora_xs_within_the_claims_parameter_budget():
     assert "**does not agree**" in accuracy.claims(rows, {"t": "accuracy"})[1]
 
 
-def test_resume_refuses_a_file_that_is_not_a_results_json(tmp_path, capsys):
+def test_resume_refuses_a_file_that_is_not_a_results_json(tmp_path):
+    assert accuracy.read_previous(tmp_path, quick=False) is None  # nothing to resume from: train everything
     (tmp_path / "results.json").write_text("[1, 2]")
-    assert accuracy.main(["--resume", "--out", str(tmp_path), "--tasks", "docstrings", "--methods", "head"]) == 2
-    assert "cannot resume" in capsys.readouterr().err
+    with pytest.raises(accuracy.ResumeError, match="cannot resume") as err:
+        accuracy.read_previous(tmp_path, quick=False)
+    assert str(tmp_path / "results.json") in str(err.value)
     odd = {"runs": [1, {"task": "t"}], "tasks": {"t": "not a dict"}}
     assert accuracy.reusable_runs(odd) == {}  # odd entries are trained again, never crash

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.bench import serve_load
+from lorakit.cli.bench_serve import main as bench_serve
 from lorakit.bench.serve_report import BASE, add_ratios, evaluate_goals, quantile, render
 
 pytest.importorskip("fastapi")
@@ -68,7 +68,7 @@ def test_the_rendered_report_says_met_or_not_met_from_the_figures():
 
 def test_a_quick_run_against_a_served_llama_config(tmp_path):
     out = tmp_path / "report"
-    assert serve_load.main(["--quick", "--base", str(CONFIG), "--out", str(out)]) == 0
+    assert bench_serve(["--quick", "--base", str(CONFIG), "--out", str(out)]) == 0
     report = json.loads((out / "bench_serve.json").read_text())
     scenarios = {(s["method"], s["adapters"]): s for s in report["scenarios"]}
     assert sorted(scenarios) == sorted([(BASE, 0), ("lora_xs", 1), ("lora_xs", 3), ("lora", 1), ("lora", 3)])
@@ -98,13 +98,3 @@ def test_a_quick_run_against_a_served_llama_config(tmp_path):
     assert "| 3 distinct lora_xs |" in text and "Goals (issue 14)" in text and "Decode-step bound" in text
     assert (out / "bench_serve.png").stat().st_size > 1000
     assert report["meta"]["base"] == str(CONFIG) and report["meta"]["methods"] == ["lora_xs", "lora"]
-
-
-def test_bad_arguments_are_refused():
-    with pytest.raises(SystemExit):
-        serve_load.parse_args(["--requests", "0"])
-    with pytest.raises(SystemExit):
-        serve_load.parse_args(["--methods", "vera"])
-    args = serve_load.parse_args(["--device", "cuda"])
-    assert args.adapters == [0, 1, 16, 128, 32] and args.clients == 32  # cuda: the 32-LoRA goal's scenario
-    assert serve_load.parse_args(["--quick", "--max-tokens", "6"]).max_tokens == 6  # explicit options win

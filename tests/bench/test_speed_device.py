@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lorakit.bench import device_speed, speed
+from lorakit.bench import device_speed
+from lorakit.cli.bench_speed import main as bench_speed
 from lorakit.base_models.llama_config import PRESETS, ModelConfigError, build_llama, is_config_spec, read_config
 
 ONE_LAYER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -58,7 +59,7 @@ def test_device_bench_runs_scenarios_and_keeps_going_after_a_failure(config_file
 
     monkeypatch.setitem(device_speed.STEPS, "prefill", broken)
     out = tmp_path / "out"
-    speed.main(["--device", device.type, "--dtype", "bfloat16", "--model", str(config_file), "--quick",
+    bench_speed(["--device", device.type, "--dtype", "bfloat16", "--model", str(config_file), "--quick",
                 "--repeats", "1", "--out", str(out), "--only", "agreement", "prefill", "prefill-xs", "training"])
     report = json.loads((out / "bench_speed_device.json").read_text())
     assert report["device"] == device.type and report["dtype"] == "bfloat16" and report["modules"] == 7
@@ -73,14 +74,6 @@ def test_device_bench_runs_scenarios_and_keeps_going_after_a_failure(config_file
     assert "scenario failed: prefill" in (out / "bench_speed_device.md").read_text()
 
 
-def test_only_refuses_the_other_benchmarks_scenarios(capsys):
-    with pytest.raises(SystemExit) as err:
-        speed.main(["--only", "bases"])  # no --device/--dtype/config: the CPU benchmark has no "bases"
-    assert err.value.code == 2 and "not a scenario of the CPU benchmark" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        speed.main(["--device", "cpu", "--only", "switch"])
-
-
 def test_synced_waits_only_on_cuda():
     calls = []
     fn = lambda: calls.append(1)  # noqa: E731
@@ -92,23 +85,9 @@ def test_synced_waits_only_on_cuda():
         assert calls == [1]
 
 
-@pytest.mark.parametrize("argv, expected", [(["--quick"], "cpu benchmark"),
-                                            (["--device", "cpu"], "device benchmark"),
-                                            (["--dtype", "bfloat16"], "device benchmark"),
-                                            (["--model", "my.json"], "device benchmark"),
-                                            (["--model", "tiny-llama-random"], "device benchmark")])
-def test_device_flags_or_a_config_pick_the_device_benchmark(monkeypatch, argv, expected):
-    """The CPU benchmark's scenarios stay as they were; --device/--dtype or a config model select the new one."""
-    picked = []
-    monkeypatch.setattr(speed, "run", lambda args: picked.append("cpu benchmark"))
-    monkeypatch.setattr(device_speed, "run", lambda args: picked.append("device benchmark"))
-    speed.main(argv)
-    assert picked == [expected]
-
-
 def test_xs_check_finds_mixed_rows_equal_to_each_alone(config_file, tmp_path, device):
     out = tmp_path / "out"
-    speed.main(["--device", device.type, "--dtype", "float32", "--model", str(config_file), "--quick",
+    bench_speed(["--device", device.type, "--dtype", "float32", "--model", str(config_file), "--quick",
                 "--out", str(out), "--only", "xs-check"])
     report = json.loads((out / "bench_speed_device.json").read_text())
     assert report["failures"] == []
