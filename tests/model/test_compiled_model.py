@@ -135,16 +135,22 @@ def test_inductor_inference_equals_eager(ids):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def _grads(model, runs, route, ids) -> list[dict[str, torch.Tensor]]:
+    """Each run's gradients of `model`'s parameters for one language-model loss on `route`."""
+    grads = []
+    for run in runs:
+        model.zero_grad()
+        with lk.use_adapter(model, route):
+            run(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return grads
+
+
 def test_inductor_training_equals_eager(ids):
     model = _model(_one_layer_llama()).train()
     compiled = torch.compile(model)
     for route in ("l", ["l", "x", None]):
-        grads = []
-        for run in (model, compiled):
-            model.zero_grad()
-            with lk.use_adapter(model, route):
-                run(input_ids=ids, labels=ids).loss.backward()
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads = _grads(model, (model, compiled), route, ids)
         assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5, route
 
 
@@ -173,11 +179,6 @@ def test_dora_compiles_whole_in_training_and_inference(ids):
     compiled = torch.compile(model, backend="aot_eager")
     assert (_logits(compiled, route, ids) - _logits(model, route, ids)).abs().max() < 1e-5
     model.train()
-    grads = []
-    for run in (model, compiled):
-        model.zero_grad()
-        with lk.use_adapter(model, route):
-            run(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    grads = _grads(model, (model, compiled), route, ids)
     assert any(k.endswith("lora_magnitude_vector") for k in grads[0]) and grads[0].keys() == grads[1].keys()
     assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5
