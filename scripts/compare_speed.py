@@ -30,9 +30,10 @@ def main() -> int:
     parser.add_argument("after", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit", type=float, default=1.03, help="largest after/before ratio allowed per row")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # after "--": bench speed's own arguments
+    args = parser.parse_args(argv[:cut])
+    bench_args = argv[cut + 1:]
     ratios: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):

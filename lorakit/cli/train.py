@@ -147,7 +147,7 @@ def run_data(args: argparse.Namespace) -> int:
 def _adapter_settings(args: argparse.Namespace, base: dict) -> dict:
     settings = dict(base)
     method = args.method or "lora"
-    settings.update(METHODS[method].variant_of or {})  # DoRA: LoRA with use_dora, same file format and settings
+    settings.update(dict(METHODS[method].variant_of))  # DoRA: LoRA with use_dora, same file format and settings
     if args.r is not None:
         settings["r"] = args.r
     if args.alpha is not None:

@@ -12,7 +12,7 @@ A route arrives resolved (lorakit.routing.resolve): per kind, one slot index per
 batch is one group (every row the same adapter) or one group per row. In inference the sources are the
 layer's preallocated slot stacks (lorakit.layer.slots) indexed by model-wide slots; with gradients on (or
 dropout active) they are stacked from the route's adapters' own parameters per call, indexed locally, so
-gradients reach each adapter. Same math either way: three forward paths in all, one per kind.
+gradients reach each adapter. Same math either way: one path per method (PATHS), whatever the source.
 
 Merged adapters are taken back out of rows that do not route to them with what the merge added (the
 layer's record), through the LoRA path; a merged DoRA adapter, whose update is not low-rank, by the base
@@ -30,7 +30,6 @@ from torch.nn import functional as F
 
 from lorakit.kernels.backend import KERNELS
 from lorakit.methods.dora import gain_minus_one
-from lorakit.methods.table import method_of_kind
 from lorakit.routing.resolve import KindRows, RouteSlots
 from lorakit.layer.slots import SlotStack, names_of_kind, param_source, stack_for
 
@@ -45,14 +44,13 @@ def add_routed_deltas(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, rout
     per_call = uses_parameters(layer, checked)
     if per_call and out._base is not None:  # autograd forbids a chain of in-place adds through a view
         out = out.clone()
-    methods = {kind: method_of_kind(kind) for kind in route.kinds}  # each kind's path (lorakit.methods.table)
-    rescaled = any(m.rescales_output for m in methods.values()) or \
-        any(layer.merged_base(n) is not None for n in route.merged)
-    if rescaled:  # a rescale of the base output must see the unmerged base and nothing else added: it goes first
+    merged = route.merged
+    rescaled = route.rescales or (merged and any(layer.merged_base(n) is not None for n in merged))
+    if rescaled and merged:  # a rescale of the base output must see the unmerged base, nothing else added
         out = _take_out_merged(layer, x, out, route)
-    for kind in sorted(methods, key=lambda k: not methods[k].rescales_output):
-        out = PATHS[methods[kind].name](layer, kind, x, out, route.kinds[kind], route.groups, per_call, checked)
-    if not rescaled:
+    for kind, method in route.order:  # each kind's method's path, in run order (lorakit.routing.resolve)
+        out = PATHS[method](layer, kind, x, out, route.kinds[kind], route.groups, per_call, checked)
+    if merged and not rescaled:
         out = _take_out_merged(layer, x, out, route)
     return out
 

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from lorakit.layer.deltas import add_routed_deltas
 from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
-from lorakit.methods.dora import DoraAdapter
+from lorakit.methods.table import method_of_kind
 from lorakit.layer.quantized import quantized_base
 from lorakit.routing.resolve import RouteSlots, resolve
 from lorakit.routing.context import AS_STORED, RowNames, current_route
@@ -187,7 +187,9 @@ class AdaptedLinear(nn.Module):
         return up.float() @ down.float()
 
     def is_dora(self, name: str) -> bool:
-        return isinstance(self.adapters[name] if name in self.adapters else None, DoraAdapter)
+        """Whether adapter `name`'s method rescales the output (DoRA; lorakit.methods.table): its merge replaces W."""
+        adapter = self.adapters[name] if name in self.adapters else None
+        return adapter is not None and method_of_kind(adapter.slot_kind).rescales_output
 
     def check_mergeable(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         up, down = self.factors(name)

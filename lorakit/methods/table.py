@@ -36,7 +36,7 @@ class Method:
     reads_weight: bool = False  # built from the dense base weight (DoRA's magnitudes): float linear layers only
     rescales_output: bool = False  # scales the base output itself (DoRA): its delta runs before the others, and
     # its update is no sum of low-rank factors (so it is not combined, and merges one adapter at a time)
-    variant_of: dict[str, object] | None = None  # a variant's settings on its config (DoRA: {"use_dora": True})
+    variant_of: tuple[tuple[str, object], ...] = ()  # a variant's settings on its config (DoRA: use_dora=True)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -45,7 +45,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            kernel="lora_rows", trained=("lora_A", "lora_B"), rank_bounded=True),
     Method("dora", "DoRA", LoraConfig, lambda i, o, c, dt, dev, w: DoraAdapter(i, o, c, w(), dt, dev),
            kernel="lora_rows", trained=("lora_A", "lora_B", "lora_magnitude_vector"), rank_bounded=True,
-           reads_weight=True, rescales_output=True, variant_of={"use_dora": True}),
+           reads_weight=True, rescales_output=True, variant_of=(("use_dora", True),)),
     Method("lora_xs", "LoRA-XS", LoraXSConfig, lambda i, o, c, dt, dev, w: LoraXSAdapter(c, dt, dev),
            kernel="core_rows", basis="svd", trained=("lora_R",), rank_bounded=True),
     Method("vera", "VeRA", VeraConfig, lambda i, o, c, dt, dev, w: VeraAdapter(o, c, dt, dev),
@@ -59,11 +59,11 @@ def method_for(config: AdapterConfig) -> Method:
     name."""
     name = getattr(config, "method", None)
     variants = [m for m in METHODS.values() if m.variant_of and m.config is type(config)
-                and all(getattr(config, k, None) == v for k, v in m.variant_of.items())]
+                and all(getattr(config, k, None) == v for k, v in m.variant_of)]
     method = variants[0] if variants else METHODS.get(name)
     if method is None or not isinstance(config, method.config):
-        raise AdapterConfigError(f"unsupported config type {type(config).__name__}; known: "
-                                 f"{', '.join(m.config.__name__ for m in METHODS.values())}")
+        known = dict.fromkeys(m.config.__name__ for m in METHODS.values())
+        raise AdapterConfigError(f"unsupported config type {type(config).__name__}; known: {', '.join(known)}")
     return method
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.methods.table import method_of_kind
 from lorakit.routing.context import RowNames, row_parts
 from lorakit.routing.slot_table import SlotTable
 
@@ -40,6 +41,10 @@ class RouteSlots:
     groups: int  # n: 1 (one adapter or blend for all rows) or the batch's rows
     kinds: dict[str, tuple[KindRows, ...]]  # kind -> its columns
     merged: dict[str, torch.Tensor]  # merged adapter -> (n,) float32: w − 1 for a row running it at weight w
+    # (kind, its method's name) in the order the layers run them: a method that rescales the base output
+    # (DoRA) first; found once per route here, not in every layer's call (lorakit.methods.table)
+    order: tuple[tuple[str, str], ...] = ()
+    rescales: bool = False  # some kind's method rescales the base output
 
 
 def resolve(names: RowNames, table: SlotTable, merged: tuple[str, ...], device: torch.device,
@@ -61,7 +66,9 @@ def resolve(names: RowNames, table: SlotTable, merged: tuple[str, ...], device: 
         coef = [sum(w for n, w in p if n == m) - 1.0 for p in parts]  # 0: the row runs m as merged; −1: not at all
         if complete or any(coef):
             subtract[m] = torch.tensor(coef, dtype=torch.float32, device=device)
-    return RouteSlots(len(rows), kinds, subtract)
+    methods = {kind: method_of_kind(kind) for kind in kinds}
+    order = tuple((k, methods[k].name) for k in sorted(kinds, key=lambda k: not methods[k].rescales_output))
+    return RouteSlots(len(rows), kinds, subtract, order, any(m.rescales_output for m in methods.values()))
 
 
 def _column(used: tuple[str, ...], picked: list[tuple[str | None, float]], table: SlotTable,
