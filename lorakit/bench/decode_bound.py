@@ -5,6 +5,10 @@ comes out of one. The bound runs the engine itself in this process (same model, 
 decode_forward; no HTTP, no tokenizer, no adapters): `rows` requests of `prompt_tokens` random tokens are
 queued before it starts, prefilled in one step, then decode together; every decode_forward at `rows` rows
 is timed (CUDA-synchronised on a GPU). The first run warms up; the median over the others is the step time.
+
+The same runs time the engine's prefill steps (the rows' prompts in one forward, first tokens sampled): their
+seconds per prompt token price the prefill a load cannot skip, for the prefill-inclusive ceiling of
+lorakit.bench.serve_report.
 """
 
 from __future__ import annotations
@@ -59,16 +63,20 @@ def _run(model: torch.nn.Module, rows: int, prompt_tokens: int, new_tokens: int,
 def decode_step_bound(base: str, device: str, dtype: str, rows: int, prompt_tokens: int, new_tokens: int,
                       runs: int = 2) -> dict:
     """{rows, prompt_tokens, steps, step_s (median decode_forward), tokens_per_s (rows / step_s),
-    engine_step_s (mean whole engine step, sampling included)}."""
+    engine_step_s (mean whole engine step, sampling included), prefill_s_per_token (the timed runs' prefill
+    step seconds over their prompt tokens)}."""
     model, _ = load_serving_base(base, device, dtype)
     _run(model, rows, prompt_tokens, min(new_tokens, 4), seed=0)  # warm-up: allocator, kernels, caches
-    times, engine_steps = [], []
+    times, engine_steps, prefill_s, prefilled = [], [], 0.0, 0
     for run in range(max(1, runs)):
         engine = _run(model, rows, prompt_tokens, new_tokens, seed=1 + run)
         times += engine.step_times
         engine_steps.append(engine.stats.step_seconds / max(1, engine.stats.steps))
+        prefill_s += engine.stats.prefill_seconds
+        prefilled += engine.stats.prompt_tokens
     if not times:
         raise RuntimeError(f"decode-step bound: no decode step ran at {rows} rows (new_tokens={new_tokens})")
     step = statistics.median(times)
     return {"rows": rows, "prompt_tokens": prompt_tokens, "steps": len(times), "step_s": step,
-            "tokens_per_s": rows / step, "engine_step_s": statistics.mean(engine_steps)}
+            "tokens_per_s": rows / step, "engine_step_s": statistics.mean(engine_steps),
+            "prefill_s_per_token": prefill_s / prefilled}

@@ -91,10 +91,25 @@ def _label(key: tuple[str, int] | str) -> str:
     return "base only" if method == BASE else f"{n} {method}"
 
 
+def prefill_ceiling(summary: dict, bound: dict | None) -> float | None:
+    """The highest tokens/s over the decode-step bound that this scenario's load could reach with the bound's
+    forwards: its tokens decoded at the bound, plus the prompt tokens the server prefilled during the load
+    (probes included) at the bound's prefill seconds per token. Below 1 wherever prefill costs time; None
+    when the run lacks a figure."""
+    counters = summary.get("engine_time") or {}
+    if bound is None or "prefill_s_per_token" not in bound or "prompt_tokens" not in counters:
+        return None
+    tokens = statistics.median(summary["completion_tokens"])
+    decode_s = tokens / bound["tokens_per_s"]
+    return decode_s / (decode_s + counters["prompt_tokens"] * bound["prefill_s_per_token"])
+
+
 def evaluate_goals(summaries: list[dict], bound: dict | None, device: str) -> list[dict]:
     """Each goal with its figure and whether it is met; None where this run cannot tell (another device,
-    a scenario not run), with the reason."""
-    tps = {(s["method"], s["adapters"]): s["tokens_per_s"] for s in summaries}
+    a scenario not run), with the reason. A goal against the decode-step bound notes the prefill-inclusive
+    ceiling of its load: the part of the gap that is prefill, which no engine overhead explains."""
+    by_key = {(s["method"], s["adapters"]): s for s in summaries}
+    tps = {key: s["tokens_per_s"] for key, s in by_key.items()}
     if bound is not None:
         tps["bound"] = bound["tokens_per_s"]
     out = []
@@ -109,6 +124,10 @@ def evaluate_goals(summaries: list[dict], bound: dict | None, device: str) -> li
                 row["note"] = f"a {goal.device.upper()} goal; this run is on {device}"
             else:
                 row["met"] = row["figure"] >= goal.target
+            ceiling = prefill_ceiling(by_key[goal.numerator], bound) if goal.denominator == "bound" else None
+            if ceiling is not None:
+                row["ceiling"] = ceiling
+                row["note"] = "; ".join(filter(None, [row["note"], f"prefill-inclusive ceiling {ceiling:.2f}×"]))
         out.append(row)
     return out
 
@@ -158,7 +177,12 @@ def _bound(bound: dict, meta: dict) -> str:
             f"measured in the benchmark's own process after the server stopped: {bound['prompt_tokens']}-token "
             f"prompts, {bound['steps']} steps timed (median {bound['step_s'] * 1e3:.2f} ms{synced}), so at most "
             f"**{bound['tokens_per_s']:.1f} tokens/s**; the whole engine step (with sampling and bookkeeping) "
-            f"took {bound['engine_step_s'] * 1e3:.2f} ms on average.")
+            f"took {bound['engine_step_s'] * 1e3:.2f} ms on average."
+            + (f" Its prefill steps (the {bound['rows']} prompts in one forward) took "
+               f"{bound['prefill_s_per_token'] * 1e3:.3f} ms per prompt token: a load's *prefill-inclusive "
+               f"ceiling* is its tokens at the bound plus the prompt tokens the server prefilled during it (probes "
+               f"included) at that price, the most any engine running these forwards could reach."
+               if "prefill_s_per_token" in bound else ""))
 
 
 def _engine_time(summaries: list[dict], bound: dict | None) -> list[str]:
@@ -170,17 +194,24 @@ def _engine_time(summaries: list[dict], bound: dict | None) -> list[str]:
              "request and right after its last answer; medians over rounds; load probes included): *decode* is the "
              "engine's decode steps, *prefill* its prefill steps (prompt forwards and first tokens), *outside* the "
              "rest of that window (HTTP, tokenizing, waiting for requests, the engine's loop). *Decode only* is the "
-             "load's tokens over its decode seconds.", "",
-             "| traffic | wall s | decode s (steps) | prefill s (steps) | outside s | decode only tokens/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "load's tokens over its decode seconds. *Ceiling* is the load's prefill-inclusive ceiling over the "
+             "decode-step bound, and *reached* its tokens/s over that ceiling.", "",
+             "| traffic | wall s | decode s (steps) | prefill s (steps, prompt tokens) | outside s | "
+             "decode only tokens/s | ceiling | reached |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in rows:
         t = s["engine_time"]
         label = "base only" if s["method"] == BASE else f"{s['adapters']} distinct {s['method']}"
-        outside = t["outside_s"]
+        if t["decode_s"] <= 0:
+            lines.append(f"| {label} | - | - | - | - | - | - | - |")
+            continue
         tokens = statistics.median(s["completion_tokens"])
+        ceiling = prefill_ceiling(s, bound)
+        reached = s["tokens_per_s"] / (ceiling * bound["tokens_per_s"]) if ceiling else None
+        prompt = f", {t['prompt_tokens']:.0f}" if "prompt_tokens" in t else ""
         lines.append(f"| {label} | {t['wall_s']:.2f} | {t['decode_s']:.2f} ({t['decode_steps']:.0f}) | "
-                     f"{t['prefill_s']:.2f} ({t['prefill_steps']:.0f}) | {outside:.2f} | "
-                     f"{tokens / t['decode_s']:.1f} |" if t["decode_s"] > 0 else f"| {label} | - | - | - | - | - |")
+                     f"{t['prefill_s']:.2f} ({t['prefill_steps']:.0f}{prompt}) | {t['outside_s']:.2f} | "
+                     f"{tokens / t['decode_s']:.1f} | {_num(ceiling, suffix='×')} | {_num(reached, suffix='×')} |")
     return lines + [""]
 
 

@@ -136,12 +136,13 @@ async def run_load(url: str, models: Callable[[int], str], texts: list[str], req
 
 
 ENGINE_COUNTERS = {"decode_s": "lorakit_decode_step_seconds_total", "decode_steps": "lorakit_decode_steps_total",
-                   "prefill_s": "lorakit_prefill_seconds_total", "prefill_steps": "lorakit_prefill_steps_total"}
+                   "prefill_s": "lorakit_prefill_seconds_total", "prefill_steps": "lorakit_prefill_steps_total",
+                   "prompt_tokens": "lorakit_prompt_tokens_total"}
 
 
 async def read_counters(http: httpx.AsyncClient) -> dict[str, float]:
-    """The engine's time counters from the server's /metrics: where a load's wall time went (decode steps,
-    prefill steps, and by difference everything outside the engine's forwards)."""
+    """The engine's counters from the server's /metrics: where a load's wall time went (decode steps, prefill
+    steps, and by difference everything outside the engine's forwards), and the prompt tokens it prefilled."""
     response = await http.get("/metrics")
     response.raise_for_status()
     text = response.text

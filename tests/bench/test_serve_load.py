@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli.bench_serve import main as bench_serve
-from lorakit.bench.serve_report import BASE, add_ratios, evaluate_goals, quantile, render
+from lorakit.bench.serve_report import BASE, add_ratios, evaluate_goals, prefill_ceiling, quantile, render
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -53,6 +53,21 @@ def test_goals_are_computed_from_the_figures_and_scoped_to_their_device():
     assert "decode-step bound not in this run" in no_bound["base only vs the engine's decode-step bound"]["note"]
 
 
+def test_the_prefill_inclusive_ceiling_prices_the_loads_prompt_tokens_at_the_bounds_prefill_cost():
+    bound = {"tokens_per_s": 100.0, "prefill_s_per_token": 0.002}
+    base = {"method": BASE, "adapters": 0, "tokens_per_s": 50.0, "completion_tokens": [1000, 1000, 1200],
+            "engine_time": {"prompt_tokens": 1500.0}}
+    # 1000 tokens decode in 10 s at the bound; 1500 prompt tokens prefill in 3 s: 1000 / 13 s = 10/13 of the bound
+    assert prefill_ceiling(base, bound) == pytest.approx(10 / 13)
+    assert prefill_ceiling(base | {"engine_time": {"prompt_tokens": 0.0}}, bound) == pytest.approx(1.0)
+    assert prefill_ceiling(base, {"tokens_per_s": 100.0}) is None  # a bound without its prefill figure
+    assert prefill_ceiling(base | {"engine_time": None}, bound) is None
+    add_ratios([base])
+    goal = {g["goal"]: g for g in evaluate_goals([base], bound, "cpu")}["base only vs the engine's decode-step bound"]
+    assert goal["figure"] == pytest.approx(0.5) and goal["met"] is False
+    assert goal["ceiling"] == pytest.approx(10 / 13) and "prefill-inclusive ceiling 0.77×" in goal["note"]
+
+
 def test_the_rendered_report_says_met_or_not_met_from_the_figures():
     summaries = _summaries({(BASE, 0): 100.0, ("lora_xs", 1): 95.0, ("lora_xs", 128): 96.0})
     goals = evaluate_goals(summaries, {"tokens_per_s": 200.0}, "cpu")
@@ -88,9 +103,13 @@ def test_a_quick_run_against_a_served_llama_config(tmp_path):
         scenarios[("lora_xs", 1)]["tokens_per_s"] / scenarios[(BASE, 0)]["tokens_per_s"])
     bound = report["decode_bound"]
     assert bound["rows"] == 4 and bound["steps"] >= 3 and bound["tokens_per_s"] == pytest.approx(4 / bound["step_s"])
+    assert bound["prefill_s_per_token"] > 0
+    base_time = scenarios[(BASE, 0)]["engine_time"]
+    assert base_time["prompt_tokens"] >= 8 * 10  # the server's counter: 8 load prompts of over 13 characters
     goals = {g["goal"]: g for g in report["goals"]}
     assert goals["base only vs the engine's decode-step bound"]["figure"] == pytest.approx(
         scenarios[(BASE, 0)]["tokens_per_s"] / bound["tokens_per_s"])
+    assert 0 < goals["base only vs the engine's decode-step bound"]["ceiling"] < 1
     assert isinstance(goals["CPU: 1 LoRA adapter vs base only"]["met"], bool)
     assert goals["GPU: 32 distinct LoRA vs base only"]["met"] is None
     text = (out / "bench_serve.md").read_text()
