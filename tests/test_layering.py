@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lorakit"
 # Every lorakit module must be listed, so a new one is placed on purpose. A name ending in ".*" covers a package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("lorakit.errors", "lorakit.versions", "lorakit.names", "lorakit.config", "lorakit.perf",
-                    "lorakit.atomic_write")),
+                    "lorakit.atomic_write", "lorakit.walk")),
     ("methods", ("lorakit.methods.*",)),
     ("kernels", ("lorakit.kernels.*",)),
     ("routing", ("lorakit.routing.*",)),

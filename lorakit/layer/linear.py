@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lorakit import walk
 from lorakit.layer.deltas import add_routed_deltas
 from lorakit.errors import MergeStateError, NonFiniteAdapterError, RoutingError
 from lorakit.methods.basis import Basis
@@ -38,6 +39,7 @@ class AdaptedLinear(nn.Module):
     """A linear (or Conv1D) layer whose output adds the routed adapters' deltas."""
 
     wraps_linear: bool = True  # False for a layer over another kind of base (lorakit.layer.embedding)
+    lorakit_sealed = True  # its children hold only per-adapter state: model walks skip them (lorakit.walk)
 
     def __init__(self, base: nn.Module, module_name: str, registry: AdapterRecord) -> None:
         """`registry` is the model's adapter record (lorakit.model.record, a floor above: it walks these layers),
@@ -324,4 +326,4 @@ def is_adaptable(module: nn.Module) -> bool:
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     """Full name -> AdaptedLinear for every adapted layer of the model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    return {n: m for n, m in walk.named_modules(model) if isinstance(m, AdaptedLinear)}

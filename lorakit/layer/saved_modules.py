@@ -121,9 +121,9 @@ def install_saved(model: nn.Module, chosen: list[str], name: str, registry: Any)
         module.modules_to_save[name] = replica
 
 
-def saved_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    return [p for m in saved_modules(model).values() if name in m.modules_to_save
-            for p in m.modules_to_save[name].parameters()]
+def copy_parameters(module: SavedModule) -> dict[str, list[nn.Parameter]]:
+    """Adapter name -> the parameters of its copy in `module` (read per module, so one model walk serves all)."""
+    return {name: list(replica.parameters()) for name, replica in module.modules_to_save.items()}
 
 
 def saved_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -15,8 +15,11 @@ held once, optimizer steps and `load_state_dict` write straight into it, and a b
 adapter with one `index_select` per field. Entries beyond an adapter's rank stay zero, so lower ranks are
 exact. The Parameter objects never change, so optimizers holding them keep working.
 
-A stack is rebuilt when the model's slots change (an adapter attached, deleted or packed) or when a
-parameter no longer points into it. `model.to(...)` moves it (`moved`, called by ModelAdapters' hook)
+When the model's slots change, a stack whose adapters are all still in it, at their slots, is extended in
+place if the change only added adapters that fit it (a free slot within its capacity, a rank within its width,
+its dtype and device): each new adapter is copied into its slot, so the k-th attach copies one adapter, not k.
+Otherwise (an adapter deleted or packed, capacity doubled, a wider rank) or when a parameter no longer points
+into it, it is rebuilt. `model.to(...)` moves it (`moved`, called by ModelAdapters' hook)
 and points the parameters back into it.
 """
 
@@ -47,6 +50,7 @@ class SlotStack:
     held: dict[str, int]  # adapter name -> slot
     pointers: dict[str, tuple[int, ...]]  # where each held adapter's parameters must start
     table_version: int  # the SlotTable version it was built against
+    rank: int  # the width of its fields: the highest rank of the adapters it was built for
     # values computed from the fields and the layer's weight, kept until either changes (DoRA's gains,
     # lorakit.layer.deltas); empty in a fresh or moved stack
     derived: dict = field(default_factory=dict)
@@ -88,10 +92,10 @@ def stacks(layer: nn.Module) -> dict[str, SlotStack]:
 
 
 def stack_for(layer: nn.Module, kind: str, table: SlotTable, stale: SlotStack | None = None) -> SlotStack | None:
-    """The layer's stack of `kind`, rebuilt when the model's slot table changed since it was built (or when
-    it is `stale`: found not to hold its adapters' parameters any more); None when the layer has no adapter
-    of that kind or its adapters cannot share one tensor (mixed dtypes or devices: the forward then stacks
-    their parameters per call, lorakit.layer.deltas)."""
+    """The layer's stack of `kind`, extended or rebuilt when the model's slot table changed since it was made
+    (rebuilt when it is `stale`: found not to hold its adapters' parameters any more); None when the layer has
+    no adapter of that kind or its adapters cannot share one tensor (mixed dtypes or devices: the forward then
+    stacks their parameters per call, lorakit.layer.deltas)."""
     stack = stacks(layer).get(kind)
     if stack is not None and stack is not stale and stack.table_version == table.version:
         return stack
@@ -103,7 +107,9 @@ def stack_for(layer: nn.Module, kind: str, table: SlotTable, stale: SlotStack | 
         absent = layer.slot_stacks.absent
         if stack is None and absent.get(kind) == table.version:  # known to have none: no walk over its adapters
             return None
-        stack = _build(layer, kind, table)
+        stack = _extended(layer, stack, table) if stack is not None and stack is not stale else None
+        if stack is None:
+            stack = _build(layer, kind, table)
         if stack is None:
             found.pop(kind, None)
             absent[kind] = table.version
@@ -135,7 +141,37 @@ def _build(layer: nn.Module, kind: str, table: SlotTable) -> SlotStack | None:
             _point_into(adapter, fields, slot, copy=True)
             scales[slot] = adapter.scaling
             held[name], pointers[name] = slot, _pointers(adapter)
-    return SlotStack(kind, fields, scales, held, pointers, table.version)
+    return SlotStack(kind, fields, scales, held, pointers, table.version, r_max)
+
+
+def _extended(layer: nn.Module, stack: SlotStack, table: SlotTable) -> SlotStack | None:
+    """`stack` brought up to the table's version with the layer's new adapters copied into their slots, exactly
+    what a rebuild would hold; None when a rebuild is needed (see the module docstring)."""
+    names = names_of_kind(layer, stack.kind)
+    new = [n for n in names if n not in stack.held]
+    if not _fits(layer, stack, table, names, new):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        for name in new:
+            slot = table.slot(name)
+            for tensor in stack.fields.values():
+                tensor[slot].zero_()  # padding beyond the adapter's rank must read zero
+            _point_into(layer.adapters[name], stack.fields, slot, copy=True)
+            stack.scales[slot] = layer.adapters[name].scaling
+    held = {n: table.slot(n) for n in names}
+    pointers = {n: stack.pointers[n] if n in stack.pointers else _pointers(layer.adapters[n]) for n in names}
+    return replace(stack, held=held, pointers=pointers, table_version=table.version, derived={})
+
+
+def _fits(layer: nn.Module, stack: SlotStack, table: SlotTable, names: tuple[str, ...], new: list[str]) -> bool:
+    """Whether the layer's adapters of the stack's kind are its held ones, unchanged, plus `new` ones it can take."""
+    if table.capacity(stack.kind) != stack.capacity or len(names) != len(stack.held) + len(new):
+        return False
+    if any(table.slot(n) != slot or not stack.holds(layer, n) for n, slot in stack.held.items()):
+        return False
+    like = stack.scales
+    return all(layer.adapters[n].r <= stack.rank and all(p.dtype == like.dtype and p.device == like.device
+                                                         for p in layer.adapters[n].parameters()) for n in new)
 
 
 def _point_into(adapter: nn.Module, fields: dict[str, torch.Tensor], slot: int, copy: bool) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from lorakit import walk
 from lorakit.errors import AdapterConfigError, TargetNotFoundError
 
 OUTPUT_HEAD_SUFFIXES = frozenset({"lm_head", "classifier", "score"})
@@ -31,7 +32,7 @@ def select_modules(model: nn.Module, targets: str | Iterable[str], exclude: Iter
     Raises AdapterConfigError (a bad regex) or TargetNotFoundError (nothing matches, a listed name matches
     nothing, or exclusions leave nothing), naming the eligible layers. Whether each chosen module can take
     what the caller puts there is the caller's check."""
-    modules = {n: m for n, m in model.named_modules() if n and not n.startswith(skip)}
+    modules = {n: m for n, m in walk.named_modules(model) if n and not n.startswith(skip)}
     layers = [n for n, m in modules.items() if eligible(m)]
     if targets == "all-linear":
         heads = output_head_names(model)
@@ -73,7 +74,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
+    for name, module in walk.named_modules(model):
         if out_emb is not None and module is out_emb:
             heads.add(name)
         if name.split(".")[-1] in OUTPUT_HEAD_SUFFIXES:

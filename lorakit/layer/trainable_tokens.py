@@ -189,9 +189,9 @@ def install_tokens(model: nn.Module, plan: list[tuple[str, tuple[int, ...], str 
             replace_module(model, tied, TokenLayer(model.get_submodule(tied), tied, registry, source=layer))
 
 
-def token_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    return [m.trainable_tokens_delta[name] for m in token_layers(model).values()
-            if not m.is_head and name in m.trainable_tokens_delta]
+def delta_parameters(layer: TokenLayer) -> dict[str, list[nn.Parameter]]:
+    """Adapter name -> its replacement rows in `layer`; none in a tied head, which reads its embedding's."""
+    return {} if layer.is_head else {name: [delta] for name, delta in layer.trainable_tokens_delta.items()}
 
 
 def token_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import walk
 from lorakit.errors import RoutingError, UnsupportedLayerError
 from lorakit.routing.context import AS_STORED, Blend, current_route
 
@@ -57,7 +58,7 @@ class WholeModuleWrapper(nn.Module):
 
 def wrapped_prefixes(model: nn.Module) -> tuple[str, ...]:
     """'name.' of every module lorakit wraps whole: what lies below is the wrapper's, never a target."""
-    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, WholeModuleWrapper))
+    return tuple(f"{n}." for n, m in walk.named_modules(model) if isinstance(m, WholeModuleWrapper))
 
 
 def route_names(registry: Any, module_name: str) -> object:

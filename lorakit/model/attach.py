@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit import names
+from lorakit import names, walk
 from lorakit.model.manage import apply_trainable
 from lorakit.model.bases import layer_shape, lora_xs_bases_for
 from lorakit.model.compiled import install_route_entry
@@ -42,7 +42,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     # nor is anything inside a module lorakit wraps whole (modules_to_save copies, trainable-token layers)
     skip = (PREFIX_STORE_PREFIX,) + wrapped_prefixes(model)
     chosen = select_modules(model, config.target_modules, config.exclude_modules, is_adaptable, skip)
-    modules = dict(model.named_modules())
+    modules = dict(walk.named_modules(model))
     bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen
            if not (is_adaptable(modules[n]) or is_embedding(modules[n]))]
     if bad:
@@ -92,7 +92,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     if name in registry.configs:
         raise AdapterExistsError(f"adapter {name!r} is already attached; delete it first or pick another name")
     targets = find_targets(model, config)
-    modules = dict(model.named_modules())
+    modules = dict(walk.named_modules(model))
     for target in targets:
         _check_rank(config, target, *layer_shape(modules[target]))
         if method.reads_weight:

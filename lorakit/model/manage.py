@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit import walk
 from lorakit.config import AdapterConfig, PrefixConfig
 from lorakit.errors import AdapterNotFoundError, MergeStateError
-from lorakit.layer.linear import adapted_layers
+from lorakit.layer.linear import AdaptedLinear, adapted_layers
 from lorakit.layer.slots import unshare
 from lorakit.model.record import ATTR, adapters_of
 from lorakit.model.prefix_hook import prefix_adapter, remove_prefix
-from lorakit.layer.saved_modules import remove_saved, saved_parameters, saved_state
+from lorakit.layer.saved_modules import SavedModule, copy_parameters, remove_saved, saved_state
 from lorakit.layer.surgery import freeze_base
-from lorakit.layer.trainable_tokens import remove_tokens, token_parameters, token_state
+from lorakit.layer.trainable_tokens import TokenLayer, delta_parameters, remove_tokens, token_state
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -52,8 +53,29 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The trainable parameters of adapter `name` (what an optimiser should get)."""
     if isinstance(adapter_config(model, name), PrefixConfig):
         return list(prefix_adapter(model, name).parameters())
-    return [p for layer in adapted_layers(model).values() if name in layer.adapters
-            for p in layer.adapters[name].parameters()] + saved_parameters(model, name) + token_parameters(model, name)
+    return parameters_by_adapter(model).get(name, [])
+
+
+def parameters_by_adapter(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Adapter name -> its parameters in layers, then in modules_to_save copies, then trainable tokens (the order
+    optimizers and their saved states were built in; prefix adapters aside), from one walk of the model: a walk
+    per adapter made each attach cost a walk per adapter already there, each visiting every adapter's modules."""
+    layers: dict[str, list[nn.Parameter]] = {}
+    copies: dict[str, list[nn.Parameter]] = {}
+    tokens: dict[str, list[nn.Parameter]] = {}
+    for module in walk.modules(model):  # an adapted layer's adapters are read from it, not walked into
+        if isinstance(module, AdaptedLinear):
+            found, into = {name: list(a.parameters()) for name, a in module.adapters.items()}, layers
+        elif isinstance(module, SavedModule):
+            found, into = copy_parameters(module), copies
+        elif isinstance(module, TokenLayer):
+            found, into = delta_parameters(module), tokens
+        else:
+            continue
+        for name, params in found.items():
+            into.setdefault(name, []).extend(params)
+    return {name: layers.get(name, []) + copies.get(name, []) + tokens.get(name, [])
+            for name in {**layers, **copies, **tokens}}
 
 
 def set_trainable(model: nn.Module, name: str | None) -> None:
@@ -71,11 +93,15 @@ def set_trainable(model: nn.Module, name: str | None) -> None:
 def apply_trainable(model: nn.Module) -> None:
     """Freeze every adapter but the declared trained one (after attach or delete re-ran freeze_base)."""
     registry = adapters_of(model)
-    for other in registry.configs:
+    trained = registry.trained
+    groups = parameters_by_adapter(model)
+    for other, config in registry.configs.items():
         if other in registry.packed:
             continue
-        for param in adapter_parameters(model, other):
-            param.requires_grad_(registry.trained is None or other == registry.trained)
+        prefix = isinstance(config, PrefixConfig)
+        params = prefix_adapter(model, other).parameters() if prefix else groups.get(other, [])
+        for param in params:
+            param.requires_grad_(trained is None or other == trained)
 
 
 def count_trainable(model: nn.Module, name: str) -> int:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Union
 
 from torch.utils.checkpoint import checkpoint
 
+from lorakit import walk
 from lorakit.errors import AdapterNotFoundError, RoutingError
 
 if TYPE_CHECKING:
@@ -253,10 +254,10 @@ def carry_routes_through_checkpointing(model: "nn.Module") -> None:
     `super().__call__` from `__call__`, before them. So the model itself is hooked too, and each hook wraps
     every checkpointable module at or below it: the outermost module called wraps them all in time.
     Idempotent (re-run by every attach); costs a few attribute reads per block and call."""
-    for module in model.modules():
+    for module in walk.modules(model):  # adapted layers hold no block: not walked into
         if module is not model and not hasattr(module, "gradient_checkpointing"):
             continue
-        below = tuple(m for m in module.modules() if hasattr(m, "gradient_checkpointing"))
+        below = tuple(m for m in walk.modules(module) if hasattr(m, "gradient_checkpointing"))
         first = CHECKPOINTED_ATTR not in module.__dict__
         module.__dict__[CHECKPOINTED_ATTR] = below  # a plain tuple, not registered as submodules
         if first:

@@ -105,3 +105,60 @@ def test_saved_adapter_is_unchanged_by_stacking(tmp_path):
     before = load_file(next((tmp_path / "before").glob("*.safetensors")))
     after = load_file(next((tmp_path / "after").glob("*.safetensors")))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _routed(model, ids, names):
+    """Per-row routed logits and each row run alone with its adapter (None: the base)."""
+    with torch.no_grad():
+        with lorakit.use_adapter(model, names):
+            mixed = model(input_ids=ids).logits
+        rows = []
+        for i, name in enumerate(names):
+            with lorakit.use_adapter(model, name) if name else lorakit.disable_adapters(model):
+                rows.append(model(input_ids=ids[i:i + 1]).logits[0])
+    return mixed, torch.stack(rows)
+
+
+def test_attaching_within_capacity_extends_the_stack_instead_of_rebuilding_it():
+    """The k-th attach between forwards copies one adapter into its free slot: the stack's tensors stay and the
+    adapters already held are not copied again (a rebuild per attach copied all k); at a doubling it rebuilds."""
+    model, ids = _model(), _ids()  # six adapters at slots 1-6: capacity 8
+    _mixed(model, ids)
+    layer = model.model.layers[0].self_attn.q_proj
+    before = slots.stacks(layer)["lora"]
+    held = {n: (a.lora_A.data_ptr(), a.lora_B.data_ptr()) for n, a in layer.adapters.items()}
+    lorakit.attach(model, LoraConfig(r=2, lora_alpha=4), "a6")  # slot 7: still within capacity 8
+    randomize_adapters(model, std=0.1, seed=5)
+    names = ["a6", "a0", None, "a6", "a4", "a3", "a6"]
+    mixed, alone = _routed(model, ids, names)
+    assert (mixed - alone).abs().max() < 1e-5
+    stack, table = slots.stacks(layer)["lora"], model.lorakit_registry.slot_table
+    assert stack.fields["a"] is before.fields["a"] and stack.fields["b"] is before.fields["b"]
+    assert {n: (a.lora_A.data_ptr(), a.lora_B.data_ptr()) for n, a in layer.adapters.items() if n in held} == held
+    assert stack.held == {n: table.slot(n) for n in layer.adapters} and stack.table_version == table.version
+    new = layer.adapters["a6"]
+    assert new.lora_A.untyped_storage().data_ptr() == stack.fields["a"].untyped_storage().data_ptr()
+    assert stack.scales[table.slot("a6")] == new.scaling
+    lorakit.attach(model, LoraConfig(r=4, lora_alpha=8), "a7")  # slot 8: capacity doubles to 16
+    randomize_adapters(model, std=0.1, seed=6)
+    mixed, alone = _routed(model, ids, ["a7", "a6", "a1", None, "a7", "a2", "a0"])
+    assert (mixed - alone).abs().max() < 1e-5
+    assert slots.stacks(layer)["lora"].capacity == 16
+
+
+def test_a_wider_rank_or_a_deleted_adapter_rebuilds_the_stack():
+    model, ids = _model(), _ids()  # ranks 2 and 4
+    _mixed(model, ids)
+    layer = model.model.layers[0].self_attn.q_proj
+    before = slots.stacks(layer)["lora"]
+    lorakit.attach(model, LoraConfig(r=8, lora_alpha=16), "wide")
+    randomize_adapters(model, std=0.1, seed=7)
+    mixed, alone = _routed(model, ids, ["wide", "a0", None, "a5", "wide", "a1", "a2"])
+    assert (mixed - alone).abs().max() < 1e-5
+    stack = slots.stacks(layer)["lora"]
+    assert stack.fields["a"] is not before.fields["a"] and stack.fields["a"].shape[1] == 8
+    lorakit.delete_adapter(model, "a3")
+    lorakit.attach(model, LoraConfig(r=4, lora_alpha=8), "again")  # takes a3's slot back
+    randomize_adapters(model, std=0.1, seed=8)
+    mixed, alone = _routed(model, ids, ["again", "a0", None, "wide", "again", "a4", "a2"])
+    assert (mixed - alone).abs().max() < 1e-5
