@@ -51,7 +51,7 @@ from lorakit.model.prefix_hook import cache_argument
 from lorakit.routing.context import RowName, row_parts
 from lorakit.model.use import Route, use_adapter, use_route
 from lorakit.serve.kv_cache import BatchCache
-from lorakit.serve.packed_prefill import (packed_inputs, packing_pays, packing_supported, pairs_per_token,
+from lorakit.serve.packed_prefill import (is_padded, packed_inputs, packing_plan, packing_supported, pairs_per_token,
                                           request_logits, take_packed)
 from lorakit.serve.prefill import PrefillRow, plan_chunks, prefill_inputs, take_rows
 
@@ -594,9 +594,10 @@ class Engine:
         """One forward over the rows' next chunks; each row's cache grows by its chunk. → (B, V) last logits."""
         adapters = [request.adapter for (request, _), _ in now]
         rows, sizes = [row for (_, row), _ in now], [size for _, size in now]
-        if self.pack_prefill and len(set(adapters)) < len(adapters) \
-                and packing_pays(rows, sizes, adapters, self._pairs_per_token):  # some share a route, and it pays
-            return self._packed_prefill_forward(now, adapters)
+        if self.pack_prefill and len(set(adapters)) < len(adapters):  # some share a route: packing may pay
+            layout = packing_plan(rows, sizes, adapters, self._pairs_per_token)
+            if not is_padded(layout):
+                return self._packed_prefill_forward(now, adapters, layout)
         inputs = prefill_inputs(rows, sizes, self.device)
         cache = DynamicCache(ddp_cache_data=inputs.past) if inputs.past is not None else DynamicCache()
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
@@ -608,11 +609,11 @@ class Engine:
         self.stats.prompt_tokens += sum(sizes)
         return out.logits[:, -1]
 
-    def _packed_prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]],
-                                adapters: list) -> torch.Tensor:
-        """The prefill forward with the rows of one route end to end (lorakit.serve.packed_prefill)."""
+    def _packed_prefill_forward(self, now: list[tuple[tuple[Request, PrefillRow], int]], adapters: list,
+                                layout: list[list[int]]) -> torch.Tensor:
+        """The prefill forward with each forward row's requests end to end (lorakit.serve.packed_prefill)."""
         rows, sizes = [row for (_, row), _ in now], [size for _, size in now]
-        inputs = packed_inputs(rows, sizes, adapters, self.device, self._dtype)
+        inputs = packed_inputs(rows, sizes, adapters, self.device, self._dtype, layout)
         cache = DynamicCache(ddp_cache_data=inputs.past) if inputs.past is not None else DynamicCache()
         with self._route_context(self._route_names(inputs.group_keys)):
             out = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,

@@ -1,10 +1,10 @@
-"""Packed prefill: prompts that share a route go end to end in one forward row, so no compute is spent on padding.
+"""Packed prefill: prompts that share a route go end to end in forward rows, so little compute is spent on padding.
 
 Padded prefill (lorakit.serve.prefill) lays each prompt out in its own row and pads every row to the
 longest: with prompts of 25 to 50 tokens a third of the forward's linear work is padding. Here the
 requests are grouped by their route (the adapter or blend they run under: one forward row can carry
-only one), and a group's requests are concatenated. With G groups, P = the largest summed past and
-T = the largest summed chunk, forward row g is
+only one), and the requests of a forward row are concatenated. With G rows, P = the largest summed past
+and T = the largest summed chunk, forward row g is
 
     cache columns  [ pad | past of r1 | past of r2 | ... ]   input columns  [ pad | chunk of r1 | chunk of r2 | ... ]
 
@@ -15,8 +15,9 @@ what it computes alone. The logits of each request's last new token are the only
 
 Only for models whose attention takes such a mask as given (transformers' eager and SDPA attention) and
 have no sliding window (the window would be ours to apply): `packing_supported` says. Packing trades the
-padding's linear work for attention over the whole packed row (masked pairs are still computed), so the
-engine packs a step only when `packing_pays` finds it cheaper in FLOPs.
+padding's linear work for attention over the whole packed row (masked pairs are still computed), so
+`packing_plan` chooses how many rows each route's requests fill: the layout of fewest FLOPs, from one row
+per request (padded) to one row per route.
 """
 
 from __future__ import annotations
@@ -56,16 +57,51 @@ def pairs_per_token(model: nn.Module) -> float | None:
     return linear / (2 * heads * head_dim)
 
 
-def packing_pays(rows: list[PrefillRow], sizes: list[int], keys: Sequence[Hashable], pairs: float) -> bool:
-    """Whether the packed layout costs fewer FLOPs than the padded one: each is its forward's token positions
-    plus its attention rectangle (queries x cached and new columns) in token equivalents (`pairs` per token)."""
-    past, chunk = max(r.done for r in rows), max(sizes)
-    padded = len(rows) * chunk * (1 + (past + chunk) / pairs)
+def layout_cost(rows: list[PrefillRow], sizes: list[int], layout: list[list[int]], pairs: float) -> float:
+    """A prefill forward's FLOPs in token equivalents: its token positions plus its attention rectangle
+    (queries x cached and new columns, `pairs` per token). `layout` lists each forward row's requests, end to end;
+    every row is as wide as the widest."""
+    past = max(sum(rows[i].done for i in members) for members in layout)
+    chunk = max(sum(sizes[i] for i in members) for members in layout)
+    return len(layout) * chunk * (1 + (past + chunk) / pairs)
+
+
+def split_evenly(members: list[int], sizes: list[int], parts: int) -> list[list[int]]:
+    """`members` in at most `parts` rows of nearly equal summed chunk (largest first into the lightest row),
+    each row's requests in their given order."""
+    rows: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for i in sorted(members, key=lambda i: -sizes[i]):
+        lightest = loads.index(min(loads))
+        rows[lightest].append(i)
+        loads[lightest] += sizes[i]
+    return [sorted(row) for row in rows if row]
+
+
+def packing_plan(rows: list[PrefillRow], sizes: list[int], keys: Sequence[Hashable], pairs: float
+                 ) -> list[list[int]]:
+    """The forward rows of the cheapest prefill layout by `layout_cost`, each a list of requests of one route.
+
+    One request per row is the padded layout; one row per route packs each route end to end, paying attention
+    over the whole row; in between, a route's requests are split over several rows of a common width, so
+    neither padding nor attention dominates. The widths tried are each route's total over 1, 2, ... rows."""
     groups = group_requests(keys)
-    past_sum = max(sum(rows[i].done for i in g) for g in groups)
-    chunk_sum = max(sum(sizes[i] for i in g) for g in groups)
-    packed = len(groups) * chunk_sum * (1 + (past_sum + chunk_sum) / pairs)
-    return packed < padded
+    best = [[i] for i in range(len(rows))]
+    best_cost = layout_cost(rows, sizes, best, pairs)
+    totals = [sum(sizes[i] for i in g) for g in groups]
+    widths = {-(-total // parts) for total, g in zip(totals, groups) for parts in range(1, len(g) + 1)}
+    for width in sorted(widths):
+        layout = [row for g, total in zip(groups, totals)
+                  for row in split_evenly(g, sizes, min(len(g), -(-total // width)))]
+        cost = layout_cost(rows, sizes, layout, pairs)
+        if cost < best_cost:
+            best, best_cost = layout, cost
+    return best
+
+
+def is_padded(layout: list[list[int]]) -> bool:
+    """Whether a plan puts every request in its own row: the padded layout (lorakit.serve.prefill) computes it."""
+    return all(len(members) == 1 for members in layout)
 
 
 @dataclass
@@ -102,9 +138,12 @@ def group_requests(keys: Sequence[Hashable]) -> list[list[int]]:
 
 
 def packed_inputs(rows: list[PrefillRow], sizes: list[int], keys: Sequence[Hashable], device: torch.device,
-                  dtype: torch.dtype) -> PackedInputs:
-    """The packed forward's inputs for `rows` adding `sizes[i]` tokens each (all > 0), `keys[i]` its route."""
-    groups = group_requests(keys)
+                  dtype: torch.dtype, layout: list[list[int]] | None = None) -> PackedInputs:
+    """The packed forward's inputs for `rows` adding `sizes[i]` tokens each (all > 0), `keys[i]` its route;
+    `layout` lists each forward row's requests (one route per row; default: one row per route)."""
+    groups = group_requests(keys) if layout is None else layout
+    if any(keys[i] != keys[members[0]] for members in groups for i in members):
+        raise ValueError("packed_inputs: a forward row can carry only one route")
     past_sums = [sum(rows[i].done for i in g) for g in groups]
     chunk_sums = [sum(sizes[i] for i in g) for g in groups]
     past_width, chunk_width = max(past_sums), max(chunk_sums)

@@ -10,8 +10,9 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lorakit.model.prefix_hook import cache_argument
 from lorakit.serve.engine import Engine, SamplingParams
-from lorakit.serve.packed_prefill import (group_requests, packed_inputs, packing_pays, packing_supported,
-                                          pairs_per_token, request_logits, take_packed)
+from lorakit.serve.packed_prefill import (group_requests, is_padded, layout_cost, packed_inputs, packing_plan,
+                                          packing_supported, pairs_per_token, request_logits, split_evenly,
+                                          take_packed)
 from lorakit.serve.prefill import PrefillRow, prefill_inputs, take_rows
 from tests.conftest import tiny_llama
 from tests.serve.conftest import greedy_alone, with_adapters
@@ -78,7 +79,8 @@ def test_the_mask_lets_each_token_see_its_own_past_and_chunk_causally_and_nothin
             assert seen[g, q].nonzero().flatten().tolist() == [inputs.past_width + q]
 
 
-def test_a_packed_forward_equals_the_padded_one_logits_and_caches(model):
+@pytest.mark.parametrize("layout", [None, [[0], [2], [1, 3], [4]]], ids=["a row per route", "a route in two rows"])
+def test_a_packed_forward_equals_the_padded_one_logits_and_caches(model, layout):
     adapters = [None, "a1", None, "a1", "a0"]
     padded = _rows_with_pasts(model, [7, 5, 9, 3, 6], [3, 0, 4, 1, 0], adapters)
     packed = _rows_with_pasts(model, [7, 5, 9, 3, 6], [3, 0, 4, 1, 0], adapters)
@@ -93,7 +95,7 @@ def test_a_packed_forward_equals_the_padded_one_logits_and_caches(model):
         take_rows(padded, sizes, inputs, [la.keys for la in out.past_key_values.layers],
                   [la.values for la in out.past_key_values.layers])
         expected = out.logits[:, -1]
-        pack = packed_inputs(packed, sizes, adapters, torch.device("cpu"), torch.float32)
+        pack = packed_inputs(packed, sizes, adapters, torch.device("cpu"), torch.float32, layout)
         with engine._route_context(tuple(pack.group_keys)):  # noqa: SLF001
             out = model(input_ids=pack.input_ids, attention_mask=pack.attention_mask, position_ids=pack.position_ids,
                         use_cache=True, logits_to_keep=pack.logit_columns,
@@ -101,7 +103,7 @@ def test_a_packed_forward_equals_the_padded_one_logits_and_caches(model):
         take_packed(packed, sizes, pack, [la.keys for la in out.past_key_values.layers],
                     [la.values for la in out.past_key_values.layers])
         got = request_logits(out.logits, pack)
-    assert pack.input_ids.shape[0] == 3  # None, a1, a0
+    assert pack.input_ids.shape[0] == (3 if layout is None else 4)  # None, a1, a0 (None split in two)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     for a, b in zip(padded, packed):
         assert a.done == b.done
@@ -119,17 +121,28 @@ def test_the_engine_packs_shared_routes_and_every_request_equals_itself_alone(mo
     for (prompt, adapter, _), got in zip(jobs, results):
         assert got.token_ids == greedy_alone(model, prompt, adapter, 6, eos=None), (prompt, adapter, budget)
     assert engine.stats.prompt_tokens == sum(map(len, prompts))
-    if budget == 512:  # one forward: three routes, each group's prompts end to end
+    if budget == 512:  # one forward, in the plan's rows: each of one route, its prompts end to end
         (shape, past), = log.prefills[:1]
-        assert shape == (3, 11 + 7 + 9) and past == 0
+        layout = packing_plan([PrefillRow(p) for p in prompts], list(map(len, prompts)), adapters,
+                              pairs_per_token(model))
+        assert not is_padded(layout) and past == 0
+        assert shape == (len(layout), max(sum(len(prompts[i]) for i in row) for row in layout))
 
 
-def test_a_batch_of_one_route_is_one_unpadded_row(model):
-    prompts = _prompts([4, 9, 2, 6], seed=7)
+@pytest.mark.parametrize("lengths, shape", [([4, 9, 2, 6], (2, 11)), ([5, 1], (1, 6))])
+def test_a_route_fills_the_rows_of_the_cheapest_layout(model, lengths, shape):
+    # pairs_per_token is 144 here: rows of 9 + 2 and 6 + 4 beat one row of 21 (its attention), and 4 rows of 9
+    prompts = _prompts(lengths, seed=7)
     jobs = [(p, None, SamplingParams(max_tokens=3, ignore_eos=True)) for p in prompts]
     results, _, log = _logged_run(model, jobs, max_batch=4)
-    assert log.prefills[0] == ((1, 21), 0)  # 21 real tokens, not 4 rows x 9
+    assert log.prefills[0] == (shape, 0)
     assert [r.token_ids for r in results] == [greedy_alone(model, p, None, 3, eos=None) for p in prompts]
+
+
+def test_a_forward_row_carries_one_route():
+    rows = [PrefillRow([1, 2, 3]), PrefillRow([4, 5])]
+    with pytest.raises(ValueError, match="only one route"):
+        packed_inputs(rows, [3, 2], [None, "a0"], torch.device("cpu"), torch.float32, [[0, 1]])
 
 
 def test_models_whose_attention_cannot_take_the_mask_prefill_padded(model):
@@ -185,9 +198,30 @@ def test_pairs_per_token_follows_the_config():
 def test_packing_is_chosen_only_where_it_saves_flops():
     ragged = [PrefillRow(list(range(n))) for n in (3, 40, 5, 38)]
     equal = [PrefillRow(list(range(20))) for _ in range(4)]
-    assert packing_pays(ragged, [3, 40, 5, 38], [None] * 4, pairs=3072)  # padding was 76 of 160 positions
-    assert not packing_pays(equal, [20] * 4, [None] * 4, pairs=3072)  # no padding to save, a wider attention
-    assert not packing_pays(ragged, [3, 40, 5, 38], [None] * 4, pairs=10)  # attention-heavy: padding is cheaper
+    assert packing_plan(ragged, [3, 40, 5, 38], [None] * 4, pairs=3072) == [[0, 1], [2, 3]]  # 43 and 43 wide
+    assert is_padded(packing_plan(equal, [20] * 4, [None] * 4, pairs=3072))  # no padding to save, wider attention
+    two = [PrefillRow(list(range(n))) for n in (40, 38)]
+    assert packing_plan(two, [40, 38], [None] * 2, pairs=3072) == [[0, 1]]  # 78 positions, not 80
+    assert is_padded(packing_plan(two, [40, 38], [None] * 2, pairs=10))  # attention-heavy: 78 x 78 costs more
+
+
+def test_the_plan_splits_a_long_route_into_rows_of_even_width():
+    sizes = [25, 50, 31, 44, 38, 27, 35, 49, 30, 41, 33, 46, 28, 36, 39]  # 552 tokens of one route
+    rows, keys = [PrefillRow(list(range(n))) for n in sizes], [None] * len(sizes)
+    layout = packing_plan(rows, sizes, keys, pairs=3072)
+    assert sorted(i for row in layout for i in row) == list(range(len(sizes)))  # each request once
+    widths = [sum(sizes[i] for i in row) for row in layout]
+    assert 1 < len(layout) < len(sizes) and max(widths) - min(widths) <= max(sizes)
+    cost = layout_cost(rows, sizes, layout, 3072)
+    assert cost < layout_cost(rows, sizes, [list(range(len(sizes)))], 3072)  # one row: attention over 552
+    assert cost < layout_cost(rows, sizes, [[i] for i in range(len(sizes))], 3072)  # padded to 50
+    mixed = packing_plan(rows, sizes, ["a", None] * 7 + ["a"], pairs=3072)
+    assert all(len({("a", None)[i % 2] for i in row}) == 1 for row in mixed)  # a row never mixes routes
+
+
+def test_split_evenly_fills_the_lightest_row_largest_first():
+    assert split_evenly([0, 1, 2, 3], [9, 6, 4, 2], 2) == [[0, 3], [1, 2]]  # 9 + 2 and 6 + 4
+    assert split_evenly([0, 1], [5, 5], 3) == [[0], [1]]  # no empty rows
 
 
 def test_equal_prompts_prefill_padded(model):
