@@ -3,7 +3,7 @@
 torch's `named_modules` visits every adapter's own modules (a LoRA adapter and its dropout, per layer and
 adapter), so a walk of a model holding n adapters costs O(n), and attach, which walks the model a few
 times, grew slower with every adapter already attached. A module class whose children hold only
-per-adapter state sets `SEALED = True` (lorakit.layer.linear.AdaptedLinear); these walks yield such a
+per-adapter state sets `lorakit_sealed = True` (lorakit.layer.linear.AdaptedLinear); these walks yield such a
 module but nothing below it. Nothing below it is ever a target, a checkpointed block or a wrapped module.
 """
 
