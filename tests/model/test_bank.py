@@ -45,13 +45,19 @@ def test_packed_adapters_give_the_same_outputs_alone_and_per_row(ids):
     assert lorakit.count_trainable(model, "x1") == 2 * 2 * 2 * 2  # 2 layers × 2 modules × r²
 
 
-def test_packed_merge_unmerge_and_delete(ids):
+def _two_packed(ids):
+    """A tiny Llama with LoRA-XS adapters a and b packed into the bank, and the outputs they gave as modules."""
     model = tiny_llama()
     lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "a")
     lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "b")
     expected = _outputs(model, ["a", "b", None], ids)
     pack_adapter(model, "a")
     pack_adapter(model, "b")
+    return model, expected
+
+
+def test_packed_merge_unmerge_and_delete(ids):
+    model, expected = _two_packed(ids)
     lorakit.merge(model, "a")
     assert (model(input_ids=ids).logits - expected["a"]).abs().max() < 1e-5
     with lorakit.use_adapter(model, ["b", None, "a", "b"]):
@@ -86,12 +92,7 @@ def test_add_packed_validates_before_storing():
 
 
 def test_a_model_with_only_packed_adapters(ids):
-    model = tiny_llama()
-    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "a")
-    lorakit.attach(model, LoraXSConfig(r=4, init_std=0.3), "b")
-    expected = _outputs(model, ["a", "b", None], ids)
-    pack_adapter(model, "a")
-    pack_adapter(model, "b")
+    model, expected = _two_packed(ids)
     assert all(not layer.adapters for layer in lorakit.adapted_layers(model).values())
     got = _outputs(model, ["a", "b", None], ids)
     assert (got["a"] - expected[None]).abs().max() > 1e-3  # the packed adapter really acts

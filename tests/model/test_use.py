@@ -19,12 +19,18 @@ def _model_with(n: int):
     return model
 
 
-def test_eight_threads_each_with_its_own_adapter_get_single_threaded_outputs(ids):
-    model = _model_with(8)
+def _each_alone(model, count: int, ids) -> dict[int, torch.Tensor]:
+    """Adapter a<i>'s logits, each routed on its own in this thread: what every concurrent caller must get."""
     expected = {}
-    for i in range(8):
+    for i in range(count):
         with lorakit.use_adapter(model, f"a{i}"):
             expected[i] = model(input_ids=ids).logits
+    return expected
+
+
+def test_eight_threads_each_with_its_own_adapter_get_single_threaded_outputs(ids):
+    model = _model_with(8)
+    expected = _each_alone(model, 8, ids)
     assert len({round(float(v.detach().sum()), 3) for v in expected.values()}) == 8  # adapters really differ
     results: dict[int, list[torch.Tensor]] = {i: [] for i in range(8)}
     barrier = threading.Barrier(8)
@@ -48,10 +54,7 @@ def test_eight_threads_each_with_its_own_adapter_get_single_threaded_outputs(ids
 
 def test_async_tasks_keep_their_own_routes(ids):
     model = _model_with(3)
-    expected = {}
-    for i in range(3):
-        with lorakit.use_adapter(model, f"a{i}"):
-            expected[i] = model(input_ids=ids).logits
+    expected = _each_alone(model, 3, ids)
 
     async def task(i: int) -> torch.Tensor:
         with lorakit.use_adapter(model, f"a{i}"):
